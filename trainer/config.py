@@ -1,0 +1,342 @@
+"""Trainer configuration: one YAML file plus ``--set section.key=value`` overrides.
+
+Every field has a default, so an empty file is a valid config (digits + small CNN).
+``load_config`` parses, applies overrides and validates; problems raise ``ConfigError``
+with one line that names the offending key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; printed as one line, exit code 2."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "dat"
+    output_dir: str = "runs/dat"
+    seed: int = 0
+    epochs: int = 10
+    resume: str = "auto"  # auto: resume when output_dir holds a checkpoint; never; or a checkpoint path
+    progress: bool = True  # rank-0 progress bar within the epoch
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto: nccl when CUDA is available, gloo otherwise
+    timeout_seconds: int = 1800
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | cifar10 | cifar10-ext | synthetic
+    root: str = "data"  # cifar10: folder holding cifar-10-batches-py/ or cifar-10-python.tar.gz
+    download: bool = False  # cifar10: fetch the archive into root (clusters with internet only)
+    ti500k_path: str = ""  # cifar10-ext: the TI-500K pseudo-labelled pickle (or a converted .npz)
+    unlabeled_max: int = 0  # cifar10-ext: use at most this many TI images (0 = all)
+    batch_size: int = 128  # global batch, split evenly over ranks
+    eval_batch_size: int = 256  # per rank
+    augment: str = "auto"  # auto: crop(pad 4)+flip for 32x32 data; on; off
+    synthetic_train_size: int = 512
+    synthetic_test_size: int = 128
+    synthetic_image_size: int = 32
+    synthetic_channels: int = 3
+    device_resident: str = "auto"  # auto: keep the uint8 data set on the GPU when it fits; on; off
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small_cnn"  # small_cnn | resnet18 | preact_resnet18
+    width: int = 32  # small_cnn only: channels of the first conv
+
+
+@dataclass
+class AttackConfig:
+    name: str = "pgd"  # pgd | fgsm (FGSM with random start, alpha = 1.25 eps)
+    eps: float = 8 / 255
+    alpha: float = 0.0  # 0: 2.5 * eps / steps for PGD, 1.25 * eps for FGSM
+    steps: int = 10
+    random_start: bool = True
+    bn_eval: bool = True  # BatchNorm in eval mode while crafting examples
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "dat"  # dat: CE(x_adv) + CE(x); adv: CE(x_adv) (Madry); clean: CE(x)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lamb"  # lamb | lars | sgd
+    lr: float = 0.01  # learning rate at base_batch_size; scaled to the global batch by lr_scaling
+    base_batch_size: int = 256
+    lr_scaling: str = "sqrt"  # sqrt: lr * sqrt(B / base); linear: lr * B / base; none
+    momentum: float = 0.9  # lars / sgd
+    betas: tuple[float, float] = (0.9, 0.999)  # lamb
+    weight_decay: float = 5e-4  # not applied to biases and norm parameters
+    trust_coeff: float = 0.001  # lars
+    warmup_epochs: float = 0.0
+    schedule: str = "cosine"  # cosine | multistep | constant (after warm-up)
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # multistep: fractions of the run
+    gamma: float = 0.1
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1  # evaluate every N epochs (and always after the last one); 0 = only at the end
+    eps: float = -1.0  # -1: same as attack.eps
+    alpha: float = 0.0  # 0: 2.5 * eps / steps
+    steps: int = 20
+    restarts: int = 1
+    max_samples: int = 0  # 0: the whole test set
+
+
+@dataclass
+class JointSparConfig:
+    enabled: bool = False
+    budget: float = 40.0  # s: expected number of active arms per step (sum of p)
+    p_min: float = 0.0125
+    eta: float = 0.1  # bandit step size (independent of the model's learning rate)
+    sample_every: str = "1"  # resample every k iterations ("1", "10", ...) or "epoch"
+    sampling: str = "bernoulli"  # bernoulli: independent coins; exact: exactly round(budget) arms
+    arms: str = "param"  # param: one arm per parameter tensor; module: one arm per module
+    warmup_epochs: int = 0  # dense epochs before sparsification starts
+
+
+@dataclass
+class CommConfig:
+    bucket_mb: float = 25.0
+    overlap: bool = True  # launch each bucket's all-reduce as soon as its gradients are ready
+
+
+@dataclass
+class PerfConfig:
+    amp: str = "auto"  # auto: bf16 on CUDA, off on CPU; bf16; off
+    channels_last: str = "auto"  # auto: on for CUDA; on; off
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass
+class MetricsConfig:
+    port: int = 0  # Prometheus exporter port per pod (0 = off)
+    grace_seconds: float = 0.0  # keep serving this long after the last epoch
+    job_name: str = ""  # default: the PyTorchJob name from the pod env, else run.name
+    pushgateway: str = ""  # host:port of a Pushgateway to push to at every epoch end
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    jointspar: JointSparConfig = field(default_factory=JointSparConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["optim"]["betas"] = list(self.optim.betas)
+        return out
+
+
+def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
+    """Convert a YAML / --set value to the field's declared type, or raise ConfigError."""
+    key = f"{section}.{f.name}"
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+                return value.lower() in ("true", "yes", "on", "1")
+            raise ValueError
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind == "str":
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if kind.startswith("tuple"):
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            return tuple(float(v) for v in value)
+        if kind.startswith("list"):
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, list):
+                raise ValueError
+            return [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {kind}, got {value!r}") from None
+    return value
+
+
+def _apply(cfg: Config, raw: dict[str, Any], origin: str) -> None:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections, got {type(raw).__name__}")
+    sections = {f.name: f for f in fields(Config)}
+    for section, values in raw.items():
+        if section not in sections:
+            raise ConfigError(f"{origin}: unknown section {section!r} (known: {', '.join(sections)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: section {section!r} must be a mapping")
+        target = getattr(cfg, section)
+        known = {f.name: f for f in fields(target)}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"{origin}: unknown key {section}.{key} (known: {', '.join(known)})")
+            setattr(target, key, _coerce(section, known[key], value))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``section.key=value`` -> ``{section: {key: value}}`` (value parsed as YAML)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    path, value = text.split("=", 1)
+    section, key = path.split(".", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    return {section: {key: parsed}}
+
+
+def config_from_dict(raw: dict[str, Any] | None, overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    _apply(cfg, raw or {}, "config")
+    for item in overrides:
+        _apply(cfg, parse_override(item), f"--set {item}")
+    return cfg
+
+
+def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1,
+                check_paths: bool = True) -> Config:
+    """Read, override and validate a config. Raises ConfigError on any user mistake."""
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path) as fh:
+                raw = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark else ""
+            raise ConfigError(f"{path}: not valid YAML{where}") from None
+    cfg = config_from_dict(raw, overrides)
+    validate(cfg, world_size=world_size, check_paths=check_paths)
+    return cfg
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> None:
+    """Reject inconsistent settings before anything starts."""
+    _choice("dist.backend", cfg.dist.backend, ("auto", "nccl", "gloo"))
+    _choice("data.name", cfg.data.name, ("digits", "cifar10", "cifar10-ext", "synthetic"))
+    _choice("data.augment", cfg.data.augment, ("auto", "on", "off"))
+    _choice("data.device_resident", cfg.data.device_resident, ("auto", "on", "off"))
+    _choice("model.name", cfg.model.name, ("small_cnn", "resnet18", "preact_resnet18"))
+    _choice("attack.name", cfg.attack.name, ("pgd", "fgsm"))
+    _choice("train.loss", cfg.train.loss, ("dat", "adv", "clean"))
+    _choice("optim.name", cfg.optim.name, ("lamb", "lars", "sgd"))
+    _choice("optim.lr_scaling", cfg.optim.lr_scaling, ("sqrt", "linear", "none"))
+    _choice("optim.schedule", cfg.optim.schedule, ("cosine", "multistep", "constant"))
+    _choice("jointspar.sampling", cfg.jointspar.sampling, ("bernoulli", "exact"))
+    _choice("jointspar.arms", cfg.jointspar.arms, ("param", "module"))
+    _choice("perf.amp", cfg.perf.amp, ("auto", "bf16", "off"))
+    _choice("perf.channels_last", cfg.perf.channels_last, ("auto", "on", "off"))
+    if cfg.run.resume not in ("auto", "never") and check_paths and not os.path.isfile(cfg.run.resume):
+        raise ConfigError(f"run.resume: checkpoint not found: {cfg.run.resume}")
+    checks = [
+        (cfg.run.epochs >= 1, "run.epochs must be >= 1"),
+        (cfg.dist.timeout_seconds > 0, "dist.timeout_seconds must be > 0"),
+        (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
+        (cfg.data.eval_batch_size >= 1, "data.eval_batch_size must be >= 1"),
+        (cfg.data.batch_size % world_size == 0,
+         f"data.batch_size {cfg.data.batch_size} is not divisible by the world size {world_size}"),
+        (cfg.data.unlabeled_max >= 0, "data.unlabeled_max must be >= 0"),
+        (cfg.data.synthetic_train_size >= 1 and cfg.data.synthetic_test_size >= 1,
+         "data.synthetic_train_size and data.synthetic_test_size must be >= 1"),
+        (cfg.data.synthetic_channels in (1, 3), "data.synthetic_channels must be 1 or 3"),
+        (cfg.data.synthetic_image_size >= 8, "data.synthetic_image_size must be >= 8"),
+        (cfg.model.width >= 1, "model.width must be >= 1"),
+        (cfg.attack.eps >= 0, f"attack.eps must be >= 0, got {cfg.attack.eps}"),
+        (cfg.attack.alpha >= 0, "attack.alpha must be >= 0"),
+        (cfg.attack.steps >= 1, f"attack.steps must be >= 1, got {cfg.attack.steps}"),
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (cfg.optim.base_batch_size >= 1, "optim.base_batch_size must be >= 1"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (0 <= cfg.optim.momentum < 1, "optim.momentum must be in [0, 1)"),
+        (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
+         "optim.betas must be two numbers in [0, 1)"),
+        (cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
+        (all(0 < m < 1 for m in cfg.optim.milestones), "optim.milestones must be fractions in (0, 1)"),
+        (0 < cfg.optim.gamma <= 1, "optim.gamma must be in (0, 1]"),
+        (cfg.eval.every >= 0, "eval.every must be >= 0"),
+        (cfg.eval.eps == -1.0 or cfg.eval.eps >= 0, "eval.eps must be >= 0 (or -1 for attack.eps)"),
+        (cfg.eval.steps >= 1, "eval.steps must be >= 1"),
+        (cfg.eval.restarts >= 1, "eval.restarts must be >= 1"),
+        (cfg.eval.max_samples >= 0, "eval.max_samples must be >= 0"),
+        (cfg.jointspar.eta > 0, "jointspar.eta must be > 0"),
+        (0 < cfg.jointspar.p_min <= 1, "jointspar.p_min must be in (0, 1]"),
+        (cfg.jointspar.budget > 0, "jointspar.budget must be > 0"),
+        (cfg.jointspar.warmup_epochs >= 0, "jointspar.warmup_epochs must be >= 0"),
+        (cfg.comm.bucket_mb > 0, "comm.bucket_mb must be > 0"),
+        (0 <= cfg.metrics.port <= 65535, "metrics.port must be in [0, 65535]"),
+        (cfg.metrics.grace_seconds >= 0, "metrics.grace_seconds must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    every = cfg.jointspar.sample_every
+    if every != "epoch" and not (every.isdigit() and int(every) >= 1):
+        raise ConfigError(f"jointspar.sample_every: expected a positive integer or 'epoch', got {every!r}")
+    if check_paths:
+        _check_data_paths(cfg.data)
+
+
+def _check_data_paths(data: DataConfig) -> None:
+    if data.name in ("cifar10", "cifar10-ext") and not data.download:
+        folder = os.path.join(data.root, "cifar-10-batches-py")
+        archive = os.path.join(data.root, "cifar-10-python.tar.gz")
+        if not (os.path.isdir(folder) or os.path.isfile(archive)):
+            raise ConfigError(
+                f"data.root: no CIFAR-10 in {data.root!r} (expected cifar-10-batches-py/ or "
+                "cifar-10-python.tar.gz; set data.download=true on a cluster with internet)")
+    if data.name == "cifar10-ext":
+        if not data.ti500k_path:
+            raise ConfigError("data.ti500k_path: cifar10-ext needs the TI-500K pickle (or .npz) path")
+        if not os.path.isfile(data.ti500k_path):
+            raise ConfigError(f"data.ti500k_path: file not found: {data.ti500k_path}")
+
+
+def save_resolved(cfg: Config, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    os.replace(tmp, path)
