@@ -1,0 +1,50 @@
+"""Atomic checkpoints (temporary file + rename) loaded with weights_only=True."""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+
+import torch
+
+LATEST = "checkpoint-latest.pt"
+BEST = "checkpoint-best.pt"
+
+
+class CheckpointError(ValueError):
+    """An unreadable or incompatible checkpoint; printed as one line."""
+
+
+def save_atomic(state: dict, path: str) -> None:
+    """Write next to the target, fsync, then rename: a crash leaves the previous file intact."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load(path: str, map_location: str | torch.device = "cpu") -> dict:
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({first[:200]})") from None
+    if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
+        raise CheckpointError(f"{path}: not a trainer checkpoint (missing model/epoch)")
+    return state
+
+
+def find_resume(output_dir: str, resume: str) -> str | None:
+    """The checkpoint to continue from: an explicit path, else OUTPUT_DIR's latest when resume=auto."""
+    if resume not in ("auto", "never"):
+        return resume
+    path = os.path.join(output_dir, LATEST)
+    return path if resume == "auto" and os.path.exists(path) else None

@@ -1,0 +1,69 @@
+"""`dat-train` / `python -m trainer`: one YAML config plus --set overrides, single process or under torchrun."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from trainer.checkpoint import CheckpointError
+from trainer.config import ConfigError, load_config
+from trainer.data import DataError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="dat-train",
+        description="Distributed adversarial training (DAT). Launch with `torchrun --nproc_per_node=N -m trainer "
+                    "--config FILE` or run as a single process.")
+    parser.add_argument("--config", help="YAML config file (every key has a default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value; repeatable")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                        help="continue from CHECKPOINT, or from OUTPUT_DIR's latest checkpoint (the default "
+                             "whenever one exists)")
+    parser.add_argument("--no-resume", action="store_true", help="start fresh even if OUTPUT_DIR has a checkpoint")
+    parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from trainer.distributed import env_world_size, setup, teardown
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"run.resume={args.resume}")
+    if args.no_resume:
+        overrides.append("run.resume=never")
+    world_size = env_world_size()
+    try:
+        cfg = load_config(args.config, overrides, world_size=world_size)
+    except ConfigError as exc:
+        print(f"dat-train: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print("config OK")
+        return 0
+
+    from trainer.train import run
+
+    info = setup(cfg.dist.backend, cfg.dist.timeout_seconds)
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    try:
+        run(cfg, info)
+    except USER_ERRORS as exc:
+        prefix = f"[rank {info.rank}] " if info.world_size > 1 else ""
+        print(f"dat-train: {prefix}{exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Data sets held in memory as uint8 (N, C, H, W) tensors, sharded per rank, augmented in batch.
+
+Loading everything once and indexing batches (on the GPU when it fits) keeps per-sample PIL work and
+DataLoader workers out of the hot loop; sharding and per-epoch reshuffling come from DistributedSampler.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+
+from trainer.config import DataConfig
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+
+
+class DataError(ValueError):
+    """Missing or corrupt data; printed as one line."""
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8, (N, C, H, W)
+    labels: torch.Tensor  # int64, (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    train: ImageSet
+    test: ImageSet
+    num_classes: int
+    channels: int
+    image_size: int
+
+
+# ---------------------------------------------------------------- safe pickle reading
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only; any other global is refused.
+
+    The CIFAR-10 batches and the TI-500K file are pickles: a plain pickle.load would run whatever code a
+    tampered file names. torchvision's CIFAR10 class uses plain pickle, so we read the files ourselves.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED or (module == "numpy" and name.startswith("dtypes")):
+            return super().find_class(module, name)
+        raise DataError(f"refusing to load {module}.{name} from a data pickle (only numpy arrays allowed)")
+
+
+def safe_unpickle(fh, what: str) -> object:
+    try:
+        return _NumpyOnlyUnpickler(fh, encoding="bytes").load()
+    except DataError as exc:
+        raise DataError(f"{what}: {exc}") from None
+    except Exception as exc:  # truncated or not a pickle at all
+        raise DataError(f"{what}: not a readable pickle ({type(exc).__name__}: {exc})") from None
+
+
+def _key(d: dict, name: str):
+    for k in (name, name.encode()):
+        if k in d:
+            return d[k]
+    raise KeyError(name)
+
+
+# ---------------------------------------------------------------- the data sets
+
+def _hwc_to_tensor(data: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(data.transpose(0, 3, 1, 2)))
+
+
+def _read_cifar_batches(root: str, download: bool) -> tuple[ImageSet, ImageSet]:
+    folder = os.path.join(root, "cifar-10-batches-py")
+    archive = os.path.join(root, "cifar-10-python.tar.gz")
+    if not os.path.isdir(folder):
+        if not os.path.isfile(archive) and download:
+            from torchvision.datasets.utils import download_url
+            download_url(CIFAR10_URL, root, md5=CIFAR10_MD5)
+        if not os.path.isfile(archive):
+            raise DataError(f"no CIFAR-10 in {root!r}: expected cifar-10-batches-py/ or cifar-10-python.tar.gz")
+        return _read_cifar_archive(archive)
+
+    def read(name: str) -> tuple[np.ndarray, np.ndarray]:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise DataError(f"CIFAR-10 file missing: {path}")
+        with open(path, "rb") as fh:
+            return _cifar_arrays(safe_unpickle(fh, path), path)
+
+    return _cifar_sets([read(f"data_batch_{i}") for i in range(1, 6)], read("test_batch"))
+
+
+def _read_cifar_archive(archive: str) -> tuple[ImageSet, ImageSet]:
+    parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar.getmembers():
+                name = os.path.basename(member.name)
+                if member.isfile() and (name.startswith("data_batch_") or name == "test_batch"):
+                    raw = tar.extractfile(member).read()
+                    parts[name] = _cifar_arrays(safe_unpickle(io.BytesIO(raw), f"{archive}:{name}"), archive)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DataError(f"{archive}: not a readable tar.gz ({exc})") from None
+    missing = [n for n in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if n not in parts]
+    if missing:
+        raise DataError(f"{archive}: missing {', '.join(missing)}")
+    return _cifar_sets([parts[f"data_batch_{i}"] for i in range(1, 6)], parts["test_batch"])
+
+
+def _cifar_arrays(batch: object, where: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        data = np.asarray(_key(batch, "data"), dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(_key(batch, "labels"), dtype=np.int64)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{where}: not a CIFAR-10 batch ({exc})") from None
+    if len(data) != len(labels):
+        raise DataError(f"{where}: {len(data)} images but {len(labels)} labels")
+    return data, labels
+
+
+def _cifar_sets(train_parts, test_part) -> tuple[ImageSet, ImageSet]:
+    x = np.concatenate([p[0] for p in train_parts])
+    y = np.concatenate([p[1] for p in train_parts])
+    train = ImageSet(torch.from_numpy(x), torch.from_numpy(y))
+    test = ImageSet(torch.from_numpy(test_part[0]), torch.from_numpy(test_part[1]))
+    for s, name in ((train, "train"), (test, "test")):
+        if len(s) and (s.labels.min() < 0 or s.labels.max() > 9):
+            raise DataError(f"CIFAR-10 {name} labels outside 0..9")
+    return train, test
+
+
+def load_ti500k(path: str, limit: int = 0) -> ImageSet:
+    """The TI-500K pseudo-labelled set: a pickle (or .npz) with `data` (N,32,32,3 uint8) and `extrapolated_targets`."""
+    if path.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data, targets = z["data"], z["extrapolated_targets"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise DataError(f"{path}: not a TI-500K .npz ({exc})") from None
+    else:
+        with open(path, "rb") as fh:
+            obj = safe_unpickle(fh, path)
+        try:
+            data, targets = _key(obj, "data"), _key(obj, "extrapolated_targets")
+        except (KeyError, TypeError):
+            raise DataError(f"{path}: expected keys 'data' and 'extrapolated_targets'") from None
+    data, targets = np.asarray(data), np.asarray(targets)
+    if data.ndim != 4 or data.shape[1:] != (32, 32, 3) or data.dtype != np.uint8:
+        raise DataError(f"{path}: data must be uint8 (N, 32, 32, 3), got {data.dtype} {data.shape}")
+    if len(targets) != len(data):
+        raise DataError(f"{path}: {len(data)} images but {len(targets)} targets")
+    if limit:
+        data, targets = data[:limit], targets[:limit]
+    return ImageSet(_hwc_to_tensor(data), torch.from_numpy(targets.astype(np.int64)))
+
+
+def convert_ti500k(src: str, dst: str) -> None:
+    """One-time conversion of the TI-500K pickle to .npz (loads without any unpickling afterwards)."""
+    s = load_ti500k(src)
+    np.savez(dst, data=s.images.permute(0, 2, 3, 1).numpy(), extrapolated_targets=s.labels.numpy())
+
+
+def _digits() -> Dataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (N, 1, 8, 8), 0..16 -> 0..255
+    xtr, xte, ytr, yte = train_test_split(images, bunch.target, test_size=0.2, random_state=0,
+                                          stratify=bunch.target)
+    as_set = lambda x, y: ImageSet(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))  # noqa: E731
+    return Dataset(as_set(xtr, ytr), as_set(xte, yte), num_classes=10, channels=1, image_size=8)
+
+
+def _synthetic(cfg: DataConfig, seed: int) -> Dataset:
+    """Learnable random data: each class has its own mean image; samples are that plus noise."""
+    g = torch.Generator().manual_seed(seed + 12345)
+    c, s, k = cfg.synthetic_channels, cfg.synthetic_image_size, 10
+    prototypes = torch.rand(k, c, s, s, generator=g) * 160 + 48
+
+    def make(n: int) -> ImageSet:
+        labels = torch.randint(0, k, (n,), generator=g)
+        noise = torch.randn(n, c, s, s, generator=g) * 40
+        return ImageSet((prototypes[labels] + noise).clamp(0, 255).to(torch.uint8), labels)
+
+    return Dataset(make(cfg.synthetic_train_size), make(cfg.synthetic_test_size), k, c, s)
+
+
+def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
+    if cfg.name == "digits":
+        return _digits()
+    if cfg.name == "synthetic":
+        return _synthetic(cfg, seed)
+    train, test = _read_cifar_batches(cfg.root, cfg.download)
+    if cfg.name == "cifar10-ext":
+        extra = load_ti500k(cfg.ti500k_path, cfg.unlabeled_max)
+        train = ImageSet(torch.cat([train.images, extra.images]), torch.cat([train.labels, extra.labels]))
+    return Dataset(train, test, num_classes=10, channels=3, image_size=32)
+
+
+# ---------------------------------------------------------------- batching
+
+def augment_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding plus horizontal flip, per sample, for a whole batch at once."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dev = x.device
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(dev)
+    rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(w, device=dev))
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
+    return padded[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                  rows, cols]
+
+
+class TrainBatches:
+    """This rank's shard of the training set, reshuffled every epoch, as float batches in [0, 1]."""
+
+    def __init__(self, data: ImageSet, batch_per_rank: int, rank: int, world_size: int, seed: int,
+                 device: torch.device, augment: bool, resident: bool) -> None:
+        if len(data) < batch_per_rank * world_size:
+            raise DataError(f"training set has {len(data)} images, fewer than one global batch "
+                            f"({batch_per_rank * world_size})")
+        self.sampler = DistributedSampler(range(len(data)), num_replicas=world_size, rank=rank,
+                                          shuffle=True, seed=seed, drop_last=True)
+        self.data, self.batch, self.device, self.augment = data, batch_per_rank, device, augment
+        self.rank, self.seed = rank, seed
+        self.images = data.images.to(device) if resident else data.images
+        self.labels = data.labels.to(device) if resident else data.labels
+        if not resident and device.type == "cuda":
+            self.images, self.labels = self.images.pin_memory(), self.labels.pin_memory()
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.set_epoch(epoch)
+        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 1009 + self.rank)
+        for i in range(len(self)):
+            idx = order[i * self.batch:(i + 1) * self.batch].to(self.images.device)
+            x = self.images[idx].to(self.device, non_blocking=True).float().div_(255)
+            y = self.labels[idx].to(self.device, non_blocking=True)
+            if self.augment:
+                x = augment_crop_flip(x, g)
+            yield x, y
+
+
+def eval_batches(data: ImageSet, batch: int, rank: int, world_size: int, device: torch.device,
+                 max_samples: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's strided shard of the test set (no padding, so counts summed over ranks are exact)."""
+    n = min(len(data), max_samples) if max_samples else len(data)
+    idx = torch.arange(rank, n, world_size)
+    for i in range(0, len(idx), batch):
+        sel = idx[i:i + batch]
+        yield data.images[sel].to(device).float().div_(255), data.labels[sel].to(device)

@@ -1,0 +1,83 @@
+"""Process group set-up from the env that torchrun and the Kubeflow PyTorchJob operator set."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup(backend: str = "auto", timeout_seconds: int = 1800) -> DistInfo:
+    """Join the process group described by RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (if any).
+
+    NCCL on ``cuda:LOCAL_RANK`` when CUDA is available, gloo on the CPU otherwise.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = env_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    # torchrun sets GROUP_RANK; the operator sets PET_NODE_RANK for torchrun to read.
+    node_rank = int(os.environ.get("GROUP_RANK", os.environ.get("PET_NODE_RANK", "0")))
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        chosen = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
+        dist.init_process_group(
+            backend=chosen,
+            timeout=datetime.timedelta(seconds=timeout_seconds),
+            device_id=device if chosen == "nccl" else None,
+        )
+    return DistInfo(rank, world_size, local_rank, local_world_size, node_rank, device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few host numbers over all ranks (one collective)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
+    """Start every rank from rank 0's weights and buffers (what DDP does at construction)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(tensor.data, src)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,274 @@
+"""Distributed adversarial training: every rank attacks its own shard, one gradient all-reduce per step."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from trainer import checkpoint
+from trainer.attacks import attack_mode, craft
+from trainer.communication import GradientSync
+from trainer.config import Config, save_resolved
+from trainer.data import TrainBatches, eval_batches, load_dataset
+from trainer.distributed import DistInfo, all_reduce_sum, barrier, broadcast_parameters
+from trainer.jointspar import JointSpar
+from trainer.metrics import MetricsLog, PhaseTimer, table_header, table_row
+from trainer.models import build_model
+from trainer.observability import TrainingExporter
+from trainer.optim import build_optimizer, build_schedule
+
+log = logging.getLogger("trainer")
+
+
+def _resolve_auto(value: str, device: torch.device) -> bool:
+    return value == "on" or value == "bf16" or (value == "auto" and device.type == "cuda")
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Every source of randomness in an epoch derives from (seed, epoch, rank): a resumed run replays
+    exactly what an uninterrupted one would have done."""
+    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**63)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dist_info: DistInfo) -> None:
+        self.cfg, self.dist = cfg, dist_info
+        self.device = dist_info.device
+        torch.manual_seed(cfg.run.seed)
+        data = load_dataset(cfg.data, seed=cfg.run.seed)
+        self.test_set = data.test
+        augment = cfg.data.augment == "on" or (cfg.data.augment == "auto" and data.image_size == 32)
+        resident = cfg.data.device_resident == "on" or (
+            cfg.data.device_resident == "auto" and self.device.type == "cuda"
+            and data.train.images.numel() < 8 * 2**30)
+        self.batches = TrainBatches(data.train, cfg.data.batch_size // dist_info.world_size, dist_info.rank,
+                                    dist_info.world_size, cfg.run.seed, self.device, augment, resident)
+
+        model = build_model(cfg.model.name, data.num_classes, data.channels, cfg.model.width).to(self.device)
+        self.channels_last = _resolve_auto(cfg.perf.channels_last, self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        broadcast_parameters(model)
+        self.model = model
+        self.params = list(model.parameters())
+        self.forward = torch.compile(model) if cfg.perf.compile else model
+        amp = _resolve_auto(cfg.perf.amp, self.device)
+        self.autocast = (functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
+                         if amp else contextlib.nullcontext)
+
+        self.optimizer = build_optimizer(cfg.optim, model, cfg.data.batch_size)
+        self.schedule = build_schedule(cfg.optim, self.optimizer, len(self.batches), cfg.run.epochs)
+        self.grad_sync = GradientSync(self.params, dist_info.world_size, cfg.comm.bucket_mb, cfg.comm.overlap)
+        self.jointspar = JointSpar(cfg.jointspar, model, seed=cfg.run.seed) if cfg.jointspar.enabled else None
+        self.timer = PhaseTimer(self.device)
+        self.log = MetricsLog(cfg.run.output_dir, dist_info.is_main)
+        self.start_epoch, self.best_ra = 1, -1.0
+        self._totals = None  # device-side running sums of (loss, clean correct, adv correct, images)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self, epoch: int) -> dict:
+        return {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "jointspar": self.jointspar.state_dict() if self.jointspar else None,
+            "best_ra": self.best_ra,
+            "seed": self.cfg.run.seed,  # with the epoch, this fixes every RNG stream of the next epoch
+            "model_name": self.cfg.model.name,
+            "world_size": self.dist.world_size,
+        }
+
+    def resume(self, path: str) -> None:
+        state = checkpoint.load(path, map_location=self.device)
+        if state.get("model_name") != self.cfg.model.name:
+            raise checkpoint.CheckpointError(
+                f"{path}: checkpoint is for model {state.get('model_name')!r}, config says {self.cfg.model.name!r}")
+        if (state.get("jointspar") is None) != (self.jointspar is None):
+            raise checkpoint.CheckpointError(f"{path}: jointspar.enabled differs from the checkpoint's run")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            if self.jointspar:
+                self.jointspar.load_state_dict(state["jointspar"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0][:200]
+            raise checkpoint.CheckpointError(f"{path}: incompatible with this config ({first})") from None
+        self.start_epoch, self.best_ra = int(state["epoch"]) + 1, float(state["best_ra"])
+        self.log.truncate_after(int(state["epoch"]))
+
+    def save(self, epoch: int, robust_acc: float | None) -> None:
+        if not self.dist.is_main:
+            return
+        state = self.state_dict(epoch)
+        out = self.cfg.run.output_dir
+        if robust_acc is not None and robust_acc > self.best_ra:
+            self.best_ra = state["best_ra"] = robust_acc
+            checkpoint.save_atomic(state, os.path.join(out, checkpoint.BEST))
+        checkpoint.save_atomic(state, os.path.join(out, checkpoint.LATEST))
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int) -> None:
+        cfg, model, t = self.cfg, self.model, self.timer
+        with t.phase("attack"):
+            x_adv = None
+            if cfg.train.loss != "clean":
+                with attack_mode(model, cfg.attack.bn_eval):
+                    x_adv = craft(cfg.attack.name, self.forward, x, y, eps=cfg.attack.eps, alpha=cfg.attack.alpha,
+                                  steps=cfg.attack.steps, random_start=cfg.attack.random_start,
+                                  autocast=self.autocast)
+        with t.phase("compute"):
+            active = self.jointspar.begin_step(epoch, step) if self.jointspar else self.params
+            self.grad_sync.prepare(active)
+            inputs = {"clean": x, "adv": x_adv}.get(cfg.train.loss, None)
+            with self.autocast():
+                logits = self.forward(inputs if inputs is not None else torch.cat([x_adv, x]))
+                if cfg.train.loss == "dat":  # CE(x_adv) + CE(x) in one forward, one backward
+                    adv_logits, clean_logits = logits.float().chunk(2)
+                    loss = F.cross_entropy(adv_logits, y) + F.cross_entropy(clean_logits, y)
+                else:
+                    clean_logits = adv_logits = logits.float()
+                    loss = F.cross_entropy(logits.float(), y)
+            loss.backward()
+            with torch.no_grad():
+                zero = torch.zeros((), device=y.device)
+                clean_ok = (clean_logits.argmax(1) == y).sum() if cfg.train.loss != "adv" else zero
+                adv_ok = (adv_logits.argmax(1) == y).sum() if cfg.train.loss != "clean" else zero
+                self._totals += torch.stack([loss.detach() * len(y), clean_ok.float(), adv_ok.float(), zero + len(y)])
+        with t.phase("comm"):
+            self.grad_sync.wait()
+        with t.phase("optimizer"):
+            if self.jointspar:
+                self.jointspar.end_step()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.schedule.step()
+
+    def train_epoch(self, epoch: int) -> dict:
+        self.model.train()
+        torch.manual_seed(epoch_seed(self.cfg.run.seed, epoch, self.dist.rank))
+        self._totals = torch.zeros(4, device=self.device)
+        lr = self.optimizer.param_groups[0]["lr"]
+        wall0 = time.perf_counter()
+        batches = iter(self.batches.epoch(epoch))
+        bar = tqdm(total=len(self.batches), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+                   disable=None if (self.dist.is_main and self.cfg.run.progress) else True)
+        for step in range(len(self.batches)):
+            with self.timer.phase("data"):
+                x, y = next(batches)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+            self.train_step(x, y, epoch, step)
+            bar.update(1)
+        bar.close()
+
+        evaluate = epoch == self.cfg.run.epochs or (self.cfg.eval.every and epoch % self.cfg.eval.every == 0)
+        clean_acc = robust_acc = None
+        if evaluate:
+            with self.timer.phase("eval"):
+                clean_acc, robust_acc = self.evaluate()
+        phases = self.timer.take()
+        epoch_seconds = time.perf_counter() - wall0
+        loss_sum, clean_ok, adv_ok, n = all_reduce_sum(self._totals.tolist(), self.device)
+        comm = self.grad_sync.take_stats()
+        record = {
+            "epoch": epoch,
+            "epoch_seconds": epoch_seconds,
+            **{f"{name}_seconds": seconds for name, seconds in phases.items()},
+            "comm_bytes": comm.bytes,
+            "dense_comm_bytes": comm.dense_bytes,
+            "comm_calls": comm.calls,
+            "images": int(n),
+            "images_per_second": n / max(1e-9, epoch_seconds - phases["eval"]),
+            "train_loss": loss_sum / n,
+            "train_clean_acc": clean_ok / n if self.cfg.train.loss != "adv" else None,
+            "train_adv_acc": adv_ok / n if self.cfg.train.loss != "clean" else None,
+            "test_clean_acc": clean_acc,
+            "test_robust_acc": robust_acc,
+            "lr": lr,
+        }
+        record.update(self.jointspar.epoch_stats() if self.jointspar else {
+            "jointspar_active_arms": float(len(self.params)), "jointspar_active_fraction": 1.0,
+            "jointspar_p_min": None, "jointspar_p_max": None, "jointspar_p_entropy": None})
+        return record
+
+    @torch.no_grad()
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        return int((self.model(x).argmax(1) == y).sum())
+
+    def evaluate(self) -> tuple[float, float]:
+        """Clean and PGD accuracy on the test set, sharded over ranks, model in eval mode, fp32."""
+        cfg, ev = self.cfg, self.cfg.eval
+        eps = cfg.attack.eps if ev.eps < 0 else ev.eps
+        self.model.eval()
+        clean = robust = total = 0
+        for x, y in eval_batches(self.test_set, cfg.data.eval_batch_size, self.dist.rank, self.dist.world_size,
+                                 self.device, ev.max_samples):
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            clean += self.accuracy(x, y)
+            with attack_mode(self.model, bn_eval=True):
+                x_adv = craft("pgd", self.model, x, y, eps=eps, alpha=ev.alpha, steps=ev.steps, restarts=ev.restarts)
+            robust += self.accuracy(x_adv, y)
+            total += len(y)
+        self.model.train()
+        clean, robust, total = all_reduce_sum([clean, robust, total], self.device)
+        return clean / total, robust / total
+
+    def fit(self) -> dict | None:
+        cfg = self.cfg
+        if self.dist.is_main:
+            print(f"DAT: model={cfg.model.name} data={cfg.data.name} loss={cfg.train.loss} attack={cfg.attack.name}"
+                  f"-{cfg.attack.steps} eps={cfg.attack.eps:.4g} optim={cfg.optim.name} world={self.dist.world_size}"
+                  f" batch={cfg.data.batch_size} steps/epoch={len(self.batches)}"
+                  f" jointspar={'on' if self.jointspar else 'off'} params={sum(p.numel() for p in self.params)}",
+                  flush=True)
+            print(table_header(), flush=True)
+        exporter = TrainingExporter.start(
+            cfg.metrics, rank=self.dist.rank, local_rank=self.dist.local_rank, node_rank=self.dist.node_rank,
+            world_size=self.dist.world_size, local_world_size=self.dist.local_world_size,
+            default_job_name=cfg.run.name,
+            run_info={"model": cfg.model.name, "attack": f"{cfg.attack.name}-{cfg.attack.steps}",
+                      "optimizer": cfg.optim.name, "loss": cfg.train.loss,
+                      "jointspar": "on" if self.jointspar else "off", "world_size": str(self.dist.world_size)})
+        record = None
+        try:
+            for epoch in range(self.start_epoch, cfg.run.epochs + 1):
+                record = self.train_epoch(epoch)
+                self.save(epoch, record["test_robust_acc"])
+                self.log.append(record)
+                exporter.observe_epoch(record)
+                if self.dist.is_main:
+                    print(table_row(record), flush=True)
+            barrier()
+        finally:
+            exporter.finish()
+        return record
+
+
+def run(cfg: Config, dist_info: DistInfo) -> dict | None:
+    """Train as configured; resume from OUTPUT_DIR (or run.resume) when a checkpoint is there."""
+    os.makedirs(cfg.run.output_dir, exist_ok=True)
+    trainer = Trainer(cfg, dist_info)
+    resume_from = checkpoint.find_resume(cfg.run.output_dir, cfg.run.resume)
+    if resume_from:
+        trainer.resume(resume_from)
+        if dist_info.is_main:
+            print(f"resumed from {resume_from} at epoch {trainer.start_epoch}", flush=True)
+    if dist_info.is_main:
+        save_resolved(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
+    if trainer.start_epoch > cfg.run.epochs:
+        if dist_info.is_main:
+            print(f"nothing to do: checkpoint is at epoch {trainer.start_epoch - 1} of {cfg.run.epochs}")
+        return None
+    return trainer.fit()
+
