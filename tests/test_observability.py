@@ -1,0 +1,242 @@
+"""The trainer's Prometheus exporter, driven directly: two ranks of one pod sharing one port,
+grace period, stale files, a busy port, and a real Pushgateway."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from trainer.config import MetricsConfig
+from trainer.observability import TrainingExporter, resolve_job_name
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_INFO = {"model": "small_cnn", "attack": "pgd", "optimizer": "lamb", "loss": "dat", "jointspar": "on",
+            "world_size": "2"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int, timeout: float = 5.0) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as resp:
+        return resp.read().decode()
+
+
+def samples(text: str) -> list:
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def find(text: str, name: str, **labels: str) -> list[float]:
+    return [s.value for s in samples(text)
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def record(epoch: int, rank: int) -> dict:
+    """A metrics.jsonl record with values that differ per epoch and rank."""
+    phases = {"data_seconds": 0.1, "attack_seconds": 1.0 + rank, "compute_seconds": 0.5,
+              "comm_seconds": 0.25 * epoch, "optimizer_seconds": 0.05, "eval_seconds": 0.3}
+    return {"epoch": epoch, "epoch_seconds": sum(phases.values()), **phases,
+            "comm_bytes": 1000 * epoch + rank, "dense_comm_bytes": 4000 * epoch, "comm_calls": 7,
+            "images": 128, "images_per_second": 50.0 + rank, "train_loss": 2.0 / epoch,
+            "train_clean_acc": 0.3, "train_adv_acc": 0.2,
+            "test_clean_acc": 0.5 if epoch == 1 else None, "test_robust_acc": 0.25 if epoch == 1 else None,
+            "lr": 0.01 * epoch, "jointspar_active_arms": 3.5, "jointspar_active_fraction": 0.4,
+            "jointspar_p_min": 0.1, "jointspar_p_max": 0.9, "jointspar_p_entropy": 1.2}
+
+
+WORKER = r"""
+import json, sys, time
+from pathlib import Path
+from trainer.config import MetricsConfig
+from trainer.observability import TrainingExporter
+port, local_rank, grace, records, done = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
+ex = TrainingExporter.start(MetricsConfig(port=port, grace_seconds=grace, job_name="pod-test"), rank=local_rank,
+                            local_rank=local_rank, node_rank=0, world_size=2, local_world_size=2,
+                            run_info=json.loads(sys.argv[6]), default_job_name="unused")
+Path(done + ".started").touch()
+while not Path(records).exists():
+    time.sleep(0.05)
+for rec in json.loads(Path(records).read_text())[str(local_rank)]:
+    ex.observe_epoch(rec)
+Path(done).touch()
+ex.finish()
+"""
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_two_ranks_of_one_pod_share_one_port_then_grace_then_stop(tmp_path):
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DAT_METRICS_DIR=str(tmp_path / "exchange"))
+    # a stale file of an earlier attempt in this pod must not be served
+    (tmp_path / "exchange").mkdir()
+    (tmp_path / "exchange" / "local-rank-5.prom").write_text('dat_epoch{rank="5"} 99\n')
+    grace = 3.0
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(port), str(r), str(grace),
+                               str(tmp_path / "records.json"), str(tmp_path / f"done{r}"), json.dumps(RUN_INFO)],
+                              env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        wait_for(lambda: all((tmp_path / f"done{r}.started").exists() for r in (0, 1)), what="exporters")
+        before = scrape(port)  # local rank 0 has published its start-up state only
+        assert find(before, "dat_training_finished", rank="0") == [0.0]
+        assert find(before, "dat_run_info", rank="1") == []
+        assert find(before, "dat_epoch", rank="5") == []
+        records = {str(r): [record(1, r), record(2, r)] for r in (0, 1)}
+        (tmp_path / "records.json").write_text(json.dumps(records))
+        wait_for(lambda: all((tmp_path / f"done{r}").exists() for r in (0, 1)), what="epochs")
+        procs[1].wait(timeout=30)
+        assert procs[1].returncode == 0, procs[1].stderr.read()
+        text = scrape(port)  # rank 1 has exited; rank 0 still serves within the grace period
+    finally:
+        for p in procs:
+            p.wait(timeout=60)
+    assert procs[0].returncode == 0, procs[0].stderr.read()
+    with pytest.raises(urllib.error.URLError):
+        scrape(port, timeout=2)
+
+    for rank in (0, 1):
+        base = {"job_name": "pod-test", "rank": str(rank), "local_rank": str(rank), "node_rank": "0"}
+        last, first = records[str(rank)][1], records[str(rank)][0]
+        assert find(text, "dat_epoch", **base) == [2.0]
+        assert find(text, "dat_epoch_duration_seconds", **base) == [pytest.approx(last["epoch_seconds"])]
+        assert find(text, "dat_epoch_seconds_count", **base) == [2.0]
+        assert find(text, "dat_epoch_seconds_sum", **base) == [
+            pytest.approx(first["epoch_seconds"] + last["epoch_seconds"])]
+        assert find(text, "dat_phase_duration_seconds", **base, phase="communication") == [0.5]
+        assert find(text, "dat_phase_seconds_total", **base, phase="communication") == [pytest.approx(0.75)]
+        assert find(text, "dat_phase_seconds_total", **base, phase="attack") == [pytest.approx(2.0 + 2 * rank)]
+        assert find(text, "dat_communication_bytes_total", **base) == [3000 + 2 * rank]
+        assert find(text, "dat_dense_communication_bytes_total", **base) == [12000]
+        assert find(text, "dat_epoch_communication_bytes", **base) == [2000 + rank]
+        assert find(text, "dat_images_per_second", **base) == [50.0 + rank]
+        assert find(text, "dat_train_loss", **base) == [1.0]
+        assert find(text, "dat_learning_rate", **base) == [0.02]
+        # evaluated at epoch 1 only: the last evaluation's values stay
+        assert find(text, "dat_test_clean_accuracy", **base) == [0.5]
+        assert find(text, "dat_test_robust_accuracy", **base) == [0.25]
+        assert find(text, "dat_jointspar_active_layers", **base) == [3.5]
+        assert find(text, "dat_jointspar_active_fraction", **base) == [0.4]
+        assert find(text, "dat_training_finished", **base) == [1.0]
+        assert find(text, "dat_run_info", **base, **RUN_INFO) == [1.0]
+    assert find(text, "dat_epoch", rank="5") == []
+
+    assert shutil.which("promtool"), "promtool is missing: run `make prometheus` (Debian package prometheus)"
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_disabled_exporter_does_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAT_METRICS_DIR", str(tmp_path))
+    ex = TrainingExporter.start(MetricsConfig(port=0), rank=0, local_rank=0, node_rank=0, world_size=1,
+                                local_world_size=1, run_info=RUN_INFO, default_job_name="x")
+    assert not ex.enabled and ex.server is None
+    ex.observe_epoch(record(1, 0))
+    ex.finish()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_busy_port_warns_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAT_METRICS_DIR", str(tmp_path))
+    with socket.socket() as blocker:
+        blocker.bind(("0.0.0.0", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        ex = TrainingExporter.start(MetricsConfig(port=port), rank=0, local_rank=0, node_rank=0, world_size=1,
+                                    local_world_size=1, run_info=RUN_INFO, default_job_name="busy")
+        ex.observe_epoch(record(1, 0))
+        ex.finish()
+    assert f"cannot serve metrics on port {port}" in capsys.readouterr().err
+    assert ex.server is None
+    assert 'dat_epoch{job_name="busy"' in (tmp_path / "local-rank-0.prom").read_text()
+
+
+def test_job_name_resolution_order():
+    host = "ignored-host"
+    assert resolve_job_name("cfg", "default", env={"DAT_JOB_NAME": "env"}, hostname="a-master-0") == "cfg"
+    assert resolve_job_name("", "default", env={"DAT_JOB_NAME": "env"}, hostname="a-master-0") == "env"
+    assert resolve_job_name("", "default", env={}, hostname="my-job-master-0") == "my-job"
+    assert resolve_job_name("", "default", env={}, hostname="dat-2-worker-11") == "dat-2"
+    assert resolve_job_name("", "default", env={}, hostname=host) == "default"
+    assert resolve_job_name("", "default", env={}, hostname="laptop-worker-x") == "default"
+
+
+def test_bad_run_info_key_is_rejected(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAT_METRICS_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match="run_info key 'world size'"):
+        TrainingExporter.start(MetricsConfig(pushgateway="127.0.0.1:1"), rank=0, local_rank=0, node_rank=0,
+                               world_size=1, local_world_size=1, run_info={"world size": "1"},
+                               default_job_name="x")
+
+
+@pytest.fixture
+def pushgateway(tmp_path):
+    binary = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
+    if binary is None:
+        pytest.fail("prometheus-pushgateway is not installed: run `make prometheus` (Debian package "
+                    "prometheus-pushgateway)")
+    port = free_port()
+    proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+    def ready() -> bool:
+        try:
+            scrape(port, timeout=1)
+            return True
+        except OSError:
+            return False
+
+    try:
+        wait_for(ready, timeout=20, what="pushgateway")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_push_to_a_real_pushgateway_at_every_epoch_end(pushgateway, monkeypatch):
+    monkeypatch.setenv("DAT_NAMESPACE", "team-a")
+    exporters = [TrainingExporter.start(MetricsConfig(pushgateway=f"127.0.0.1:{pushgateway}", job_name="pushed"),
+                                        rank=r, local_rank=0, node_rank=r, world_size=2, local_world_size=1,
+                                        run_info=RUN_INFO, default_job_name="x") for r in (0, 1)]
+    for r, ex in enumerate(exporters):
+        assert ex.server is None  # no port: push only
+        ex.observe_epoch(record(1, r))
+    text = scrape(pushgateway)
+    for r in (0, 1):
+        # the grouping key (job, namespace, rank) keeps the ranks apart on the gateway
+        assert find(text, "dat_epoch", job="pushed", namespace="team-a", rank=str(r), node_rank=str(r)) == [1.0]
+    exporters[0].observe_epoch(record(2, 0))
+    text = scrape(pushgateway)
+    assert find(text, "dat_epoch", job="pushed", rank="0") == [2.0]
+    assert find(text, "dat_communication_bytes_total", job="pushed", rank="0") == [3000.0]
+    assert find(text, "dat_epoch", job="pushed", rank="1") == [1.0]
+    exporters[0].finish()
+    assert find(scrape(pushgateway), "dat_training_finished", job="pushed", rank="0") == [1.0]
+
+
+def test_unreachable_pushgateway_only_warns(capsys):
+    ex = TrainingExporter.start(MetricsConfig(pushgateway=f"127.0.0.1:{free_port()}"), rank=0, local_rank=0,
+                                node_rank=0, world_size=1, local_world_size=1, run_info=RUN_INFO,
+                                default_job_name="x")
+    ex.observe_epoch(record(1, 0))
+    assert "push to 127.0.0.1:" in capsys.readouterr().err

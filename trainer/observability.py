@@ -1,0 +1,275 @@
+"""Per-epoch Prometheus metrics for a training run: one scrape endpoint per pod, optional Pushgateway.
+
+Every rank keeps its own registry and, at each epoch end, writes it atomically to
+``<metrics dir>/local-rank-<i>.prom``; local rank 0 serves the union of those files on ``metrics.port``.
+prometheus_client's multiprocess mode would do the sharing for us, but it is switched on process-wide
+when prometheus_client is first imported (PROMETHEUS_MULTIPROC_DIR must be set before that) and keys
+its files by pid, so it cannot be enabled by a library at run time; per-rank text files need neither.
+
+Environment (all optional):
+  DAT_JOB_NAME     the PyTorchJob name (chart / datctl pass the pod label
+                   training.kubeflow.org/job-name through the downward API); the fallbacks are the
+                   pod hostname ``<job>-master-0`` / ``<job>-worker-<i>``, then the run name.
+  DAT_NAMESPACE    the pod's namespace; added to the Pushgateway grouping key.
+  DAT_METRICS_DIR  where the ranks of a pod exchange their metrics (default: a folder under $TMPDIR).
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway, start_http_server
+from prometheus_client.exposition import write_to_textfile
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+PHASES = ("data", "attack", "compute", "communication", "optimizer", "eval")
+_PHASE_KEYS = {"data": "data_seconds", "attack": "attack_seconds", "compute": "compute_seconds",
+               "communication": "comm_seconds", "optimizer": "optimizer_seconds", "eval": "eval_seconds"}
+RANK_LABELS = ("job_name", "rank", "local_rank", "node_rank")
+EPOCH_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, float("inf"))
+_POD_HOSTNAME = re.compile(r"^(?P<job>[a-z]([-a-z0-9]*[a-z0-9])?)-(master|worker)-\d+$")
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+def resolve_job_name(configured: str, default: str, env: dict[str, str] | None = None,
+                     hostname: str | None = None) -> str:
+    """metrics.job_name, else $DAT_JOB_NAME, else the job part of a PyTorchJob pod hostname, else default."""
+    env = os.environ if env is None else env
+    if configured:
+        return configured
+    if env.get("DAT_JOB_NAME"):
+        return env["DAT_JOB_NAME"]
+    host = hostname if hostname is not None else env.get("HOSTNAME") or socket.gethostname()
+    match = _POD_HOSTNAME.match(host or "")
+    if match:
+        return match.group("job")
+    return default
+
+
+def _warn(message: str) -> None:
+    print(f"[metrics] warning: {message}", file=sys.stderr, flush=True)
+
+
+class _RankFilesCollector:
+    """Serves the metric families of every ``*.prom`` file in a folder, merged by family name."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        for name in sorted(os.listdir(self.folder)):
+            if not name.endswith(".prom"):
+                continue
+            try:
+                with open(os.path.join(self.folder, name)) as fh:
+                    text = fh.read()
+            except FileNotFoundError:  # replaced or wiped between listdir and open
+                continue
+            for family in text_string_to_metric_families(text):
+                merged = families.get(family.name)
+                if merged is None:
+                    families[family.name] = family
+                else:
+                    merged.samples.extend(family.samples)
+        return list(families.values())
+
+
+class TrainingExporter:
+    """Epoch-level training metrics of one rank; local rank 0 also serves the pod's endpoint."""
+
+    def __init__(self, *, registry: CollectorRegistry | None = None, job_name: str = "",
+                 labels: dict[str, str] | None = None, rank_file: str = "", pushgateway: str = "",
+                 push_grouping: dict[str, str] | None = None, server: Any = None,
+                 grace_seconds: float = 0.0) -> None:
+        self.enabled = registry is not None
+        self.job_name = job_name
+        self.registry = registry
+        self.rank_file = rank_file
+        self.pushgateway = pushgateway
+        self.push_grouping = push_grouping or {}
+        self.server = server
+        self.grace_seconds = grace_seconds
+        self._labels = labels or {}
+        self._finished = False
+        if self.enabled:
+            self._define_metrics()
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def start(cls, metrics_cfg, *, rank: int, local_rank: int, node_rank: int, world_size: int,
+              local_world_size: int, run_info: dict[str, str], default_job_name: str) -> "TrainingExporter":
+        """Set up this rank's metrics; local rank 0 starts the pod's HTTP endpoint on metrics_cfg.port.
+
+        With port 0 and no Pushgateway the returned exporter does nothing."""
+        port = int(metrics_cfg.port)
+        if port == 0 and not metrics_cfg.pushgateway:
+            return cls()
+        job_name = resolve_job_name(metrics_cfg.job_name, default_job_name)
+        labels = {"job_name": job_name, "rank": str(rank), "local_rank": str(local_rank),
+                  "node_rank": str(node_rank)}
+        registry = CollectorRegistry()
+        rank_file = server = None
+        if port:
+            folder = os.environ.get("DAT_METRICS_DIR") or os.path.join(
+                tempfile.gettempdir(), f"dat-metrics-port{port}-node{node_rank}")
+            os.makedirs(folder, exist_ok=True)
+            rank_file = os.path.join(folder, f"local-rank-{local_rank}.prom")
+            if local_rank == 0:
+                # Files of an earlier attempt in this pod (restart, resume) would be served as stale
+                # series. Other local ranks write their first file only at the end of the first epoch,
+                # which they cannot reach before this rank has joined the training.
+                for name in os.listdir(folder):
+                    if name.endswith(".prom"):
+                        os.remove(os.path.join(folder, name))
+                serving = CollectorRegistry()
+                serving.register(_RankFilesCollector(folder))
+                try:
+                    server, _ = start_http_server(port, registry=serving)
+                except OSError as exc:
+                    _warn(f"cannot serve metrics on port {port} ({exc.strerror or exc}); "
+                          "this pod's metrics are not exposed")
+        grouping = {"rank": str(rank)}
+        if os.environ.get("DAT_NAMESPACE"):
+            grouping["namespace"] = os.environ["DAT_NAMESPACE"]
+        exporter = cls(registry=registry, job_name=job_name, labels=labels, rank_file=rank_file or "",
+                       pushgateway=metrics_cfg.pushgateway, push_grouping=grouping, server=server,
+                       grace_seconds=float(metrics_cfg.grace_seconds))
+        exporter._set_run_info(run_info)
+        exporter._last_epoch_time.labels(**labels).set(time.time())
+        exporter._finished_gauge.labels(**labels).set(0)
+        exporter._publish(write_file=local_rank == 0)
+        return exporter
+
+    def _define_metrics(self) -> None:
+        r, base = self.registry, list(RANK_LABELS)
+
+        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, doc, base + list(extra), registry=r)
+
+        self._epoch = gauge("dat_epoch", "Last completed epoch (as numbered in metrics.jsonl).")
+        self._epoch_seconds = gauge("dat_epoch_duration_seconds", "Wall time of the last epoch.")
+        self._epoch_hist = Histogram("dat_epoch_seconds", "Wall time of each epoch.",
+                                     base, buckets=EPOCH_BUCKETS, registry=r)
+        self._phase_seconds = gauge("dat_phase_duration_seconds", "Time per phase in the last epoch.",
+                                    ("phase",))
+        self._phase_total = Counter("dat_phase_seconds", "Time per phase, summed over epochs.",
+                                    base + ["phase"], registry=r)
+        self._bytes_total = Counter("dat_communication_bytes",
+                                    "Gradient bytes this rank handed to all-reduce.", base, registry=r)
+        self._dense_bytes_total = Counter(
+            "dat_dense_communication_bytes",
+            "Bytes the same steps would have sent with every parameter active (= sent when dense).",
+            base, registry=r)
+        self._calls_total = Counter("dat_communication_calls", "All-reduce calls.", base, registry=r)
+        self._epoch_bytes = gauge("dat_epoch_communication_bytes", "Gradient bytes sent in the last epoch.")
+        self._epoch_dense_bytes = gauge("dat_epoch_dense_communication_bytes",
+                                        "Bytes a dense all-reduce would have sent in the last epoch.")
+        self._images_total = Counter("dat_images", "Training images processed by this rank.", base,
+                                     registry=r)
+        self._images_per_second = gauge("dat_images_per_second", "Training images per second of this "
+                                        "rank in the last epoch.")
+        self._train_loss = gauge("dat_train_loss", "Mean training loss of the last epoch.")
+        self._train_clean = gauge("dat_train_clean_accuracy", "Training accuracy on clean inputs (0-1).")
+        self._train_adv = gauge("dat_train_robust_accuracy", "Training accuracy on adversarial inputs (0-1).")
+        self._test_clean = gauge("dat_test_clean_accuracy", "Test accuracy on clean inputs at the last "
+                                 "evaluation (0-1).")
+        self._test_robust = gauge("dat_test_robust_accuracy", "Test accuracy under the evaluation attack "
+                                  "at the last evaluation (0-1).")
+        self._lr = gauge("dat_learning_rate", "Learning rate at the end of the last epoch.")
+        self._active_layers = gauge("dat_jointspar_active_layers", "JointSpar arms (layers) active per "
+                                    "step, mean over the last epoch (all arms when dense).")
+        self._active_fraction = gauge("dat_jointspar_active_fraction", "Fraction of parameters "
+                                      "synchronised per step, mean over the last epoch (1 when dense).")
+        self._last_epoch_time = gauge("dat_last_epoch_timestamp_seconds",
+                                      "Unix time of the last epoch end (of the start before the first).")
+        self._finished_gauge = gauge("dat_training_finished", "1 once training has ended, 0 while running.")
+
+    def _set_run_info(self, run_info: dict[str, str]) -> None:
+        keys = sorted(run_info)
+        for key in keys:
+            if not _LABEL_NAME.match(key) or key in RANK_LABELS:
+                raise ValueError(f"run_info key {key!r} is not usable as a Prometheus label")
+        info = Gauge("dat_run_info", "Settings of the run, as labels (value 1).",
+                     list(RANK_LABELS) + keys, registry=self.registry)
+        info.labels(**self._labels, **{k: str(run_info[k]) for k in keys}).set(1)
+
+    # ---- per epoch --------------------------------------------------------------------------
+    def observe_epoch(self, record: dict) -> None:
+        """Update this rank's metrics from its metrics.jsonl record; publish them."""
+        if not self.enabled:
+            return
+        lab = self._labels
+
+        def value(key: str) -> float | None:
+            v = record.get(key)
+            return None if v is None else float(v)
+
+        def set_if(gauge: Gauge, key: str) -> None:
+            v = value(key)
+            if v is not None:
+                gauge.labels(**lab).set(v)
+
+        set_if(self._epoch, "epoch")
+        seconds = value("epoch_seconds")
+        if seconds is not None:
+            self._epoch_seconds.labels(**lab).set(seconds)
+            self._epoch_hist.labels(**lab).observe(seconds)
+        for phase in PHASES:
+            v = value(_PHASE_KEYS[phase])
+            if v is not None:
+                self._phase_seconds.labels(**lab, phase=phase).set(v)
+                self._phase_total.labels(**lab, phase=phase).inc(max(v, 0.0))
+        for counter, gauge, key in ((self._bytes_total, self._epoch_bytes, "comm_bytes"),
+                                    (self._dense_bytes_total, self._epoch_dense_bytes, "dense_comm_bytes")):
+            v = value(key)
+            if v is not None:
+                counter.labels(**lab).inc(v)
+                gauge.labels(**lab).set(v)
+        for counter, key in ((self._calls_total, "comm_calls"), (self._images_total, "images")):
+            v = value(key)
+            if v is not None:
+                counter.labels(**lab).inc(v)
+        for gauge, key in ((self._images_per_second, "images_per_second"), (self._train_loss, "train_loss"),
+                           (self._train_clean, "train_clean_acc"), (self._train_adv, "train_adv_acc"),
+                           (self._test_clean, "test_clean_acc"), (self._test_robust, "test_robust_acc"),
+                           (self._lr, "lr"), (self._active_layers, "jointspar_active_arms"),
+                           (self._active_fraction, "jointspar_active_fraction")):
+            set_if(gauge, key)
+        self._last_epoch_time.labels(**lab).set(time.time())
+        self._publish()
+
+    def _publish(self, write_file: bool = True) -> None:
+        if self.rank_file and write_file:
+            try:
+                write_to_textfile(self.rank_file, self.registry)
+            except OSError as exc:
+                _warn(f"cannot write {self.rank_file}: {exc}")
+        if self.pushgateway:
+            try:
+                push_to_gateway(self.pushgateway, job=self.job_name, registry=self.registry,
+                                grouping_key=self.push_grouping, timeout=5)
+            except Exception as exc:  # an unreachable gateway must never stop training
+                _warn(f"push to {self.pushgateway} failed: {exc}")
+
+    # ---- end --------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Mark the run finished, publish, keep the endpoint up for grace_seconds, then stop it."""
+        if not self.enabled or self._finished:
+            return
+        self._finished = True
+        self._finished_gauge.labels(**self._labels).set(1)
+        self._publish()
+        if self.server is not None:
+            if self.grace_seconds > 0:
+                time.sleep(self.grace_seconds)
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
