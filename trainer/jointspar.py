@@ -1,0 +1,307 @@
+"""JointSpar: bandit layer sampling (Liu & Mozafari, ICML 2022).
+
+Each step only a random subset of "arms" (parameter tensors, or modules) is trained: the others get
+``requires_grad=False`` for the step, so autograd never computes their weight gradients, the gradient
+sync never sends them and the optimizer (which skips ``grad is None``) never touches them. Arm l is
+active with probability p_l; active gradients are scaled by 1/p_l so the update stays unbiased.
+An EXP3 bandit moves p towards arms whose gradients are large (lowering the estimator's variance),
+keeping sum(p) = budget and p_min <= p <= 1.
+
+Every rank draws the active set from a generator seeded identically and advanced identically, and
+updates the bandit from the all-reduced gradients only, so p and the active set agree everywhere
+without any extra communication.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn as nn
+
+from trainer.config import ConfigError, JointSparConfig
+
+log = logging.getLogger("trainer.jointspar")
+
+# G is a running bound on the arms' importance-weighted gradient norms |g_l| / p_l. It decays slowly so that
+# one large early gradient (first steps, a warm-up spike) does not flatten the bandit's signal for good.
+G_DECAY = 0.99
+# exp() of anything below this would flush to zero, which would make an arm's KL weight vanish.
+MIN_LOG_WEIGHT = -600.0
+
+
+def project_kl(w: torch.Tensor, budget: float, p_min: float) -> torch.Tensor:
+    """argmin_q KL(q || w) s.t. sum q = budget, p_min <= q <= 1, for positive weights w.
+
+    The KKT conditions give q = clip(c * w, p_min, 1) for one scalar c > 0. f(c) = sum clip(c w, p_min, 1)
+    is continuous, nondecreasing and piecewise linear, with kinks where an arm leaves the lower bound
+    (c = p_min / w_i) or reaches the upper one (c = 1 / w_i). We locate the linear piece that crosses
+    the budget and solve it exactly.
+    """
+    w = w.detach().to(dtype=torch.float64, device="cpu").flatten()
+    n = w.numel()
+    if not bool(torch.isfinite(w).all()) or not bool((w > 0).all()):
+        raise ValueError("project_kl: weights must be positive and finite")
+    if not 0 < p_min <= 1:
+        raise ValueError(f"project_kl: p_min must be in (0, 1], got {p_min}")
+    tol = 1e-12 * max(1.0, n)
+    if budget < n * p_min - tol or budget > n + tol:
+        raise ValueError(f"project_kl: budget {budget} outside [n * p_min, n] = [{n * p_min}, {n}]")
+    if budget >= n - tol:
+        return torch.ones(n, dtype=torch.float64)
+    if budget <= n * p_min + tol:
+        return torch.full((n,), float(p_min), dtype=torch.float64)
+
+    # Sorted by decreasing weight, both kink sequences are increasing, so at any c the arms split into
+    # a prefix at the upper bound, a free middle and a suffix at the lower bound.
+    w_sorted = w.sort(descending=True).values
+    enter = p_min / w_sorted  # arm i leaves p_min once c > enter[i]
+    cap = 1.0 / w_sorted  # arm i sits at 1 once c >= cap[i]
+    cum_w = torch.cat([w.new_zeros(1), w_sorted.cumsum(0)])
+
+    def pieces(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        free_end = torch.searchsorted(enter, c, right=True)  # arms [0, free_end) are above p_min
+        at_one = torch.searchsorted(cap, c, right=True)  # arms [0, at_one) are at 1
+        return free_end, at_one
+
+    kinks = torch.cat([enter, cap]).sort().values
+    free_end, at_one = pieces(kinks)
+    f = p_min * (n - free_end) + at_one + kinks * (cum_w[free_end] - cum_w[at_one])
+    k = int((f < budget).sum())  # f(kinks[0]) = n p_min < budget <= f(kinks[-1]) = n, so 1 <= k < 2n
+    k = min(max(k, 1), 2 * n - 1)
+    lo, hi = kinks[k - 1], kinks[k]
+    free_end, at_one = pieces(lo)
+    free_w = cum_w[free_end] - cum_w[at_one]
+    if free_w > 0:
+        c = (budget - p_min * (n - free_end) - at_one) / free_w
+        c = c.clamp(lo, hi)
+    else:  # degenerate piece of zero width (tied kinks)
+        c = hi
+    return (c * w).clamp(p_min, 1.0)
+
+
+def sample_active(p: torch.Tensor, generator: torch.Generator, mode: str) -> torch.Tensor:
+    """Draw a boolean mask with P(mask[l]) = p[l].
+
+    bernoulli: independent coins. exact: dependent rounding that picks exactly round(sum p) arms, by
+    systematic sampling (one uniform offset stepping through the cumulative p) over a fresh random
+    order, so that no fixed pair of arms is always drawn together.
+    """
+    p = p.detach().to(dtype=torch.float64, device="cpu")
+    if mode == "bernoulli":
+        return torch.rand(p.numel(), generator=generator, dtype=torch.float64) < p
+    if mode != "exact":
+        raise ValueError(f"sample_active: unknown mode {mode!r} (bernoulli | exact)")
+    count = round(float(p.sum()))
+    if abs(float(p.sum()) - count) > 1e-6:
+        raise ValueError(f"sample_active: exact mode needs a whole-number sum of p, got {float(p.sum())}")
+    order = torch.randperm(p.numel(), generator=generator)
+    ends = (p[order] * (count / p.sum())).cumsum(0)
+    ends[-1] = count  # no rounding drift at the end: exactly `count` points fall inside [0, count)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    offset = torch.rand(1, generator=generator, dtype=torch.float64)
+    # Arm l is picked when a point offset + k (k = 0, 1, ...) falls in [starts[l], ends[l]).
+    picked = torch.ceil(ends - offset) - torch.ceil(starts - offset) > 0.5
+    mask = torch.zeros(p.numel(), dtype=torch.bool)
+    mask[order] = picked
+    return mask
+
+
+def build_arms(model: nn.Module, grouping: str) -> list[tuple[str, list[nn.Parameter]]]:
+    """The bandit's arms, in model.parameters() order: one per trainable parameter tensor ('param')
+    or one per module that directly owns trainable parameters ('module')."""
+    if grouping == "param":
+        return [(name, [p]) for name, p in model.named_parameters() if p.requires_grad]
+    if grouping == "module":
+        arms = []
+        for name, module in model.named_modules():
+            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if params:
+                arms.append((name or "<root>", params))
+        return arms
+    raise ValueError(f"build_arms: unknown grouping {grouping!r} (param | module)")
+
+
+class JointSpar:
+    """Chooses the active arms each step, scales their gradients by 1/p and runs the bandit."""
+
+    def __init__(self, cfg: JointSparConfig, model: nn.Module, *, seed: int) -> None:
+        if cfg.arms not in ("param", "module"):
+            raise ConfigError(f"jointspar.arms: {cfg.arms!r} is not one of param, module")
+        if cfg.sampling not in ("bernoulli", "exact"):
+            raise ConfigError(f"jointspar.sampling: {cfg.sampling!r} is not one of bernoulli, exact")
+        every = cfg.sample_every
+        if every != "epoch" and not (every.isdigit() and int(every) >= 1):
+            raise ConfigError(f"jointspar.sample_every: expected a positive integer or 'epoch', got {every!r}")
+        self.cfg = cfg
+        self.sample_every = 0 if every == "epoch" else int(every)  # 0: once per epoch
+        self.arms = build_arms(model, cfg.arms)
+        self.num_arms = len(self.arms)
+        self.arm_names = [name for name, _ in self.arms]
+        self.arm_numel = [sum(p.numel() for p in params) for _, params in self.arms]
+        L, s, p_min = self.num_arms, cfg.budget, cfg.p_min
+        if L == 0:
+            raise ConfigError("jointspar: the model has no trainable parameters to sample")
+        if L * p_min > s + 1e-9:
+            raise ConfigError(f"jointspar: L * p_min = {L} * {p_min} = {L * p_min:g} exceeds the budget {s:g} "
+                              f"(lower jointspar.p_min to at most {s / L:g} or raise jointspar.budget)")
+        if s > L + 1e-9:
+            raise ConfigError(f"jointspar.budget {s:g} exceeds the number of arms L = {L} "
+                              f"({cfg.arms} grouping); use a budget <= {L}")
+        if cfg.sampling == "exact" and abs(s - round(s)) > 1e-9:
+            raise ConfigError(f"jointspar.budget {s:g} must be a whole number with jointspar.sampling=exact")
+
+        # Parameter order of the model, so active lists come out in model.parameters() order.
+        position = {id(p): i for i, p in enumerate(model.parameters())}
+        self._params_in_order = sorted((p for _, ps in self.arms for p in ps), key=lambda p: position[id(p)])
+        self.p = torch.full((L,), s / L, dtype=torch.float64)
+        self.G = 0.0
+        self.generator = torch.Generator().manual_seed(seed)
+        self.mask: torch.Tensor | None = None  # the current active set; None while dense
+        self.mask_epoch = -1
+        self.steps_since_sample = 0
+        # Squared norms of the synced gradients summed over the current sampling round (one draw of the mask).
+        self.round_sq_norm = torch.zeros(L, dtype=torch.float64)
+        self.round_steps = 0
+        self._sparse_step = False
+        self._reset_stats()
+        log.info("JointSpar: L = %d arms (%s grouping), budget s = %g, p_min = %g, eta = %g, sampling = %s, "
+                 "resample every %s", L, cfg.arms, s, p_min, cfg.eta, cfg.sampling, every)
+
+    # ---- per step -------------------------------------------------------------------------------------
+
+    def begin_step(self, epoch: int, step_in_epoch: int) -> list[nn.Parameter]:
+        """Freeze the inactive arms for this step; return the parameters to train and sync."""
+        self._stats_steps += 1
+        if epoch < self.cfg.warmup_epochs:
+            self._sparse_step = False
+            self._stats_active_arms += self.num_arms
+            self._stats_active_numel += sum(self.arm_numel)
+            return list(self._params_in_order)
+
+        if self.mask is None or (epoch != self.mask_epoch if self.sample_every == 0
+                                 else self.steps_since_sample >= self.sample_every):
+            self._update_bandit()
+            self.mask = sample_active(self.p, self.generator, self.cfg.sampling)
+            self.mask_epoch = epoch
+            self.steps_since_sample = 0
+        self.steps_since_sample += 1
+        self._sparse_step = True
+
+        active_ids = set()
+        for (_, params), active in zip(self.arms, self.mask.tolist()):
+            for p in params:
+                p.requires_grad_(active)
+                if active:
+                    active_ids.add(id(p))
+        self._stats_sparse_steps += 1
+        self._stats_active_arms += int(self.mask.sum())
+        self._stats_active_numel += sum(n for n, a in zip(self.arm_numel, self.mask.tolist()) if a)
+        return [p for p in self._params_in_order if id(p) in active_ids]
+
+    @torch.no_grad()
+    def end_step(self) -> None:
+        """After the gradient sync: record the active arms' gradient norms for the bandit, scale the
+        active gradients by 1/p (unbiased update) and unfreeze every arm."""
+        if not self._sparse_step:
+            return
+        active = self.mask.nonzero().flatten().tolist()
+        sq_norms = []
+        for l in active:
+            grads = [p.grad for p in self.arms[l][1] if p.grad is not None]
+            sq_norms.append(sum((g.double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64)))
+        if active:
+            # One host transfer for all arms; norms are taken before the 1/p scaling.
+            self.round_sq_norm[active] += torch.stack([n.cpu() for n in sq_norms])
+        self.round_steps += 1
+        for l in active:
+            scale = 1.0 / float(self.p[l])
+            for param in self.arms[l][1]:
+                if param.grad is not None and scale != 1.0:
+                    param.grad.mul_(scale)
+        for _, params in self.arms:
+            for param in params:
+                param.requires_grad_(True)
+        self._sparse_step = False
+
+    def _update_bandit(self) -> None:
+        """One EXP3 round over the mask drawn last (its gradients averaged over the steps it was held).
+
+        Loss of an active arm: -|g_l|^2 / p_l^2 + G^2, 0 for an inactive one; weights w = p exp(-eta loss / p).
+        The offset only keeps the loss non-negative. The paper writes it G^2 / p_min^2 with G bounding |g_l|,
+        a worst-case bound on |g_l|^2 / p_l^2 that is about (p / p_min)^2 (~2700 at the defaults) times too
+        loose. Being importance-weighted, that constant is pure noise that drowns the signal and p stays
+        near uniform; so G here bounds |g_l| / p_l directly, and the loss is divided by G^2 to lie in [0, 1].
+        """
+        if self.mask is None or self.round_steps == 0:
+            return
+        active, p = self.mask, self.p
+        scaled_sq = self.round_sq_norm / self.round_steps / p ** 2
+        if bool(active.any()):
+            self.G = max(G_DECAY * self.G, math.sqrt(float(scaled_sq[active].max())))
+        if self.G > 0:
+            loss = torch.where(active, 1.0 - scaled_sq / self.G ** 2, torch.zeros_like(p))
+            log_w = -self.cfg.eta * loss / p  # importance weighting: the loss was observed with probability p
+            log_w = (log_w - log_w.max()).clamp(min=MIN_LOG_WEIGHT)  # project_kl is invariant to scaling w
+            self.p = project_kl(p * log_w.exp(), self.cfg.budget, self.cfg.p_min)
+        self.round_sq_norm.zero_()
+        self.round_steps = 0
+
+    # ---- metrics and checkpoints ----------------------------------------------------------------------
+
+    def _reset_stats(self) -> None:
+        self._stats_steps = 0
+        self._stats_sparse_steps = 0
+        self._stats_active_arms = 0
+        self._stats_active_numel = 0
+
+    def epoch_stats(self) -> dict:
+        """Means over the steps since the last call (a dense step counts every arm); p statistics are
+        None for an epoch without sparse steps."""
+        steps = self._stats_steps
+        out: dict = {
+            "jointspar_active_arms": self._stats_active_arms / steps if steps else None,
+            "jointspar_active_fraction": self._stats_active_numel / (steps * sum(self.arm_numel)) if steps else None,
+            "jointspar_p_min": None, "jointspar_p_max": None, "jointspar_p_entropy": None,
+        }
+        if self._stats_sparse_steps:
+            q = self.p / self.p.sum()
+            out["jointspar_p_min"] = float(self.p.min())
+            out["jointspar_p_max"] = float(self.p.max())
+            out["jointspar_p_entropy"] = float(-(q * q.log()).sum())  # nats; log(L) when uniform
+        self._reset_stats()
+        return out
+
+    def state_dict(self) -> dict:
+        return {
+            "num_arms": self.num_arms,
+            "arm_names": list(self.arm_names),
+            "budget": float(self.cfg.budget),
+            "p_min": float(self.cfg.p_min),
+            "p": self.p.clone(),
+            "G": self.G,
+            "generator": self.generator.get_state(),
+            "mask": self.mask.clone() if self.mask is not None else torch.zeros(0, dtype=torch.bool),
+            "mask_epoch": self.mask_epoch,
+            "steps_since_sample": self.steps_since_sample,
+            "round_sq_norm": self.round_sq_norm.clone(),
+            "round_steps": self.round_steps,
+            "stats": [self._stats_steps, self._stats_sparse_steps, self._stats_active_arms, self._stats_active_numel],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("arm_names") != self.arm_names:
+            raise ValueError(f"JointSpar checkpoint has {state.get('num_arms')} arms that do not match this model's "
+                             f"{self.num_arms} ({self.cfg.arms} grouping)")
+        if abs(state["budget"] - self.cfg.budget) > 1e-9 or abs(state["p_min"] - self.cfg.p_min) > 1e-12:
+            raise ValueError(f"JointSpar checkpoint was made with budget {state['budget']:g}, p_min {state['p_min']:g}; "
+                             f"the config says budget {self.cfg.budget:g}, p_min {self.cfg.p_min:g}")
+        self.p = state["p"].to(torch.float64).clone()
+        self.G = float(state["G"])
+        self.generator.set_state(state["generator"])
+        self.mask = state["mask"].clone() if state["mask"].numel() else None
+        self.mask_epoch = int(state["mask_epoch"])
+        self.steps_since_sample = int(state["steps_since_sample"])
+        self.round_sq_norm = state["round_sq_norm"].to(torch.float64).clone()
+        self.round_steps = int(state["round_steps"])
+        self._stats_steps, self._stats_sparse_steps, self._stats_active_arms, self._stats_active_numel = state["stats"]
