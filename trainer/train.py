@@ -264,6 +264,8 @@ def run(cfg: Config, dist_info: DistInfo) -> dict | None:
         trainer.resume(resume_from)
         if dist_info.is_main:
             print(f"resumed from {resume_from} at epoch {trainer.start_epoch}", flush=True)
+    else:
+        trainer.log.truncate_after(0)  # a fresh run starts a fresh metrics.jsonl
     if dist_info.is_main:
         save_resolved(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
     if trainer.start_epoch > cfg.run.epochs:

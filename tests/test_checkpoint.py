@@ -1,0 +1,40 @@
+import pickle
+
+import pytest
+import torch
+
+from trainer import checkpoint
+
+
+def test_round_trip(tmp_path):
+    state = {"epoch": 3, "model": {"w": torch.arange(5.0)}, "best_ra": 0.5}
+    path = tmp_path / "c.pt"
+    checkpoint.save_atomic(state, str(path))
+    loaded = checkpoint.load(str(path))
+    assert loaded["epoch"] == 3 and torch.equal(loaded["model"]["w"], state["model"]["w"])
+
+
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    checkpoint.save_atomic({"epoch": 1, "model": {}}, str(path))
+    good = path.read_bytes()
+
+    def broken_save(obj, fh):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        checkpoint.save_atomic({"epoch": 2, "model": {}}, str(path))
+    assert path.read_bytes() == good and list(tmp_path.iterdir()) == [path]
+
+
+def test_pickled_code_is_refused(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"epoch": 1, "model": {}, "x": Exploit()}, path, pickle_module=pickle)
+    with pytest.raises(checkpoint.CheckpointError, match="not a loadable checkpoint"):
+        checkpoint.load(str(path))

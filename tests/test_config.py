@@ -1,0 +1,66 @@
+import pytest
+
+from conftest import train_cli
+from trainer.config import ConfigError, config_from_dict, load_config, validate
+
+
+def test_defaults_are_valid():
+    cfg = load_config(None)
+    assert cfg.data.name == "digits" and cfg.attack.steps == 10
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("attack: {eps: 0.1, steps: 5}\noptim: {name: lars}\n")
+    cfg = load_config(str(path), ["attack.steps=7", "optim.betas=[0.8, 0.9]", "jointspar.enabled=true"])
+    assert cfg.attack.eps == 0.1 and cfg.attack.steps == 7 and cfg.optim.name == "lars"
+    assert cfg.optim.betas == (0.8, 0.9) and cfg.jointspar.enabled is True
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    ({"atack": {}}, "unknown section 'atack'"),
+    ({"attack": {"epsilon": 1}}, "unknown key attack.epsilon"),
+    ({"attack": {"eps": -0.1}}, "attack.eps must be >= 0"),
+    ({"attack": {"steps": 0}}, "attack.steps must be >= 1"),
+    ({"attack": {"steps": "ten"}}, "attack.steps: expected int"),
+    ({"attack": {"name": "cw"}}, "attack.name: 'cw' is not one of pgd, fgsm"),
+    ({"optim": {"lr": 0}}, "optim.lr must be > 0"),
+    ({"train": {"loss": "trades"}}, "train.loss"),
+    ({"jointspar": {"sample_every": "0"}}, "jointspar.sample_every"),
+    ({"data": {"name": "cifar10", "root": "/nonexistent"}}, "no CIFAR-10 in '/nonexistent'"),
+    ({"data": {"name": "cifar10-ext", "download": True}}, "data.ti500k_path"),
+    ({"run": {"resume": "/nonexistent.pt"}}, "checkpoint not found"),
+])
+def test_config_errors_are_one_clear_line(raw, fragment):
+    with pytest.raises(ConfigError) as info:
+        validate(config_from_dict(raw))
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_batch_must_divide_world_size():
+    with pytest.raises(ConfigError, match="not divisible by the world size 3"):
+        validate(config_from_dict({"data": {"batch_size": 128}}), world_size=3)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["steps=3"])
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--set", "attack.eps=-1"], "attack.eps must be >= 0"),
+    (["--config", "/nonexistent.yaml"], "config file not found"),
+    (["--set", "data.name=cifar10", "--set", "data.root=/nonexistent"], "no CIFAR-10"),
+])
+def test_cli_user_errors_exit_nonzero_without_traceback(args, fragment):
+    proc = train_cli(args)
+    assert proc.returncode == 2
+    assert fragment in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_invalid_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("attack: {eps: [\n")
+    proc = train_cli(["--config", str(bad)])
+    assert proc.returncode == 2 and "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,129 @@
+import io
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import train_cli
+from trainer.config import DataConfig
+from trainer.data import DataError, TrainBatches, augment_crop_flip, convert_ti500k, load_dataset, load_ti500k
+
+
+def _write_cifar(root, n_train=20, n_test=10, seed=0):
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    batches = {}
+    for name, n in [(f"data_batch_{i}", n_train) for i in range(1, 6)] + [("test_batch", n_test)]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, n).tolist(), b"batch_label": name.encode()}
+        with open(folder / name, "wb") as fh:
+            pickle.dump(batch, fh, protocol=2)
+        batches[name] = batch
+    return folder, batches
+
+
+def _write_ti500k(path, n=12, seed=1):
+    rng = np.random.default_rng(seed)
+    obj = {"data": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+           "extrapolated_targets": rng.integers(0, 10, n)}
+    with open(path, "wb") as fh:
+        pickle.dump(obj, fh)
+    return obj
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/dat-pwned",))
+
+
+def test_cifar10_folder_matches_what_was_written(tmp_path):
+    _, batches = _write_cifar(tmp_path)
+    ds = load_dataset(DataConfig(name="cifar10", root=str(tmp_path)))
+    assert ds.train.images.shape == (100, 3, 32, 32) and ds.test.images.shape == (10, 3, 32, 32)
+    first = batches["data_batch_1"][b"data"][0].reshape(3, 32, 32)
+    assert np.array_equal(ds.train.images[0].numpy(), first)
+    assert ds.test.labels.tolist() == batches["test_batch"][b"labels"]
+
+
+def test_cifar10_tar_gz_archive(tmp_path):
+    _write_cifar(tmp_path / "src")
+    archive = tmp_path / "data" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    ds = load_dataset(DataConfig(name="cifar10", root=str(tmp_path / "data")))
+    assert len(ds.train) == 100 and len(ds.test) == 10
+
+
+def test_cifar10_ext_appends_ti500k(tmp_path):
+    _write_cifar(tmp_path)
+    obj = _write_ti500k(tmp_path / "ti.pickle")
+    ds = load_dataset(DataConfig(name="cifar10-ext", root=str(tmp_path), ti500k_path=str(tmp_path / "ti.pickle")))
+    assert len(ds.train) == 112
+    assert np.array_equal(ds.train.images[100].permute(1, 2, 0).numpy(), obj["data"][0])
+    assert ds.train.labels[100:].tolist() == obj["extrapolated_targets"].tolist()
+
+
+def test_ti500k_npz_conversion_round_trip(tmp_path):
+    obj = _write_ti500k(tmp_path / "ti.pickle")
+    convert_ti500k(str(tmp_path / "ti.pickle"), str(tmp_path / "ti.npz"))
+    s = load_ti500k(str(tmp_path / "ti.npz"), limit=5)
+    assert len(s) == 5 and np.array_equal(s.images[0].permute(1, 2, 0).numpy(), obj["data"][0])
+
+
+def test_ti500k_refuses_a_pickle_that_would_execute_code(tmp_path):
+    path = tmp_path / "evil.pickle"
+    with open(path, "wb") as fh:
+        pickle.dump({"data": _Exploit(), "extrapolated_targets": [0]}, fh)
+    if os.path.exists("/tmp/dat-pwned"):
+        os.remove("/tmp/dat-pwned")
+    with pytest.raises(DataError, match="refusing to load posix.system|refusing to load os.system"):
+        load_ti500k(str(path))
+    assert not os.path.exists("/tmp/dat-pwned")
+
+
+def test_corrupt_data_is_one_line_error(tmp_path):
+    folder, _ = _write_cifar(tmp_path)
+    (folder / "data_batch_3").write_bytes(b"garbage")
+    proc = train_cli(["--set", "data.name=cifar10", "--set", f"data.root={tmp_path}",
+                      "--set", f"run.output_dir={tmp_path / 'out'}"])
+    assert proc.returncode == 2 and "data_batch_3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ti500k_wrong_shape(tmp_path):
+    with open(tmp_path / "ti.pickle", "wb") as fh:
+        pickle.dump({"data": np.zeros((2, 8, 8), np.uint8), "extrapolated_targets": np.zeros(2)}, fh)
+    with pytest.raises(DataError, match=r"uint8 \(N, 32, 32, 3\)"):
+        load_ti500k(str(tmp_path / "ti.pickle"))
+
+
+def test_digits_is_real_and_scaled():
+    ds = load_dataset(DataConfig(name="digits"))
+    assert ds.train.images.shape[1:] == (1, 8, 8) and len(ds.train) + len(ds.test) == 1797
+    assert ds.train.images.max() == 255 and set(ds.test.labels.tolist()) == set(range(10))
+
+
+def test_sharding_is_disjoint_and_reshuffled_each_epoch():
+    ds = load_dataset(DataConfig(name="synthetic", synthetic_train_size=64, synthetic_image_size=8))
+    ds.train.labels = torch.arange(64)  # label = index, to recover which samples each rank saw
+    seen = []
+    for rank in range(2):
+        tb = TrainBatches(ds.train, 8, rank, 2, seed=0, device=torch.device("cpu"), augment=False, resident=True)
+        e1 = torch.cat([y for _, y in tb.epoch(1)])
+        e2 = torch.cat([y for _, y in tb.epoch(2)])
+        assert not torch.equal(e1, e2)
+        seen.append(set(e1.tolist()))
+    assert not (seen[0] & seen[1]) and len(seen[0] | seen[1]) == 64
+
+
+def test_crop_flip_keeps_content_and_shape():
+    x = torch.rand(16, 3, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    out = augment_crop_flip(x, g)
+    assert out.shape == x.shape
+    # every output is a shifted (maybe flipped) window: its non-padded pixels come from the input
+    assert torch.isin(out[out > 0], x).all()

@@ -1,0 +1,117 @@
+"""Real two-rank torchrun (gloo) runs of the trainer."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import PYTHON, ROOT, read_jsonl, torch_env, torchrun
+
+KEYS = {"epoch", "epoch_seconds", "data_seconds", "attack_seconds", "compute_seconds", "comm_seconds",
+        "optimizer_seconds", "eval_seconds", "comm_bytes", "dense_comm_bytes", "images_per_second",
+        "train_loss", "test_clean_acc", "test_robust_acc", "lr"}
+
+
+def test_two_rank_run_writes_metrics_checkpoints_and_config(tmp_path, synthetic_args):
+    out = tmp_path / "run"
+    proc = torchrun(["-m", "trainer", *synthetic_args, "--set", f"run.output_dir={out}", "--set", "run.epochs=2"])
+    assert "epoch" in proc.stdout and proc.stdout.count("\n") >= 4  # header + one table row per epoch
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert KEYS <= r.keys()
+        assert 0 <= r["test_clean_acc"] <= 1 and 0 <= r["test_robust_acc"] <= r["test_clean_acc"]
+        phases = sum(r[f"{p}_seconds"] for p in ("data", "attack", "compute", "comm", "optimizer", "eval"))
+        assert phases == pytest.approx(r["epoch_seconds"], rel=0.10)
+        # dense: every step all-reduces each gradient exactly once (4 steps of 256 / 32 per epoch)
+        param_bytes = r["dense_comm_bytes"] // 8
+        assert r["comm_bytes"] == r["dense_comm_bytes"] == 8 * param_bytes > 0
+        assert r["images"] == 256 and r["images_per_second"] > 0
+    assert (out / "checkpoint-latest.pt").exists() and (out / "checkpoint-best.pt").exists()
+    assert "attack:" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("loss, bucket_mb, overlap", [("dat", 25, "1"), ("adv", 25, "0"), ("clean", 25, "1"),
+                                                      ("dat", 0.02, "1")])
+def test_exactly_one_gradient_all_reduce_pass_per_step(tmp_path, loss, bucket_mb, overlap):
+    base = tmp_path / "c"
+    torchrun([str(ROOT / "tests" / "workers" / "count_collectives.py"), str(base), loss, str(bucket_mb), overlap])
+    ranks = [json.loads((tmp_path / f"c.rank{r}.json").read_text()) for r in range(2)]
+    for rank in ranks:
+        for calls in rank["per_step"]:
+            assert {c["op"] for c in calls} == {"all_reduce"}  # no other collective inside the step
+            assert len(calls) == rank["buckets"]  # one call per bucket ...
+            assert sum(c["bytes"] for c in calls) == rank["param_bytes"]  # ... each gradient reduced once
+        if bucket_mb >= 1:
+            assert rank["buckets"] == 1
+        else:
+            assert rank["buckets"] > 1
+    assert ranks[0]["digest"] == ranks[1]["digest"]  # both ranks applied the same update
+
+
+def _params(path):
+    state = torch.load(path, weights_only=True)
+    return state["model"], state["optimizer"]
+
+
+def test_killed_run_resumes_bit_identically(tmp_path, synthetic_args):
+    args = ["-m", "trainer", *synthetic_args, "--set", "run.epochs=4", "--set", "data.synthetic_train_size=512"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    torchrun([*args, "--set", f"run.output_dir={straight}"])
+
+    # start the same run, SIGKILL the whole launcher group after epoch 2 is on disk, then start it again
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+           "--set", f"run.output_dir={killed}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=torch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    metrics = killed / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(read_jsonl(metrics)) >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(read_jsonl(metrics))
+    assert 2 <= done < 4, "the run was not interrupted mid-way; make epochs longer"
+    before = torch.load(killed / "checkpoint-latest.pt", weights_only=True)["epoch"]
+    assert before >= 2  # the last good checkpoint survived the kill
+
+    resumed = torchrun([*args, "--set", f"run.output_dir={killed}"])
+    assert f"resumed from {killed / 'checkpoint-latest.pt'}" in resumed.stdout
+    model_a, opt_a = _params(straight / "checkpoint-latest.pt")
+    model_b, opt_b = _params(killed / "checkpoint-latest.pt")
+    for key in model_a:
+        assert torch.equal(model_a[key], model_b[key]), key
+    for pid, state in opt_a["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b["state"][pid][name]))
+    la = [(r["epoch"], r["train_loss"], r["test_robust_acc"]) for r in read_jsonl(straight / "metrics.jsonl")]
+    lb = [(r["epoch"], r["train_loss"], r["test_robust_acc"]) for r in read_jsonl(killed / "metrics.jsonl")]
+    assert la == lb
+
+
+def test_incompatible_checkpoint_is_refused_and_kept(tmp_path, synthetic_args):
+    out = tmp_path / "run"
+    torchrun(["-m", "trainer", *synthetic_args, "--set", f"run.output_dir={out}", "--set", "run.epochs=1"], nproc=1)
+    ckpt = out / "checkpoint-latest.pt"
+    before = ckpt.read_bytes()
+    proc = subprocess.run([PYTHON, "-m", "trainer", *synthetic_args, "--set", f"run.output_dir={out}",
+                           "--set", "model.name=resnet18", "--set", "run.epochs=2"],
+                          cwd=ROOT, env=torch_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "checkpoint is for model 'small_cnn'" in proc.stderr
+    assert "Traceback" not in proc.stderr and ckpt.read_bytes() == before
+
+
+def test_corrupt_checkpoint_is_one_line_error(tmp_path, synthetic_args):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint-latest.pt").write_bytes(b"not a checkpoint")
+    proc = subprocess.run([PYTHON, "-m", "trainer", *synthetic_args, "--set", f"run.output_dir={out}"],
+                          cwd=ROOT, env=torch_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not a loadable checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "checkpoint-latest.pt").read_bytes() == b"not a checkpoint"
