@@ -64,16 +64,18 @@ def project_kl(w: torch.Tensor, budget: float, p_min: float) -> torch.Tensor:
         at_one = torch.searchsorted(cap, c, right=True)  # arms [0, at_one) are at 1
         return free_end, at_one
 
+    def f(c: torch.Tensor) -> torch.Tensor:
+        free_end, at_one = pieces(c)
+        return p_min * (n - free_end.double()) + at_one.double() + c * (cum_w[free_end] - cum_w[at_one])
+
     kinks = torch.cat([enter, cap]).sort().values
-    free_end, at_one = pieces(kinks)
-    f = p_min * (n - free_end) + at_one + kinks * (cum_w[free_end] - cum_w[at_one])
-    k = int((f < budget).sum())  # f(kinks[0]) = n p_min < budget <= f(kinks[-1]) = n, so 1 <= k < 2n
+    k = int((f(kinks) < budget).sum())  # f(kinks[0]) = n p_min < budget <= f(kinks[-1]) = n, so 1 <= k < 2n
     k = min(max(k, 1), 2 * n - 1)
     lo, hi = kinks[k - 1], kinks[k]
     free_end, at_one = pieces(lo)
     free_w = cum_w[free_end] - cum_w[at_one]
-    if free_w > 0:
-        c = (budget - p_min * (n - free_end) - at_one) / free_w
+    if free_w > 0:  # on this piece f(c) = p_min * (n - free_end) + at_one + c * free_w
+        c = (budget - p_min * (n - int(free_end)) - int(at_one)) / free_w
         c = c.clamp(lo, hi)
     else:  # degenerate piece of zero width (tied kinks)
         c = hi
