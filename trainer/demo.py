@@ -32,12 +32,12 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (acc_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, records in results.items():
+    for (name, records), color in zip(results.items(), ("tab:blue", "tab:red")):
         evals = [r for r in records if r["test_clean_acc"] is not None]
         epochs = [r["epoch"] for r in evals]
-        acc_ax.plot(epochs, [r["test_clean_acc"] for r in evals], "o-", label=f"{name} CA")
-        acc_ax.plot(epochs, [r["test_robust_acc"] for r in evals], "s--", label=f"{name} RA (PGD-20)")
-        time_ax.plot([r["epoch"] for r in records], [r["epoch_seconds"] for r in records], label=name)
+        acc_ax.plot(epochs, [r["test_clean_acc"] for r in evals], "o-", color=color, label=f"{name} CA")
+        acc_ax.plot(epochs, [r["test_robust_acc"] for r in evals], "s--", color=color, label=f"{name} RA (PGD-20)")
+        time_ax.plot([r["epoch"] for r in records], [r["epoch_seconds"] for r in records], color=color, label=name)
     acc_ax.set(xlabel="epoch", ylabel="test accuracy", ylim=(0, 1.02), title="clean vs robust accuracy")
     time_ax.set(xlabel="epoch", ylabel="seconds", title="epoch time (2 gloo ranks)")
     acc_ax.legend(fontsize=8)
