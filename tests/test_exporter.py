@@ -1,0 +1,190 @@
+"""`datctl exporter` against recorded PyTorchJob list/watch traffic replayed over HTTP to the real kubernetes
+client: an API error, a watch the server ends, an expired watch (410), a dropped connection, a deletion."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from recorded_watch.replay import HERE as RECORDED, ReplayServer
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA_DIR = Path(os.environ.get("DAT_SCHEMA_DIR", ROOT.parent / "shared" / "schemas"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def metrics(port: int) -> dict[tuple, float]:
+    """{(name, sorted label items): value} of one scrape, or {} while the endpoint is not up."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(scrape: dict, name: str, **labels: str) -> float | None:
+    return scrape.get((name, tuple(sorted(labels.items()))))
+
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def start_exporter(tmp_path: Path, replay: ReplayServer, *extra: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "controller.exporter", "--kubeconfig", str(replay.kubeconfig(tmp_path)),
+           "--port", str(port), "--address", "127.0.0.1", "--retry-seconds", "0.05", "--max-retry-seconds", "0.2",
+           *extra]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, port
+
+
+def stop(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=15)
+    return out
+
+
+def test_recorded_jobs_match_the_pytorchjob_crd():
+    crd_path = SCHEMA_DIR / "kubeflow.org_pytorchjobs.yaml"
+    if not crd_path.exists():
+        pytest.fail(f"PyTorchJob CRD not found at {crd_path}: set DAT_SCHEMA_DIR to the folder holding "
+                    "kubeflow.org_pytorchjobs.yaml")
+    crd = yaml.safe_load(crd_path.read_text())
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    objects = []
+    for path in sorted(RECORDED.glob("list-*.json")):
+        objects += json.loads(path.read_text())["items"]
+    for path in sorted(RECORDED.glob("watch-*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.endswith("}"):
+                event = json.loads(line)
+                if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                    objects.append(event["object"])
+    assert len(objects) >= 15
+    validator = jsonschema.Draft7Validator(schema)
+    for obj in objects:
+        validator.validate(obj)
+
+
+def test_exporter_survives_api_error_expiry_and_dropped_connection(tmp_path):
+    with ReplayServer() as replay:
+        proc, port = start_exporter(tmp_path, replay)
+        try:
+            # watch 3 has delivered dat-small's failure and waits to cut the connection
+            wait_for(replay.paused.is_set, what="the watch that will be dropped")
+            mid = wait_for(lambda: (lambda m: m if value(m, "dat_pytorchjob_condition", job_namespace="team-a",
+                                                         job_name="dat-small", condition="Failed") == 1 else None)(
+                metrics(port)), what="dat-small failed")
+            assert value(mid, "dat_exporter_watch_errors_total", reason="api") == 1  # the 500 on the first list
+            assert value(mid, "dat_exporter_watch_errors_total", reason="expired") == 1
+            assert value(mid, "dat_exporter_watch_errors_total", reason="connection") == 0
+            assert value(mid, "dat_exporter_lists_total") == 2
+            # dat-old was deleted while the watch was expired: the re-list dropped it
+            assert value(mid, "dat_pytorchjob_condition", job_namespace="team-b", job_name="dat-old",
+                         condition="Succeeded") is None
+            assert value(mid, "dat_pytorchjob_condition", job_namespace="team-b", job_name="dat-new",
+                         condition="Running") == 1
+            replay.resume.set()
+
+            def settled():
+                m = metrics(port)
+                done = replay.consumed == len(replay.exchanges) and value(m, "dat_exporter_watch_events_total",
+                                                                           type="DELETED") == 1
+                return m if done else None
+
+            final = wait_for(settled, what="the last watch's events")
+            exposition = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        finally:
+            out = stop(proc)
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out, out
+    assert replay.mismatches == [], replay.mismatches
+    assert [(kind, rv) for kind, _, rv in replay.requests] == [
+        ("list", ""), ("list", ""), ("watch", "1000"), ("watch", "1005"), ("list", ""), ("watch", "2000"),
+        ("list", ""), ("watch", "3000")]
+    assert all(path == "/apis/kubeflow.org/v1/pytorchjobs" for _, path, _ in replay.requests)
+
+    a = {"job_namespace": "team-a"}
+    assert value(final, "dat_exporter_watch_errors_total", reason="connection") == 1
+    assert value(final, "dat_exporter_lists_total") == 3
+    assert value(final, "dat_exporter_jobs") == 2
+    # dat-resnet: restarted during watch 1 (one transition seen in two events) and again before list 3
+    assert value(final, "dat_pytorchjob_restarts_total", **a, job_name="dat-resnet") == 2
+    assert value(final, "dat_pytorchjob_condition", **a, job_name="dat-resnet", condition="Running") == 1
+    assert value(final, "dat_pytorchjob_condition", **a, job_name="dat-resnet", condition="Restarting") == 0
+    assert value(final, "dat_pytorchjob_start_timestamp_seconds", **a, job_name="dat-resnet") == ts(
+        "2026-11-20T08:00:05Z")
+    assert value(final, "dat_pytorchjob_completion_timestamp_seconds", **a, job_name="dat-resnet") is None
+    assert value(final, "dat_pytorchjob_replicas", **a, job_name="dat-resnet", replica_type="worker",
+                 state="active") == 2
+    assert value(final, "dat_pytorchjob_replicas", **a, job_name="dat-resnet", replica_type="master",
+                 state="active") == 1
+    # dat-small failed
+    small = {**a, "job_name": "dat-small"}
+    conditions = {c: value(final, "dat_pytorchjob_condition", **small, condition=c)
+                  for c in ("Created", "Running", "Restarting", "Succeeded", "Suspended", "Failed")}
+    assert conditions == {"Created": 1, "Running": 0, "Restarting": 0, "Succeeded": 0, "Suspended": 0, "Failed": 1}
+    assert value(final, "dat_pytorchjob_completion_timestamp_seconds", **small) == ts("2026-11-20T09:10:00Z")
+    assert value(final, "dat_pytorchjob_replicas", **small, replica_type="master", state="failed") == 1
+    assert value(final, "dat_pytorchjob_restarts_total", **small) == 0
+    # dat-new was deleted in watch 4
+    assert not any(dict(labels).get("job_name") == "dat-new" for _, labels in final)
+
+    assert shutil.which("promtool"), "promtool is missing: run `make prometheus` (Debian package prometheus)"
+    check = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_one_namespace_uses_the_namespaced_api(tmp_path):
+    with ReplayServer(path_prefix="/apis/kubeflow.org/v1/namespaces/team-a/pytorchjobs") as replay:
+        proc, port = start_exporter(tmp_path, replay, "--namespace", "team-a")
+        try:
+            wait_for(lambda: len(replay.requests) >= 3, what="list and watch requests")
+        finally:
+            stop(proc)
+    assert replay.mismatches == []
+    assert [kind for kind, _, _ in replay.requests[:3]] == ["list", "list", "watch"]
+
+
+def test_missing_kubeconfig_is_a_one_line_error(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    proc = subprocess.run([sys.executable, "-m", "controller.exporter", "--kubeconfig", str(tmp_path / "nope"),
+                           "--port", str(free_port())], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("datctl exporter: cannot load Kubernetes credentials")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
