@@ -1,0 +1,62 @@
+"""Figure 1: what one attack iteration costs next to one training step, on the trainer's own code paths.
+
+An attack iteration needs a forward (F) and the gradient with respect to the *input* only (~F), a
+training step a forward and a backward that also produces weight gradients (~2F) plus the optimizer:
+the ratio's floor is 2F / 3F = 0.67. The "naive" attack leaves the parameters requiring grad and
+backpropagates through everything, as most PGD code does; it pays for weight gradients it throws away
+and sits near 1.0.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bench.harness import StepCounter, build_trainer, first_batch, local_dist_info, synthetic_overrides
+from bench.timing import interleaved, ratio, summary
+from trainer.attacks import attack_mode, craft, default_alpha
+
+
+def naive_attack_iteration(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
+                           bn_eval: bool) -> torch.Tensor:
+    """One PGD iteration the usual way: parameters keep requires_grad, loss.backward() fills weight
+    gradients too (discarded afterwards)."""
+    was_training = model.training
+    if bn_eval:
+        model.eval()
+    delta = ((x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1) - x).requires_grad_(True)
+    F.cross_entropy(model(x + delta), y, reduction="sum").backward()
+    delta = (delta.detach() + alpha * delta.grad.sign()).clamp(-eps, eps)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return ((x + delta).clamp(0, 1)).detach()
+
+
+def measure(model: str = "resnet18", batch: int = 32, reps: int = 10, warmup: int = 2, image_size: int = 32,
+            optim: str = "lamb") -> dict:
+    trainer = build_trainer(synthetic_overrides(model, batch, 1, image_size)
+                            + ["train.loss=clean", f"optim.name={optim}"], local_dist_info())
+    cfg = trainer.cfg.attack
+    x, y = first_batch(trainer)
+    alpha = cfg.alpha or default_alpha(cfg.name, cfg.eps, cfg.steps)
+
+    def attack() -> None:  # exactly what Trainer.train_step runs per PGD iteration
+        with attack_mode(trainer.model, cfg.bn_eval):
+            craft("pgd", trainer.forward, x, y, eps=cfg.eps, alpha=alpha, steps=1, random_start=cfg.random_start,
+                  autocast=trainer.autocast)
+
+    def naive() -> None:
+        naive_attack_iteration(trainer.model, x, y, cfg.eps, alpha, cfg.bn_eval)
+
+    train = StepCounter(trainer, x, y)  # Trainer.train_step with loss=clean: forward, backward, LAMB
+    times = interleaved({"attack": attack, "naive_attack": naive, "train": train}, reps=reps, warmup=warmup)
+    return {
+        "what": "one PGD iteration (trainer's attack_mode + craft, steps=1) vs one Trainer.train_step "
+                "(loss=clean: forward + backward with weight gradients + optimizer), same batch",
+        "model": model, "batch": batch, "image_size": image_size, "optimizer": optim,
+        "reps": reps, "warmup": warmup,
+        "seconds": {name: summary(t) for name, t in times.items()},
+        "attack_over_train": ratio(times["attack"], times["train"]),
+        "naive_attack_over_train": ratio(times["naive_attack"], times["train"]),
+        "bound": 2 / 3,
+        "target": 0.75,
+    }
