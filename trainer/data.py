@@ -224,10 +224,10 @@ def augment_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4)
     """Random crop with zero padding plus horizontal flip, per sample, for a whole batch at once."""
     b, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    dev = x.device
-    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
-    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(dev)
+    dev = x.device  # the generator lives on the same device: no host round trip per batch
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=dev)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=dev)
+    flip = torch.rand(b, generator=generator, device=dev) < 0.5
     rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
     cols = (ox[:, None] + torch.arange(w, device=dev))
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
@@ -257,10 +257,10 @@ class TrainBatches:
 
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.set_epoch(epoch)
-        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 1009 + self.rank)
+        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long).to(self.images.device)
+        g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + epoch * 1009 + self.rank)
         for i in range(len(self)):
-            idx = order[i * self.batch:(i + 1) * self.batch].to(self.images.device)
+            idx = order[i * self.batch:(i + 1) * self.batch]
             x = self.images[idx].to(self.device, non_blocking=True).float().div_(255)
             y = self.labels[idx].to(self.device, non_blocking=True)
             if self.augment:

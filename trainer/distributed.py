@@ -81,3 +81,18 @@ def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def average_buffers(module: torch.nn.Module, world_size: int) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks in one collective, so that
+    evaluation and checkpoints see the same model on every rank."""
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if world_size == 1 or not buffers:
+        return
+    flat = torch.cat([b.reshape(-1) for b in buffers])
+    dist.all_reduce(flat)
+    flat.div_(world_size)
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()

@@ -16,7 +16,7 @@ from trainer.attacks import attack_mode, craft
 from trainer.communication import GradientSync
 from trainer.config import Config, save_resolved
 from trainer.data import TrainBatches, eval_batches, load_dataset
-from trainer.distributed import DistInfo, all_reduce_sum, barrier, broadcast_parameters
+from trainer.distributed import DistInfo, all_reduce_sum, average_buffers, barrier, broadcast_parameters
 from trainer.jointspar import JointSpar
 from trainer.metrics import MetricsLog, PhaseTimer, table_header, table_row
 from trainer.models import build_model
@@ -170,6 +170,8 @@ class Trainer:
             self.train_step(x, y, epoch, step)
             bar.update(1)
         bar.close()
+        with self.timer.phase("comm"):
+            average_buffers(self.model, self.dist.world_size)
 
         evaluate = epoch == self.cfg.run.epochs or (self.cfg.eval.every and epoch % self.cfg.eval.every == 0)
         clean_acc = robust_acc = None
