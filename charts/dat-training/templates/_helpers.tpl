@@ -1,0 +1,363 @@
+{{/*
+Chart name.
+*/}}
+{{- define "dat-training.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The training job's name: .Values.name, else the release name. Every object of the run is named after it.
+*/}}
+{{- define "dat-training.jobName" -}}
+{{- .Values.name | default .Release.Name }}
+{{- end }}
+
+{{- define "dat-training.namespace" -}}
+{{- .Values.namespace | default .Release.Namespace }}
+{{- end }}
+
+{{/*
+Chart name and version as used by the chart label.
+*/}}
+{{- define "dat-training.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Common labels.
+*/}}
+{{- define "dat-training.labels" -}}
+helm.sh/chart: {{ include "dat-training.chart" . }}
+{{ include "dat-training.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Selector labels.
+*/}}
+{{- define "dat-training.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "dat-training.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "dat-training.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{/*
+torchrun processes per pod: nprocPerNode, else one per GPU, else 1.
+*/}}
+{{- define "dat-training.nprocPerNode" -}}
+{{- $gpus := int .Values.gpusPerNode }}
+{{- if gt (int .Values.nprocPerNode) 0 }}{{ int .Values.nprocPerNode }}{{ else if gt $gpus 0 }}{{ $gpus }}{{ else }}1{{ end }}
+{{- end }}
+
+{{/*
+The longest pod name the run creates (the operator also names a headless Service after each pod, so it must
+stay a 63-character DNS label).
+*/}}
+{{- define "dat-training.longestPodName" -}}
+{{- $name := include "dat-training.jobName" . }}
+{{- if eq .Values.api "trainjob" }}
+{{- printf "%s-node-0-%d" $name (sub (int .Values.nodes) 1) }}
+{{- else if .Values.elastic.enabled }}
+{{- printf "%s-worker-%d" $name (sub (int .Values.elastic.maxNodes) 1) }}
+{{- else if gt (int .Values.nodes) 1 }}
+{{- printf "%s-worker-%d" $name (sub (int .Values.nodes) 2) }}
+{{- else }}
+{{- printf "%s-master-0" $name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Cross-field rules values.schema.json cannot express; `datctl render` reports the same ones before rendering.
+*/}}
+{{- define "dat-training.validate" -}}
+{{- $gpus := int .Values.gpusPerNode }}
+{{- if and (gt $gpus 0) (ne (include "dat-training.nprocPerNode" .) (toString $gpus)) }}
+{{- fail (printf "nprocPerNode %d does not match gpusPerNode %d: each torchrun process needs its own GPU" (int .Values.nprocPerNode) $gpus) }}
+{{- end }}
+{{- $pod := include "dat-training.longestPodName" . }}
+{{- if gt (len $pod) 63 }}
+{{- fail (printf "name %q is too long: pod name %q exceeds 63 characters" (include "dat-training.jobName" .) $pod) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The trainer config in the ConfigMap: .Values.trainer with the settings the job spec owns.
+*/}}
+{{- define "dat-training.trainerConfig" -}}
+{{- $cfg := deepCopy (.Values.trainer | default dict) }}
+{{- $owned := dict "run" (dict "output_dir" (printf "%s/%s" .Values.checkpoint.mountPath (include "dat-training.jobName" .))) "metrics" (dict "port" (int .Values.metrics.port)) }}
+{{- if ne .Values.data.source "none" }}
+{{- $_ := set $owned "data" (dict "root" .Values.data.mountPath) }}
+{{- end }}
+{{- toYaml (mergeOverwrite $cfg $owned) }}
+{{- end }}
+
+{{/*
+Node labels for the node pool.
+*/}}
+{{- define "dat-training.nodeSelector" -}}
+{{- $pool := .Values.nodePool }}
+{{- $labels := dict }}
+{{- if eq $pool.provider "gke" }}
+{{- with $pool.accelerator }}{{ $_ := set $labels "cloud.google.com/gke-accelerator" . }}{{ end }}
+{{- with $pool.name }}{{ $_ := set $labels "cloud.google.com/gke-nodepool" . }}{{ end }}
+{{- else if eq $pool.provider "eks" }}
+{{- with $pool.accelerator }}{{ $_ := set $labels "k8s.amazonaws.com/accelerator" . }}{{ end }}
+{{- with $pool.name }}{{ $_ := set $labels "eks.amazonaws.com/nodegroup" . }}{{ end }}
+{{- else if eq $pool.provider "aks" }}
+{{- with $pool.accelerator }}{{ $_ := set $labels "accelerator" . }}{{ end }}
+{{- with $pool.name }}{{ $_ := set $labels "kubernetes.azure.com/agentpool" . }}{{ end }}
+{{- else if eq $pool.provider "nvidia" }}
+{{- if gt (int .Values.gpusPerNode) 0 }}{{ $_ := set $labels "nvidia.com/gpu.present" "true" }}{{ end }}
+{{- with $pool.accelerator }}{{ $_ := set $labels "nvidia.com/gpu.product" . }}{{ end }}
+{{- end }}
+{{- $labels = mergeOverwrite $labels ($pool.nodeSelector | default dict) }}
+{{- if $labels }}{{ toYaml $labels }}{{ end }}
+{{- end }}
+
+{{- define "dat-training.tolerations" -}}
+{{- $list := list }}
+{{- if and .Values.nodePool.gpuToleration (gt (int .Values.gpusPerNode) 0) }}
+{{- $list = append $list (dict "key" "nvidia.com/gpu" "operator" "Exists" "effect" "NoSchedule") }}
+{{- end }}
+{{- $list = concat $list (.Values.nodePool.tolerations | default list) }}
+{{- if $list }}{{ toYaml $list }}{{ end }}
+{{- end }}
+
+{{- define "dat-training.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ int .Values.securityContext.runAsUser }}
+runAsGroup: {{ int .Values.securityContext.runAsGroup }}
+fsGroup: {{ int .Values.securityContext.fsGroup }}
+fsGroupChangePolicy: OnRootMismatch
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "dat-training.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+privileged: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: ["ALL"]
+{{- end }}
+
+{{/*
+Per-pod resources; GPUs from gpusPerNode.
+*/}}
+{{- define "dat-training.resources" -}}
+{{- $res := deepCopy (.Values.resources | default dict) }}
+{{- if gt (int .Values.gpusPerNode) 0 }}
+{{- $limits := $res.limits | default dict }}
+{{- $_ := set $limits "nvidia.com/gpu" (int .Values.gpusPerNode) }}
+{{- $_ := set $res "limits" $limits }}
+{{- end }}
+{{- toYaml $res }}
+{{- end }}
+
+{{/*
+The trainer command: torchrun takes nodes, rank and rendezvous from the operator's PET_* environment.
+*/}}
+{{- define "dat-training.command" -}}
+["torchrun", "-m", "trainer", "--config", "/etc/dat/config.yaml"]
+{{- end }}
+
+{{/*
+Scratch directories live on the writable /tmp volume; the root filesystem is read-only.
+*/}}
+{{- define "dat-training.env" -}}
+- name: HOME
+  value: /tmp
+- name: XDG_CACHE_HOME
+  value: /tmp/.cache
+- name: MPLCONFIGDIR
+  value: /tmp/.config/matplotlib
+- name: PYTHONUNBUFFERED
+  value: "1"
+- name: DAT_JOB_NAME
+  value: {{ include "dat-training.jobName" . | quote }}
+- name: DAT_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+{{- range $key, $value := .Values.nccl }}
+- name: {{ $key }}
+  value: {{ $value | toString | quote }}
+{{- end }}
+{{- range $key, $value := .Values.env }}
+- name: {{ $key }}
+  value: {{ $value | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "dat-training.volumeMounts" -}}
+- name: config
+  mountPath: /etc/dat
+  readOnly: true
+- name: dshm
+  mountPath: /dev/shm
+- name: tmp
+  mountPath: /tmp
+- name: checkpoints
+  mountPath: {{ .Values.checkpoint.mountPath }}
+{{- if ne .Values.data.source "none" }}
+- name: data
+  mountPath: {{ .Values.data.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "dat-training.volumes" -}}
+- name: config
+  configMap:
+    name: {{ include "dat-training.jobName" . }}-config
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.shm.sizeLimit }}
+- name: tmp
+  emptyDir: {}
+- name: checkpoints
+{{- if .Values.checkpoint.claimName }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.checkpoint.claimName }}
+{{- else }}
+  emptyDir: {}
+{{- end }}
+{{- if eq .Values.data.source "pvc" }}
+- name: data
+  persistentVolumeClaim:
+    claimName: {{ .Values.data.claimName }}
+    readOnly: true
+{{- else if eq .Values.data.source "download" }}
+- name: data
+  emptyDir:
+    sizeLimit: {{ .Values.data.downloadSizeLimit }}
+{{- end }}
+{{- end }}
+
+{{/*
+data.source=download: fetch the CIFAR-10 archive (md5-checked) before torchrun starts; the trainer reads it.
+*/}}
+{{- define "dat-training.downloadContainer" -}}
+- name: fetch-cifar10
+  image: {{ include "dat-training.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command:
+    - python
+    - -c
+    - from torchvision.datasets.utils import download_url; from trainer.data import CIFAR10_URL, CIFAR10_MD5; download_url(CIFAR10_URL, "{{ .Values.data.mountPath }}", md5=CIFAR10_MD5)
+  env:
+    - name: HOME
+      value: /tmp
+  resources:
+    requests:
+      cpu: 100m
+      memory: 256Mi
+    limits:
+      memory: 512Mi
+  securityContext:
+    {{- include "dat-training.containerSecurityContext" . | nindent 4 }}
+  volumeMounts:
+    - name: data
+      mountPath: {{ .Values.data.mountPath }}
+    - name: tmp
+      mountPath: /tmp
+{{- end }}
+
+{{/*
+The trainer pod of every PyTorchJob replica.
+*/}}
+{{- define "dat-training.podTemplate" -}}
+metadata:
+  labels:
+    {{- include "dat-training.selectorLabels" . | nindent 4 }}
+    app.kubernetes.io/component: trainer
+    {{- with .Values.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with .Values.podAnnotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  {{- with .Values.serviceAccountName }}
+  serviceAccountName: {{ . }}
+  {{- end }}
+  automountServiceAccountToken: false
+  {{- with .Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.scheduling.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- if .Values.scheduling.volcano.enabled }}
+  schedulerName: volcano
+  {{- end }}
+  securityContext:
+    {{- include "dat-training.podSecurityContext" . | nindent 4 }}
+  {{- with include "dat-training.nodeSelector" . }}
+  nodeSelector:
+    {{- . | nindent 4 }}
+  {{- end }}
+  {{- with include "dat-training.tolerations" . }}
+  tolerations:
+    {{- . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.nodePool.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if eq .Values.data.source "download" }}
+  initContainers:
+    {{- include "dat-training.downloadContainer" . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: pytorch
+      image: {{ include "dat-training.image" . }}
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      command: {{ include "dat-training.command" . }}
+      env:
+        {{- include "dat-training.env" . | nindent 8 }}
+      ports:
+        - name: pytorchjob-port
+          containerPort: 23456
+          protocol: TCP
+        {{- if gt (int .Values.metrics.port) 0 }}
+        - name: metrics
+          containerPort: {{ int .Values.metrics.port }}
+          protocol: TCP
+        {{- end }}
+      resources:
+        {{- include "dat-training.resources" . | nindent 8 }}
+      securityContext:
+        {{- include "dat-training.containerSecurityContext" . | nindent 8 }}
+      volumeMounts:
+        {{- include "dat-training.volumeMounts" . | nindent 8 }}
+  volumes:
+    {{- include "dat-training.volumes" . | nindent 4 }}
+{{- end }}
+
+{{/*
+"true" when the PodMonitor is rendered: a PyTorchJob (TrainJob runtime patches cannot declare the metrics
+container port a PodMonitor needs) with metrics on, and podMonitor true, or auto and the cluster serves
+monitoring.coreos.com/v1.
+*/}}
+{{- define "dat-training.podMonitorEnabled" -}}
+{{- $mode := toString .Values.metrics.podMonitor }}
+{{- $wanted := or (eq $mode "true") (and (eq $mode "auto") (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1")) }}
+{{- if and (eq .Values.api "pytorchjob") (gt (int .Values.metrics.port) 0) $wanted }}true{{ end }}
+{{- end }}
+
+{{- define "dat-training.exporterMonitorEnabled" -}}
+{{- $mode := toString .Values.metrics.podMonitor }}
+{{- if or (eq $mode "true") (and (eq $mode "auto") (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1")) }}true{{ end }}
+{{- end }}
