@@ -1,0 +1,229 @@
+"""The alerting rules: the chart's PrometheusRule and the plain rules file agree, pass `promtool check rules`,
+validate against the PrometheusRule CRD, and fire (and stay quiet) as intended under `promtool test rules`.
+
+Set DAT_WRITE_RULES=1 to rewrite charts/dat-training/files/prometheus-rules.yaml from the chart."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "dat-training"
+RULES_FILE = CHART / "files" / "prometheus-rules.yaml"
+SCHEMA_DIR = Path(os.environ.get("DAT_SCHEMA_DIR", ROOT.parent / "shared" / "schemas"))
+ALERTS = {"DATJobFailed", "DATTrainingStalled", "DATEpochSlow", "DATCommunicationDominant",
+          "DATRobustAccuracyCollapse"}
+HEADER = """\
+# Prometheus alerting rules for DAT training runs (all jobs). Load with rule_files: in prometheus.yml.
+# The Helm chart renders the same rules as a PrometheusRule (templates/prometheusrule.yaml, alerts.scope=all,
+# default thresholds); tests/test_prometheus_rules.py fails when the two drift apart.
+# Metrics: the trainer's per-pod exporter (trainer/observability.py) and `datctl exporter` (DATJobFailed).
+"""
+
+
+def tool(name: str, installer: str) -> str:
+    path = shutil.which(name) or (str(ROOT / "bin" / name) if (ROOT / "bin" / name).exists() else None)
+    if path is None:
+        pytest.fail(f"{name} is not installed: run `make {installer}`")
+    return path
+
+
+def helm_template(*args: str, show_only: str = "templates/prometheusrule.yaml") -> subprocess.CompletedProcess:
+    only = ["--show-only", show_only] if show_only else []
+    return subprocess.run([tool("helm", "tools"), "template", "run-1", str(CHART), "--namespace", "team-a",
+                           *only, *args], capture_output=True, text=True, timeout=120)
+
+
+def render_rule(*sets: str, extra: tuple[str, ...] = ()) -> dict:
+    args = [a for s in ("alerts.enabled=true", *sets) for a in ("--set", s)]
+    proc = helm_template(*args, *extra)
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(proc.stdout)
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s))
+
+
+def test_plain_rules_file_is_the_chart_rendering_for_all_jobs():
+    groups = render_rule("alerts.scope=all")["spec"]["groups"]
+    if os.environ.get("DAT_WRITE_RULES") == "1":
+        RULES_FILE.write_text(HEADER + yaml.dump({"groups": groups}, Dumper=_Dumper, sort_keys=False, width=200))
+    plain = yaml.safe_load(RULES_FILE.read_text())
+    assert plain == {"groups": groups}, "files/prometheus-rules.yaml is stale: rerun this test with DAT_WRITE_RULES=1"
+    assert {r["alert"] for g in groups for r in g["rules"]} == ALERTS
+
+
+def promtool_check_rules(groups: list, tmp_path: Path) -> subprocess.CompletedProcess:
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": groups}))
+    return subprocess.run([tool("promtool", "prometheus"), "check", "rules", str(path)], capture_output=True,
+                          text=True)
+
+
+def test_promtool_accepts_plain_and_release_scoped_rules(tmp_path):
+    plain = subprocess.run([tool("promtool", "prometheus"), "check", "rules", str(RULES_FILE)],
+                           capture_output=True, text=True)
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    assert "SUCCESS: 5 rules found" in plain.stdout
+    rule = render_rule("alerts.stalledAfterSeconds=600", "alerts.slowEpochWindow=3h", "alerts.ruleLabels.team=ml")
+    checked = promtool_check_rules(rule["spec"]["groups"], tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    rules = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
+    # scoped to this run's job, with the configured thresholds
+    assert 'dat_last_epoch_timestamp_seconds{namespace="team-a", job_name="run-1"}' in rules["DATTrainingStalled"]["expr"]
+    assert "> 600" in rules["DATTrainingStalled"]["expr"]
+    assert "[3h]" in rules["DATEpochSlow"]["expr"]
+    assert 'job_namespace="team-a", job_name="run-1"' in rules["DATJobFailed"]["expr"]
+    assert all(r["labels"]["team"] == "ml" for r in rules.values())
+
+
+def test_a_broken_rule_fails_promtool(tmp_path):
+    """The check above can fail: promtool rejects a rendering with a PromQL error."""
+    groups = render_rule()["spec"]["groups"]
+    groups[0]["rules"][1]["expr"] = groups[0]["rules"][1]["expr"].replace("max by", "max bye", 1)
+    assert promtool_check_rules(groups, tmp_path).returncode != 0
+
+
+def test_prometheusrule_matches_the_crd_schema():
+    crd_path = SCHEMA_DIR / "monitoring.coreos.com_prometheusrules.yaml"
+    if not crd_path.exists():
+        pytest.fail(f"PrometheusRule CRD not found at {crd_path}: set DAT_SCHEMA_DIR to the folder holding "
+                    "monitoring.coreos.com_prometheusrules.yaml")
+    crd = yaml.safe_load(crd_path.read_text())
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    rule = render_rule("alerts.labels.release=kube-prometheus-stack", "alerts.ruleLabels.team=ml")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["kind"] == "PrometheusRule"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert rule["metadata"]["namespace"] == "team-a"
+    jsonschema.Draft7Validator(schema).validate(rule)
+    broken = yaml.safe_load(yaml.safe_dump(rule))
+    broken["spec"]["groups"][0]["rules"][0]["for"] = "ten minutes"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft7Validator(schema).validate(broken)
+
+
+def rendered_kinds(*args: str) -> list[str]:
+    proc = helm_template(*args, show_only="")
+    assert proc.returncode == 0, proc.stderr
+    return [d["kind"] for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def test_prometheusrule_follows_alerts_enabled():
+    auto_without_api = rendered_kinds()  # auto, and the cluster does not serve monitoring.coreos.com/v1
+    assert auto_without_api and "PrometheusRule" not in auto_without_api
+    assert "PrometheusRule" in rendered_kinds("--api-versions", "monitoring.coreos.com/v1/PrometheusRule")
+    assert "PrometheusRule" not in rendered_kinds("--set", "alerts.enabled=false",
+                                                  "--api-versions", "monitoring.coreos.com/v1/PrometheusRule")
+
+
+@pytest.mark.parametrize("setting", ["alerts.scope=everything", "alerts.slowEpochFactor=0.5",
+                                     "alerts.communicationShare=2", "alerts.slowEpochWindow=1hour"])
+def test_bad_alert_values_are_rejected_by_the_schema(setting):
+    proc = helm_template("--set", "alerts.enabled=true", "--set", setting)
+    assert proc.returncode != 0
+    assert "alerts" in proc.stderr
+
+
+UNIT_TESTS = """
+rule_files: [{rules}]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      - series: 'dat_pytorchjob_condition{{job_namespace="a", job_name="bad", condition="Failed"}}'
+        values: '0 0 1 1 1'
+      - series: 'dat_pytorchjob_condition{{job_namespace="a", job_name="good", condition="Failed"}}'
+        values: '0 0 0 0 0'
+      # stalled: last epoch at t=120s, still running; "done" finished; "busy" had an epoch at 40m
+      - series: 'dat_last_epoch_timestamp_seconds{{namespace="a", job_name="stuck", rank="0"}}'
+        values: '0 60 120x50'
+      - series: 'dat_training_finished{{namespace="a", job_name="stuck", rank="0"}}'
+        values: '0x52'
+      - series: 'dat_last_epoch_timestamp_seconds{{namespace="a", job_name="done", rank="0"}}'
+        values: '0 60 120x50'
+      - series: 'dat_training_finished{{namespace="a", job_name="done", rank="0"}}'
+        values: '0 0 1x50'
+      - series: 'dat_last_epoch_timestamp_seconds{{namespace="a", job_name="busy", rank="0"}}'
+        values: '0+60x52'
+      - series: 'dat_training_finished{{namespace="a", job_name="busy", rank="0"}}'
+        values: '0x52'
+      # epoch time: 100 s for 40 min, then 200 s ("slow", 2x) or 140 s ("fine", 1.4x)
+      - series: 'dat_epoch_duration_seconds{{namespace="a", job_name="slow", rank="1"}}'
+        values: '100x40 200x5'
+      - series: 'dat_epoch_duration_seconds{{namespace="a", job_name="fine", rank="1"}}'
+        values: '100x40 140x5'
+      # communication: 60 % of a 100 s epoch for "chatty", 40 % for "quiet"
+      - series: 'dat_phase_duration_seconds{{namespace="b", job_name="chatty", rank="0", phase="communication"}}'
+        values: '60x30'
+      - series: 'dat_epoch_duration_seconds{{namespace="b", job_name="chatty", rank="0"}}'
+        values: '100x30'
+      - series: 'dat_phase_duration_seconds{{namespace="b", job_name="quiet", rank="0", phase="communication"}}'
+        values: '40x30'
+      - series: 'dat_epoch_duration_seconds{{namespace="b", job_name="quiet", rank="0"}}'
+        values: '100x30'
+      # robust accuracy: 0.45 -> 0.20 (25 points, collapse) and 0.45 -> 0.30 (15 points)
+      - series: 'dat_test_robust_accuracy{{namespace="c", job_name="fgsm", rank="0"}}'
+        values: '0.40x5 0.45x5 0.20x5'
+      - series: 'dat_test_robust_accuracy{{namespace="c", job_name="pgd", rank="0"}}'
+        values: '0.40x5 0.45x5 0.30x5'
+    alert_rule_test:
+      - {{eval_time: 1m, alertname: DATJobFailed, exp_alerts: []}}
+      - eval_time: 3m
+        alertname: DATJobFailed
+        exp_alerts:
+          - exp_labels: {{severity: critical, job_namespace: a, job_name: bad}}
+            exp_annotations:
+              summary: PyTorchJob a/bad failed
+              description: The training operator marked the job Failed (reported by datctl exporter). See kubectl describe pytorchjob -n a bad.
+      - {{eval_time: 25m, alertname: DATTrainingStalled, exp_alerts: []}}
+      - eval_time: 40m
+        alertname: DATTrainingStalled
+        exp_alerts:
+          - exp_labels: {{severity: warning, namespace: a, job_name: stuck}}
+            exp_annotations:
+              summary: No new epoch of a/stuck for 38m 0s
+              description: No new epoch for more than 1800 seconds while the trainer still serves metrics (hung collective, deadlock or dead data loader).
+      - {{eval_time: 30m, alertname: DATEpochSlow, exp_alerts: []}}
+      - eval_time: 42m
+        alertname: DATEpochSlow
+        exp_alerts:
+          - exp_labels: {{severity: warning, namespace: a, job_name: slow}}
+            exp_annotations:
+              summary: Epoch of a/slow took 3m 20s
+              description: The last epoch took more than 1.5 times its median over the last 1h (slow node, throttling, network).
+      - {{eval_time: 5m, alertname: DATCommunicationDominant, exp_alerts: []}}
+      - eval_time: 15m
+        alertname: DATCommunicationDominant
+        exp_alerts:
+          - exp_labels: {{severity: info, namespace: b, job_name: chatty}}
+            exp_annotations:
+              summary: Communication takes 60% of the epoch of b/chatty
+              description: 'Gradient all-reduce is more than 0.5 of the epoch on some rank: consider JointSpar, larger batches or fewer nodes.'
+      - {{eval_time: 8m, alertname: DATRobustAccuracyCollapse, exp_alerts: []}}
+      - eval_time: 12m
+        alertname: DATRobustAccuracyCollapse
+        exp_alerts:
+          - exp_labels: {{severity: warning, namespace: c, job_name: fgsm}}
+            exp_annotations:
+              summary: Robust accuracy of c/fgsm fell 25% below its recent best
+              description: 'Robust test accuracy dropped by more than 0.2 (fraction) from its best in the last 6h: catastrophic overfitting (common with FGSM training); lower the step size or use PGD.'
+"""
+
+
+def test_alerts_fire_and_stay_quiet_as_intended(tmp_path):
+    tests = tmp_path / "rules_test.yaml"
+    tests.write_text(UNIT_TESTS.format(rules=RULES_FILE))
+    proc = subprocess.run([tool("promtool", "prometheus"), "test", "rules", str(tests)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS" in proc.stdout
