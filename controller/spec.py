@@ -1,0 +1,342 @@
+"""Job specs: load, check and render.
+
+A job spec is a values file of charts/dat-training (same keys, same defaults), plus `trainerConfigFile`
+which datctl reads into `trainer`. Every user mistake becomes one line in SpecError.problems.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import posixpath
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+from kubernetes.utils import parse_quantity
+
+from controller import chart
+from trainer import config as trainer_config
+
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+OPERATOR_PORT = 23456  # the training operator's pytorchjob-port
+RDZV_PORT = 29400  # torchrun's c10d rendezvous port
+RESERVED_MOUNTS = ("/etc/dat", "/dev/shm", "/tmp")
+
+
+@dataclasses.dataclass
+class JobSpec:
+    values: dict[str, Any]  # as the user wrote it (plus --set), trainerConfigFile read into `trainer`
+    trainer_origin: str = "trainer"  # the key trainer-config problems are reported under
+
+
+class SpecError(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _merge(base: Any, override: Any) -> Any:
+    """Helm's values merge: maps merge key by key, everything else is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for key, value in override.items():
+            out[key] = _merge(base.get(key), value) if key in base else value
+        return out
+    return copy.deepcopy(override)
+
+
+def _set_path(spec: dict, item: str) -> None:
+    """--set a.b.c=value (value parsed as YAML; '\\.' for a dot inside a key)."""
+    if "=" not in item:
+        raise SpecError([f"--set {item}: expected key.path=value"])
+    path, raw = item.split("=", 1)
+    keys = [k.replace("\0", ".") for k in path.replace("\\.", "\0").split(".")]
+    value = yaml.safe_load(raw) if raw != "" else ""
+    node = spec
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
+    """Read a job spec, apply --set overrides and read trainerConfigFile into `trainer`."""
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError([f"{path}: job spec not found"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise SpecError([f"{path}: not valid YAML{f' (line {mark.line + 1})' if mark else ''}"]) from None
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, dict):
+        raise SpecError([f"{path}: a job spec is a mapping of keys, got {type(spec).__name__}"])
+    for item in overrides:
+        _set_path(spec, item)
+    config_file = spec.get("trainerConfigFile")
+    if config_file:
+        if spec.get("trainer"):
+            raise SpecError(["trainerConfigFile: set either trainer or trainerConfigFile, not both"])
+        config_path = (path.parent / config_file) if not Path(config_file).is_absolute() else Path(config_file)
+        try:
+            spec["trainer"] = yaml.safe_load(config_path.read_text()) or {}
+        except FileNotFoundError:
+            raise SpecError([f"trainerConfigFile: {config_file}: file not found"]) from None
+        except yaml.YAMLError:
+            raise SpecError([f"trainerConfigFile: {config_file}: not valid YAML"]) from None
+        spec["trainerConfigFile"] = ""
+        return JobSpec(spec, trainer_origin=f"trainerConfigFile {config_file}")
+    return JobSpec(spec)
+
+
+# ---- schema problems, worded for people -------------------------------------------------------------------
+
+def _where(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def _describe(error: jsonschema.ValidationError) -> list[str]:
+    where, value = _where(error), error.instance
+    kind = error.validator
+    if kind == "additionalProperties":
+        known = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(value) - set(known))
+        prefix = f"{where}." if error.absolute_path else ""
+        return [f"{prefix}{key}: unknown key (known: {', '.join(known)})" for key in extra]
+    if kind == "required":
+        return [f"{where}: {error.message}"]
+    if kind == "enum":
+        return [f"{where}: {value!r} is not one of {', '.join(str(v) for v in error.validator_value)}"]
+    if kind == "type":
+        expected = error.validator_value
+        expected = " or ".join(expected) if isinstance(expected, list) else expected
+        return [f"{where}: expected {expected}, got {value!r}"]
+    if kind in ("minimum", "maximum"):
+        return [f"{where}: must be {'>=' if kind == 'minimum' else '<='} {error.validator_value}, got {value!r}"]
+    if kind == "maxLength":
+        return [f"{where}: {value!r} is longer than {error.validator_value} characters"]
+    if "quantity" in error.schema.get("description", "") or any(
+            "quantity" in s.get("description", "") for s in error.schema.get("anyOf", [])):
+        return [f"{where}: {value!r} is not a valid quantity (e.g. 500m, 2, 16Gi)"]
+    if error.parent is not None and "quantity" in error.parent.schema.get("description", ""):
+        return [f"{where}: {value!r} is not a valid quantity (e.g. 500m, 2, 16Gi)"]
+    if kind in ("pattern", "anyOf") and error.schema.get("description"):
+        return [f"{where}: {value!r} is invalid: {error.schema['description']}"]
+    return [f"{where}: {error.message}"]
+
+
+def schema_problems(spec: dict[str, Any]) -> list[str]:
+    """values.schema.json problems, except inside `trainer` (trainer/config.py words those)."""
+    schema = chart.values_schema()
+    schema["properties"]["trainer"] = {"type": "object"}
+    validator = jsonschema.Draft7Validator(schema)
+    problems: list[str] = []
+    for error in sorted(validator.iter_errors(spec), key=lambda e: list(map(str, e.absolute_path))):
+        for line in _describe(error):
+            if line not in problems:
+                problems.append(line)
+    return problems
+
+
+# ---- cross-field rules ------------------------------------------------------------------------------------
+
+def nproc_per_node(v: dict[str, Any]) -> int:
+    return v["nprocPerNode"] or v["gpusPerNode"] or 1
+
+
+def longest_pod_name(v: dict[str, Any]) -> str:
+    """Must match dat-training.longestPodName in the chart."""
+    name = v["name"]
+    if v["api"] == "trainjob":
+        return f"{name}-node-0-{v['nodes'] - 1}"
+    if v["elastic"]["enabled"]:
+        return f"{name}-worker-{v['elastic']['maxNodes'] - 1}"
+    if v["nodes"] > 1:
+        return f"{name}-worker-{v['nodes'] - 2}"
+    return f"{name}-master-0"
+
+
+def _quantity(value: Any) -> Any:
+    return parse_quantity(value) if value is not None else None
+
+
+def _resource_problems(v: dict[str, Any]) -> list[str]:
+    problems = []
+    requests = v["resources"].get("requests") or {}
+    limits = v["resources"].get("limits") or {}
+    for section, values in (("requests", requests), ("limits", limits)):
+        if "nvidia.com/gpu" in values:
+            problems.append(f"resources.{section}.nvidia.com/gpu: set GPUs with gpusPerNode, not in resources")
+    for key in sorted(set(requests) & set(limits)):
+        if _quantity(requests[key]) > _quantity(limits[key]):
+            problems.append(f"resources.requests.{key}: {requests[key]} exceeds resources.limits.{key} {limits[key]}")
+    memory = limits.get("memory")
+    if memory is not None and _quantity(v["shm"]["sizeLimit"]) >= _quantity(memory):
+        problems.append(f"shm.sizeLimit: {v['shm']['sizeLimit']} must be below resources.limits.memory {memory} "
+                        "(the memory-backed /dev/shm counts against it)")
+    return problems
+
+
+def _data_problems(v: dict[str, Any], trainer: dict[str, Any]) -> list[str]:
+    data, source = v["data"], v["data"]["source"]
+    tdata = trainer.get("data") or {}
+    dataset = tdata.get("name", trainer_config.DataConfig.name)
+    problems = []
+    if source == "pvc" and not data["claimName"]:
+        problems.append("data.claimName: required when data.source is pvc")
+    if dataset in ("cifar10", "cifar10-ext") and source == "none":
+        problems.append(f"data.source: trainer data.name {dataset} needs a data volume (pvc or download)")
+    if dataset == "cifar10-ext" and source == "download":
+        problems.append("data.source: download fetches CIFAR-10 only; cifar10-ext needs the TI-500K pickle "
+                        "on a PVC (data.source: pvc)")
+    ti500k = tdata.get("ti500k_path")
+    if dataset == "cifar10-ext" and ti500k:
+        inside = posixpath.normpath(str(ti500k)).startswith(data["mountPath"].rstrip("/") + "/")
+        if not inside:
+            problems.append(f"trainer.data.ti500k_path: {ti500k!r} is not on the data volume "
+                            f"(an absolute path under data.mountPath {data['mountPath']})")
+    if v["api"] == "trainjob" and source == "download":
+        problems.append("data.source: download needs an init container, which api trainjob cannot add; "
+                        "use data.source: pvc")
+    return problems
+
+
+def _scheduling_problems(v: dict[str, Any]) -> list[str]:
+    problems = []
+    nodes, elastic, volcano = v["nodes"], v["elastic"], v["scheduling"]["volcano"]
+    if elastic["enabled"]:
+        if v["api"] == "trainjob":
+            problems.append("elastic.enabled: not supported with api trainjob")
+        if not elastic["minNodes"] <= nodes <= elastic["maxNodes"]:
+            problems.append(f"elastic: nodes {nodes} is outside minNodes..maxNodes "
+                            f"({elastic['minNodes']}..{elastic['maxNodes']})")
+    if volcano["enabled"]:
+        if v["scheduling"]["kueueQueue"]:
+            problems.append("scheduling: kueueQueue and volcano.enabled cannot be combined (pick one scheduler)")
+        if v["api"] == "trainjob":
+            problems.append("scheduling.volcano.enabled: not supported with api trainjob (use kueueQueue)")
+        if volcano["minAvailable"] > (elastic["maxNodes"] if elastic["enabled"] else nodes):
+            problems.append(f"scheduling.volcano.minAvailable: {volcano['minAvailable']} exceeds the number of pods")
+    return problems
+
+
+def _mount_problems(v: dict[str, Any]) -> list[str]:
+    mounts = {"checkpoint.mountPath": v["checkpoint"]["mountPath"]}
+    if v["data"]["source"] != "none":
+        mounts["data.mountPath"] = v["data"]["mountPath"]
+    problems, seen = [], {}
+    for key, path in mounts.items():
+        path = posixpath.normpath(path)
+        clash = next((r for r in RESERVED_MOUNTS if path == r or path.startswith(r + "/") or r.startswith(path + "/")),
+                     None)
+        if clash or path == "/":
+            problems.append(f"{key}: {path} collides with the pod's {clash or '/'} mount")
+        elif path in seen:
+            problems.append(f"{key}: {path} is also {seen[path]}")
+        seen[path] = key
+    return problems
+
+
+def _trainer_problems(v: dict[str, Any], origin: str) -> list[str]:
+    trainer = v["trainer"]
+    nproc = nproc_per_node(v)
+    node_counts = [v["nodes"]]
+    if v["elastic"]["enabled"]:
+        node_counts = range(v["elastic"]["minNodes"], v["elastic"]["maxNodes"] + 1)
+    try:
+        cfg = trainer_config.config_from_dict(trainer)
+        for nodes in node_counts:
+            trainer_config.validate(cfg, world_size=nodes * nproc, check_paths=False)
+    except trainer_config.ConfigError as exc:
+        return [f"{origin}: {exc}"]
+    return []
+
+
+def check(spec: dict[str, Any], origin: str = "trainer") -> dict[str, Any]:
+    """The spec merged with the chart defaults; raises SpecError listing every problem found."""
+    problems = schema_problems(spec)
+    if problems:  # the rules below assume well-typed values
+        raise SpecError(problems)
+    v = _merge(chart.chart_values(), spec)
+    if not v["name"]:
+        problems.append("name: required (the job name; pods are <name>-master-0, <name>-worker-<i>)")
+    elif len(longest_pod_name(v)) > 63:
+        problems.append(f"name: {v['name']!r} is too long for {v['nodes']} nodes: pod name "
+                        f"{longest_pod_name(v)!r} has {len(longest_pod_name(v))} characters (max 63)")
+    if v["gpusPerNode"] > 0 and v["nprocPerNode"] not in (0, v["gpusPerNode"]):
+        problems.append(f"nprocPerNode: {v['nprocPerNode']} does not match gpusPerNode {v['gpusPerNode']} "
+                        "(each torchrun process needs its own GPU)")
+    if v["api"] == "trainjob" and v["metrics"]["podMonitor"] is True and v["metrics"]["port"]:
+        problems.append("metrics.podMonitor: true needs a declared metrics container port, which api trainjob "
+                        "cannot add (declare it in the ClusterTrainingRuntime and use podMonitor: false)")
+    if v["metrics"]["port"] in (OPERATOR_PORT, RDZV_PORT):
+        problems.append(f"metrics.port: {v['metrics']['port']} is taken by the operator / torchrun rendezvous")
+    problems += _resource_problems(v)
+    problems += _data_problems(v, v["trainer"])
+    problems += _scheduling_problems(v)
+    problems += _mount_problems(v)
+    problems += _trainer_problems(v, origin)
+    if problems:
+        raise SpecError(problems)
+    return v
+
+
+def normalized_trainer(trainer: dict[str, Any]) -> dict[str, Any]:
+    """The user's trainer keys with the types trainer/config.py gives them (e.g. '1e-3' -> 0.001), so the
+    values file datctl hands to helm is typed the way Go reads YAML."""
+    cfg = trainer_config.config_from_dict(trainer)
+    out: dict[str, Any] = {}
+    for section, values in trainer.items():
+        if not values:
+            continue
+        typed = getattr(cfg, section)
+        out[section] = {}
+        for key in values:
+            value = getattr(typed, key)
+            out[section][key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+@dataclasses.dataclass
+class Rendered:
+    values: dict[str, Any]  # the spec merged with the chart defaults
+    namespace: str
+    objects: list[dict[str, Any]]  # ConfigMap, the job, and the PodMonitor when monitoring is on
+
+    @property
+    def job(self) -> dict[str, Any]:
+        return next(o for o in self.objects if o["kind"] in ("PyTorchJob", "TrainJob"))
+
+
+def render(job: JobSpec, namespace: str | None = None, api: str | None = None,
+           monitoring_api: bool = True) -> Rendered:
+    """Check a loaded spec and render it with the chart (as `helm template` would for the same values)."""
+    spec = copy.deepcopy(job.values)
+    if api:
+        spec["api"] = api
+    values = check(spec, job.trainer_origin)
+    spec["trainer"] = normalized_trainer(values["trainer"])
+    namespace = values["namespace"] or namespace or "default"
+    rendered = chart.helm_template(spec, release=values["name"], namespace=namespace,
+                                   api_versions=(chart.MONITORING_API,) if monitoring_api else ())
+    order = {"ConfigMap": 0, "PyTorchJob": 1, "TrainJob": 1, "PodMonitor": 2}
+    objects = sorted((obj for source, obj in rendered if source in chart.RUN_TEMPLATES),
+                     key=lambda o: order.get(o["kind"], 3))
+    return Rendered(values=values, namespace=namespace, objects=objects)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the ConfigMap's config.yaml) as literal blocks."""
+
+
+_Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
+
+
+def to_yaml(objects: list[dict[str, Any]]) -> str:
+    return yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,119 @@
+"""The training operator v1.9 admission rules for a PyTorchJob, plus the mistakes that only show up after
+pods sit pending on expensive nodes (no /dev/shm, GPUs not matching processes per node).
+
+Checked on datctl's own output and on any manifest by `datctl validate`; each problem is one line.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from typing import Any
+
+from kubernetes import client
+
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+REPLICA_TYPES = ("Master", "Worker")
+CONTAINER = "pytorch"
+
+
+_api_client = client.ApiClient()
+
+
+def _quantities_as_strings(template: dict[str, Any]) -> dict[str, Any]:
+    """The API accepts numbers for quantities (int-or-string); the client's models take strings only."""
+    template = copy.deepcopy(template)
+    spec = template.get("spec") or {}
+    for container in (spec.get("containers") or []) + (spec.get("initContainers") or []):
+        for section in ("requests", "limits"):
+            values = (container.get("resources") or {}).get(section)
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        values[key] = str(value)
+    for volume in spec.get("volumes") or []:
+        empty_dir = volume.get("emptyDir")
+        if isinstance(empty_dir, dict) and isinstance(empty_dir.get("sizeLimit"), (int, float)):
+            empty_dir["sizeLimit"] = str(empty_dir["sizeLimit"])
+    return template
+
+
+def pod_template(obj: dict[str, Any]) -> client.V1PodTemplateSpec:
+    """A pod template as the kubernetes client's (pydantic) model: wrong types and unknown fields raise
+    ValueError, without needing the CRD schema."""
+    return _api_client.deserialize(json.dumps(_quantities_as_strings(obj)), "V1PodTemplateSpec",
+                                   "application/json")
+
+
+def _one_line(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):  # pydantic.ValidationError
+        title = getattr(exc, "title", "")
+        return "; ".join(f"{title} {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors())
+    return " ".join(str(exc).split())
+
+
+def _pod_problems(where: str, template: dict[str, Any] | None, nproc: str | None) -> list[str]:
+    try:
+        tmpl = pod_template(template or {})
+    except ValueError as exc:
+        return [f"{where}.template: not a valid pod template: {_one_line(exc)}"]
+    containers = tmpl.spec.containers if tmpl.spec else None
+    if not containers:
+        return [f"{where}.template.spec.containers: must be specified"]
+    problems = [f"{where}.template.spec.containers[{i}].image: required"
+                for i, c in enumerate(containers) if not c.image]
+    main = next((c for c in containers if c.name == CONTAINER), None)
+    if main is None:
+        names = ", ".join(c.name for c in containers)
+        return problems + [f"{where}.template.spec.containers: needs a container named {CONTAINER!r} (found: {names})"]
+    shm_volumes = {v.name for v in tmpl.spec.volumes or [] if v.empty_dir and v.empty_dir.medium == "Memory"}
+    if not any(m.mount_path == "/dev/shm" and m.name in shm_volumes for m in main.volume_mounts or []):
+        problems.append(f"{where}: container {CONTAINER} has no memory-backed /dev/shm (the 64Mi default "
+                        "breaks NCCL and DataLoader workers)")
+    gpus = (main.resources.limits or {}).get("nvidia.com/gpu") if main.resources else None
+    if gpus is not None and nproc is not None and nproc.isdigit() and int(str(gpus)) != int(nproc):
+        problems.append(f"{where}: {gpus} GPU(s) per pod but spec.nprocPerNode is {nproc} "
+                        "(one torchrun process per GPU)")
+    return problems
+
+
+def check_pytorchjob(job: dict[str, Any]) -> list[str]:
+    """Problems with a kubeflow.org/v1 PyTorchJob, each as one line."""
+    name = (job.get("metadata") or {}).get("name") or ""
+    spec = job.get("spec") or {}
+    problems = []
+    if not DNS1035.match(name) or len(name) > 63:
+        problems.append(f"metadata.name: {name!r} must be a DNS-1035 label (lower-case letters, digits and '-', "
+                        "starting with a letter, at most 63 characters)")
+    replicas = spec.get("pytorchReplicaSpecs")
+    if not replicas:
+        return problems + ["spec.pytorchReplicaSpecs: must be specified"]
+    elastic = spec.get("elasticPolicy")
+    if elastic is not None and elastic.get("nProcPerNode") is not None and spec.get("nprocPerNode") is not None:
+        problems.append("spec.elasticPolicy.nProcPerNode: must not be used with spec.nprocPerNode")
+    if elastic is not None and "Worker" not in replicas:
+        problems.append("spec.pytorchReplicaSpecs.Worker: must be configured if elastic policy is used")
+    if elastic is None and "Master" not in replicas:
+        problems.append("spec.pytorchReplicaSpecs.Master: required (exactly one Master hosts the rendezvous)")
+    nproc = spec.get("nprocPerNode")
+    nproc = str(nproc) if nproc is not None else None
+    for rtype, rspec in replicas.items():
+        where = f"spec.pytorchReplicaSpecs.{rtype}"
+        if rtype not in REPLICA_TYPES:
+            problems.append(f"{where}: unknown replica type (supported: {', '.join(REPLICA_TYPES)})")
+            continue
+        rspec = rspec or {}
+        count = rspec.get("replicas", 1)
+        if rtype == "Master" and count != 1:
+            problems.append(f"{where}.replicas: must be 1, got {count}")
+        if rtype == "Worker" and count < 1:
+            problems.append(f"{where}.replicas: must be at least 1, got {count}")
+        if rtype == "Worker" and elastic is not None:
+            count = max(count, elastic.get("maxReplicas") or 0)  # the operator may scale up to maxReplicas
+        index = count - 1
+        pod = f"{name}-{rtype.lower()}-{max(index, 0)}"
+        if DNS1035.match(name) and len(pod) > 63:
+            problems.append(f"metadata.name: pod name {pod!r} has {len(pod)} characters (max 63); shorten the name")
+        problems += _pod_problems(where, rspec.get("template"), nproc)
+    return problems
