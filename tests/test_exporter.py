@@ -188,3 +188,24 @@ def test_missing_kubeconfig_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("datctl exporter: cannot load Kubernetes credentials")
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_datctl_exporter_runs_with_the_arguments_the_chart_passes(tmp_path):
+    """The Deployment runs `datctl exporter --namespace=NS --port=PORT`: the CLI must hand them to this module."""
+    datctl = Path(sys.executable).parent / "datctl"
+    assert datctl.exists(), f"{datctl} missing: install the project (make venv)"
+    port = free_port()
+    with ReplayServer(path_prefix="/apis/kubeflow.org/v1/namespaces/team-a/pytorchjobs") as replay:
+        replay.resume.set()
+        env = dict(os.environ, PYTHONPATH=str(ROOT), KUBECONFIG=str(replay.kubeconfig(tmp_path)))
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        proc = subprocess.Popen([str(datctl), "exporter", "--namespace=team-a", f"--port={port}",
+                                 "--retry-seconds=0.05"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            scrape = wait_for(lambda: proc.poll() is not None or (lambda m: m if value(
+                m, "dat_exporter_lists_total") else None)(metrics(port)), what="datctl exporter serving")
+        finally:
+            out = stop(proc)
+    assert scrape is not True and proc.returncode == 0, out
+    assert replay.mismatches == []
