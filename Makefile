@@ -27,6 +27,9 @@ demo: $(STAMP)
 test: $(STAMP) tools prometheus
 	PATH="$(CURDIR)/bin:$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)
 
+bench: $(STAMP)
+	$(PY) -m bench.cpu $(BENCH_ARGS)
+
 clean:
 	rm -rf runs bench/results .pytest_cache
 

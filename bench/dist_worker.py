@@ -7,6 +7,7 @@ Every timed call starts after a barrier; a call's time is the slowest rank's. Ra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 
@@ -68,27 +69,55 @@ def count_published_comm(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, att
 
 
 def published_vs_ours(base: list[str], info: DistInfo, reps: int, warmup: int, attack_sync: bool) -> dict:
+    """Ours with the defaults (on a CPU: fp32, NCHW), ours with the fast path forced on (bf16 autocast +
+    channels_last, what the trainer picks on a GPU), and the published step (fp32, as published)."""
     ours = build_trainer(base + ["train.loss=dat", "optim.name=lamb"], info)
+    fast = build_trainer(base + ["train.loss=dat", "optim.name=lamb", "perf.amp=bf16", "perf.channels_last='on'"],
+                         info)
     published = published_step(ours, attack_sync)
     x, y = first_batch(ours)
-    ours_step = StepCounter(ours, x, y)
-    times = slowest_rank(interleaved({"ours": ours_step, "published": lambda: published(x, y)},
+    ours_step, fast_step = StepCounter(ours, x, y), StepCounter(fast, *first_batch(fast))
+    times = slowest_rank(interleaved({"ours": ours_step, "ours_bf16_cl": fast_step,
+                                      "published": lambda: published(x, y)},
                                      reps=reps, warmup=warmup, sync=dist.barrier))
     comm = ours.grad_sync.take_stats()
     cfg = ours.cfg
     return {
         "what": "Trainer.train_step (attack under attack_mode, one forward on cat([x_adv, x]), one backward, "
-                "one overlapped bucketed all-reduce, LAMB) vs the re-created published step (bench/published.py)",
+                "one overlapped bucketed all-reduce, LAMB) vs the re-created published step (bench/published.py); "
+                "ours_bf16_cl: the same with perf.amp=bf16 and perf.channels_last=on",
         "model": cfg.model.name, "per_rank_batch": cfg.data.batch_size // info.world_size,
         "world_size": info.world_size, "attack": f"{cfg.attack.name}-{cfg.attack.steps}", "optimizer": "lamb",
+        "ours_precision": {"amp": ours.autocast is not contextlib.nullcontext, "channels_last": ours.channels_last},
         "published_attack_allreduce": attack_sync, "reps": reps, "warmup": warmup,
         "seconds": {name: summary(t) for name, t in times.items()},
         "speedup": ratio(times["published"], times["ours"]),
+        "speedup_bf16_cl": ratio(times["published"], times["ours_bf16_cl"]),
         "target": 1.5,
         "ours_comm": {"bytes_per_step": comm.bytes / comm.steps, "allreduce_calls_per_step": comm.calls / comm.steps},
         "published_comm": count_published_comm(ours, x, y, attack_sync),
         "ours_phase_seconds": median_phases(ours_step.phases[warmup:]),
+        "ours_bf16_cl_phase_seconds": median_phases(fast_step.phases[warmup:]),
+        "published_phase_seconds": median_phases(published.phases[warmup:]),
     }
+
+
+def bucket_sweep(base: list[str], info: DistInfo, sizes_mb: list[float], reps: int, warmup: int) -> dict:
+    """Clean steps (where communication weighs most) with GradientSync buckets of several sizes."""
+    trainers = {mb: build_trainer(base + ["train.loss=clean", "optim.name=lamb", f"comm.bucket_mb={mb}"], info)
+                for mb in sizes_mb}
+    steps = {mb: StepCounter(t, *first_batch(t)) for mb, t in trainers.items()}
+    times = slowest_rank(interleaved({f"{mb:g}": steps[mb] for mb in sizes_mb}, reps=reps, warmup=warmup,
+                                     sync=dist.barrier))
+    out = {}
+    for mb, t in trainers.items():
+        comm = t.grad_sync.take_stats()
+        out[f"{mb:g}"] = {"seconds": summary(times[f"{mb:g}"]),
+                          "phase_seconds": median_phases(steps[mb].phases[warmup:]),
+                          "allreduce_calls_per_step": comm.calls / comm.steps}
+    return {"what": "clean Trainer.train_step with comm.bucket_mb = each size (interleaved)", "reps": reps,
+            "per_rank_batch": trainers[sizes_mb[0]].cfg.data.batch_size // info.world_size,
+            "bucket_mb": out}
 
 
 def median_phases(phases: list[dict[str, float]]) -> dict[str, float]:
@@ -150,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--p-min", type=float, default=0.0125)
     p.add_argument("--published-attack-allreduce", action="store_true",
                    help="the published attack all-reduces after every iteration (default: under no_sync)")
-    p.add_argument("--figures", default="published,jointspar")
+    p.add_argument("--bucket-mb", default="1,5,25,100", help="bucket sizes for the sweep (MB)")
+    p.add_argument("--figures", default="published,jointspar,buckets")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 
@@ -169,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
                 "clean": dense_vs_jointspar(base, info, "clean", args.clean_reps, args.warmup, args.budget, args.p_min),
                 "dat": dense_vs_jointspar(base, info, "dat", args.reps, args.warmup, args.budget, args.p_min),
             }
+        if "buckets" in figures:
+            out["bucket_sweep"] = bucket_sweep(base, info, [float(v) for v in args.bucket_mb.split(",")],
+                                               args.clean_reps, args.warmup)
         if info.is_main:
             with open(args.out, "w") as fh:
                 json.dump(out, fh, indent=1)

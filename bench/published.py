@@ -15,6 +15,7 @@ drops that and all-reduces after every attack iteration too.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,7 @@ class PublishedStep:
         self.ddp = DDP(model, find_unused_parameters=True)
         self.attack, self.optimizer, self.attack_sync = attack, optimizer, attack_sync
         self.alpha = attack.alpha or default_alpha(attack.name, attack.eps, attack.steps)
+        self.phases: list[dict[str, float]] = []  # host seconds of the attack and the training part, per call
 
     def craft(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         a, ddp = self.attack, self.ddp
@@ -57,4 +59,9 @@ class PublishedStep:
         return (adv_loss + clean_loss).detach()
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.train(x, self.craft(x, y), y)
+        t0 = time.perf_counter()
+        x_adv = self.craft(x, y)
+        t1 = time.perf_counter()
+        loss = self.train(x, x_adv, y)
+        self.phases.append({"attack": t1 - t0, "train": time.perf_counter() - t1})
+        return loss

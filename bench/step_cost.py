@@ -31,32 +31,52 @@ def naive_attack_iteration(model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
     return ((x + delta).clamp(0, 1)).detach()
 
 
+FAST_PATH = ["perf.amp=bf16", "perf.channels_last='on'"]  # quoted: YAML would read on as a boolean
+
+
 def measure(model: str = "resnet18", batch: int = 32, reps: int = 10, warmup: int = 2, image_size: int = 32,
             optim: str = "lamb") -> dict:
-    trainer = build_trainer(synthetic_overrides(model, batch, 1, image_size)
-                            + ["train.loss=clean", f"optim.name={optim}"], local_dist_info())
-    cfg = trainer.cfg.attack
+    """Interleaved: the attack iteration, the naive one and the training step with the trainer's defaults
+    (fp32 on a CPU), plus the attack iteration and training step with the fast path (bf16 autocast,
+    channels_last)."""
+    base = synthetic_overrides(model, batch, 1, image_size) + ["train.loss=clean", f"optim.name={optim}"]
+    trainer = build_trainer(base, local_dist_info())
+    fast = build_trainer(base + FAST_PATH, local_dist_info())
     x, y = first_batch(trainer)
-    alpha = cfg.alpha or default_alpha(cfg.name, cfg.eps, cfg.steps)
-
-    def attack() -> None:  # exactly what Trainer.train_step runs per PGD iteration
-        with attack_mode(trainer.model, cfg.bn_eval):
-            craft("pgd", trainer.forward, x, y, eps=cfg.eps, alpha=alpha, steps=1, random_start=cfg.random_start,
-                  autocast=trainer.autocast)
-
-    def naive() -> None:
-        naive_attack_iteration(trainer.model, x, y, cfg.eps, alpha, cfg.bn_eval)
-
-    train = StepCounter(trainer, x, y)  # Trainer.train_step with loss=clean: forward, backward, LAMB
-    times = interleaved({"attack": attack, "naive_attack": naive, "train": train}, reps=reps, warmup=warmup)
+    xf, yf = first_batch(fast)
+    variants = {
+        "attack": lambda: one_attack_iteration(trainer, x, y),
+        "naive_attack": lambda: naive_attack_iteration(trainer.model, x, y, *attack_settings(trainer)),
+        "train": StepCounter(trainer, x, y),  # Trainer.train_step with loss=clean: forward, backward, optimizer
+        "attack_bf16_cl": lambda: one_attack_iteration(fast, xf, yf),
+        "train_bf16_cl": StepCounter(fast, xf, yf),
+    }
+    times = interleaved(variants, reps=reps, warmup=warmup)
     return {
         "what": "one PGD iteration (trainer's attack_mode + craft, steps=1) vs one Trainer.train_step "
-                "(loss=clean: forward + backward with weight gradients + optimizer), same batch",
+                "(loss=clean: forward + backward with weight gradients + optimizer), same batch; *_bf16_cl: "
+                "the same with perf.amp=bf16, perf.channels_last=on",
         "model": model, "batch": batch, "image_size": image_size, "optimizer": optim,
         "reps": reps, "warmup": warmup,
         "seconds": {name: summary(t) for name, t in times.items()},
         "attack_over_train": ratio(times["attack"], times["train"]),
         "naive_attack_over_train": ratio(times["naive_attack"], times["train"]),
+        "attack_over_train_bf16_cl": ratio(times["attack_bf16_cl"], times["train_bf16_cl"]),
+        "bf16_cl_speedup": {"attack": ratio(times["attack"], times["attack_bf16_cl"]),
+                            "train": ratio(times["train"], times["train_bf16_cl"])},
         "bound": 2 / 3,
         "target": 0.75,
     }
+
+
+def attack_settings(trainer) -> tuple[float, float, bool]:
+    cfg = trainer.cfg.attack
+    return cfg.eps, cfg.alpha or default_alpha(cfg.name, cfg.eps, cfg.steps), cfg.bn_eval
+
+
+def one_attack_iteration(trainer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Exactly what Trainer.train_step runs for the attack, with steps=1."""
+    cfg = trainer.cfg.attack
+    with attack_mode(trainer.model, cfg.bn_eval):
+        return craft("pgd", trainer.forward, x, y, eps=cfg.eps, alpha=attack_settings(trainer)[1], steps=1,
+                     random_start=cfg.random_start, autocast=trainer.autocast)

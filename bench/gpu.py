@@ -1,0 +1,276 @@
+"""PGD-10 DAT step throughput on one GPU (bench/gpu.sh runs this), variant by variant.
+
+Every variant times the trainer's own Trainer.train_step (attack under attack_mode, one forward on
+cat([x_adv, x]), one backward, LAMB) on a fixed synthetic CIFAR-shaped batch; the attack/train split
+comes from the trainer's PhaseTimer (CUDA events). A failing variant is recorded with its error and
+the others still run. --smoke runs everything tiny on the CPU so the script is known to work before
+a GPU is lent.
+
+FLOP accounting (counted with torch.utils.flop_counter on the model, not assumed): F = forward FLOPs
+per image (multiply-add = 2 FLOPs); an attack iteration = forward + input-gradient backward (~2F, no
+weight gradients); a training step = forward + backward with weight gradients (~3F) on each of x_adv
+and x. Model FLOPs per input image of a PGD-K DAT step = K * attack_iteration + 2 * train_step (~(2K + 6) F).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.cuda_graphs import GraphedAttack, attack_replaced
+from bench.harness import build_trainer, first_batch, local_dist_info, synthetic_overrides
+from trainer.attacks import attack_mode, craft
+from trainer.models import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET_IMAGES_PER_SECOND = 10_000
+
+# name: (perf.amp, perf.channels_last, torch.compile, CUDA-graphed attack, cudnn.benchmark)
+VARIANTS = {
+    "fp32": ("off", "off", False, False, False),
+    "bf16": ("bf16", "off", False, False, False),
+    "bf16_cl": ("bf16", "on", False, False, False),
+    "bf16_cl_cudnnbench": ("bf16", "on", False, False, True),
+    "bf16_cl_graph": ("bf16", "on", False, True, False),
+    "bf16_cl_compile": ("bf16", "on", True, False, False),
+    "bf16_cl_compile_graph": ("bf16", "on", True, True, False),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/gpu.sh", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=1024, help="images per step (default 1024)")
+    p.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
+    p.add_argument("--iters", type=int, default=20, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (compilation happens here)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode (default | max-autotune-no-cudagraphs | ...)")
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; smoke aot_eager)")
+    p.add_argument("--gemm-size", type=int, default=8192, help="n of the n x n x n bf16 matmul peak probe")
+    p.add_argument("--budget-seconds", type=float, default=420.0,
+                   help="skip variants not started within this many seconds (the whole run must fit 8 minutes)")
+    p.add_argument("--device", default=None, help="default: cuda if available (smoke: cpu)")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "gpu"), help="output directory")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny CPU run of every code path: batch 4, PGD-2, 1 timed step, 256^3 matmul")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.batch, args.steps, args.iters, args.warmup, args.gemm_size = 4, 2, 1, 1, 256
+        args.device = args.device or "cpu"
+        args.compile_backend = args.compile_backend or "aot_eager"  # inductor's C++ build takes minutes on a CPU
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.compile_backend = args.compile_backend or "inductor"
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    return args
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_peak(n: int, device: torch.device, iters: int = 20) -> dict:
+    """Achieved bf16 matmul rate on an n x n x n product: the reference 'peak' for utilisation."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    iters = iters if device.type == "cuda" else 2
+    for _ in range(3):
+        torch.mm(a, b, out=c)
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        torch.mm(a, b, out=c)
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    return {"n": n, "dtype": "bfloat16", "iters": iters, "seconds": seconds,
+            "tflops": 2 * n ** 3 * iters / seconds / 1e12}
+
+
+def count_flops(model_name: str, steps: int, image_size: int = 32) -> dict:
+    """FLOPs per image of the forward, one attack iteration, one training step and a DAT step."""
+    torch.manual_seed(0)
+    model = build_model(model_name, 10, 3)
+    x, y = torch.rand(2, 3, image_size, image_size), torch.tensor([0, 1])
+
+    def flops(fn) -> float:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / len(x)
+
+    with torch.no_grad():
+        forward = flops(lambda: model(x))
+    with attack_mode(model):
+        attack = flops(lambda: craft("pgd", model, x, y, eps=8 / 255, alpha=2 / 255, steps=1))
+    train = flops(lambda: F.cross_entropy(model(x), y).backward())
+    dat = steps * attack + 2 * train
+    return {
+        "forward_per_image": forward, "attack_iteration_per_image": attack, "train_step_per_image": train,
+        "dat_step_per_image": dat, "brief_2k_plus_3_F": (2 * steps + 3) * forward,
+        "accounting": f"dat_step_per_image = {steps} * attack_iteration + 2 * train_step (the training step runs "
+                      "on x_adv and x); FLOPs counted by torch.utils.flop_counter (matmul/conv, 2 per MAC; "
+                      "BatchNorm, ReLU and the optimizer not counted). brief_2k_plus_3_F counts the training "
+                      "step once, as the issue's estimate does.",
+    }
+
+
+def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    amp, channels_last, compiled, graphed, cudnn_bench = VARIANTS[name]
+    if graphed and device.type != "cuda":
+        return {"skipped": "CUDA graphs need a CUDA device"}
+    overrides = synthetic_overrides(args.model, args.batch, 1) + [
+        "train.loss=dat", f"attack.steps={args.steps}", "optim.name=lamb",
+        f"perf.amp='{amp}'", f"perf.channels_last='{channels_last}'"]  # quoted: YAML reads on/off as booleans
+    trainer = build_trainer(overrides, local_dist_info(str(device)))
+    if compiled:
+        trainer.forward = torch.compile(trainer.model, mode=None if args.compile_mode == "default" else args.compile_mode,
+                                        backend=args.compile_backend)
+    x, y = first_batch(trainer)
+    previous_bench = torch.backends.cudnn.benchmark
+    if cudnn_bench:
+        torch.backends.cudnn.benchmark = True
+    settings = {"amp": amp, "channels_last": channels_last, "compile": compiled, "cuda_graph_attack": graphed,
+                "cudnn_benchmark": torch.backends.cudnn.benchmark}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step = 0
+    try:
+        t0 = time.perf_counter()
+        patch = contextlib.nullcontext()
+        if graphed:
+            with attack_mode(trainer.model, trainer.cfg.attack.bn_eval):  # compile before capture
+                craft(trainer.cfg.attack.name, trainer.forward, x, y, eps=trainer.cfg.attack.eps, alpha=0.0,
+                      steps=1, autocast=trainer.autocast)
+            patch = attack_replaced(GraphedAttack(trainer, x, y))
+        with patch:
+            for _ in range(args.warmup):
+                trainer.train_step(x, y, 1, step)
+                step += 1
+            synchronize(device)
+            setup_seconds = time.perf_counter() - t0
+            trainer.timer.take()
+            t0 = time.perf_counter()
+            for _ in range(args.iters):
+                trainer.train_step(x, y, 1, step)
+                step += 1
+            synchronize(device)
+            seconds = time.perf_counter() - t0
+            phases = trainer.timer.take()
+    finally:
+        torch.backends.cudnn.benchmark = previous_bench
+    images = args.batch * args.iters
+    attack_s = phases["attack"]
+    train_s = phases["compute"] + phases["comm"] + phases["optimizer"]
+    loss = float(trainer._totals[0] / trainer._totals[3])
+    out = {
+        "settings": settings,
+        "seconds": seconds, "setup_seconds": setup_seconds, "images": images,
+        "images_per_second": images / seconds,
+        "attack_seconds": attack_s, "train_seconds": train_s,
+        "attack_images_per_second": images / attack_s if attack_s > 0 else None,
+        "train_images_per_second": images / train_s if train_s > 0 else None,
+        "attack_share": attack_s / (attack_s + train_s) if attack_s + train_s > 0 else None,
+        "mean_train_loss": loss,
+    }
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if not torch.isfinite(torch.tensor(loss)):
+        raise FloatingPointError(f"non-finite training loss {loss}")
+    return out
+
+
+def table(result: dict) -> str:
+    peak = result["gemm"].get("tflops")
+    lines = [f"PGD-{result['attack_steps']} DAT, {result['model']}, batch {result['batch']}, {result['device']}"
+             f"{' (SMOKE: not a measurement)' if result['smoke'] else ''}; bf16 GEMM {peak:.1f} TFLOP/s"
+             if peak else "bf16 GEMM failed",
+             f"{'variant':<24}{'img/s':>10}{'attack img/s':>14}{'train img/s':>13}{'attack %':>10}"
+             f"{'TFLOP/s':>9}{'of GEMM':>9}"]
+    for name, v in result["variants"].items():
+        if "images_per_second" not in v:
+            lines.append(f"{name:<24}{v.get('error') or v.get('skipped')}"[:110])
+            continue
+        lines.append(f"{name:<24}{v['images_per_second']:>10.0f}{v['attack_images_per_second'] or 0:>14.0f}"
+                     f"{v['train_images_per_second'] or 0:>13.0f}{100 * (v['attack_share'] or 0):>9.0f}%"
+                     f"{v['model_tflops']:>9.1f}{100 * v['fraction_of_gemm_peak'] if peak else 0:>8.1f}%")
+    if result.get("best"):
+        best = result["variants"][result["best"]]["images_per_second"]
+        lines.append(f"best: {result['best']} {best:.0f} images/s (target {TARGET_IMAGES_PER_SECOND}: "
+                     f"{'MET' if best >= TARGET_IMAGES_PER_SECOND else 'not met'})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench/gpu.sh: no CUDA device visible (use --smoke for a CPU check)", file=sys.stderr)
+        return 2
+    torch.set_float32_matmul_precision("highest")
+    os.makedirs(args.out, exist_ok=True)
+    started = time.perf_counter()
+    result = {
+        "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "bench/gpu.sh " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "smoke": args.smoke, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": args.model, "batch": args.batch, "attack_steps": args.steps, "iters": args.iters,
+        "warmup": args.warmup, "compile_mode": args.compile_mode, "compile_backend": args.compile_backend,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "tf32": {"cudnn_conv": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
+        "target_images_per_second": TARGET_IMAGES_PER_SECOND,
+        "variants": {},
+    }
+    for key, fn in (("gemm", lambda: gemm_peak(args.gemm_size, device)),
+                    ("flops", lambda: count_flops(args.model, args.steps))):
+        try:
+            result[key] = fn()
+        except Exception as exc:  # recorded, the variants still run
+            result[key] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    peak = result["gemm"].get("tflops")
+    per_image = result["flops"].get("dat_step_per_image")
+    for name in args.variants.split(","):
+        if time.perf_counter() - started > args.budget_seconds:
+            result["variants"][name] = {"skipped": f"time budget of {args.budget_seconds:.0f} s used up"}
+            continue
+        print(f"gpu bench: {name} ...", file=sys.stderr, flush=True)
+        try:
+            v = run_variant(name, args, device)
+        except Exception as exc:
+            v = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500],
+                 "traceback": traceback.format_exc()[-3000:]}
+        if "images_per_second" in v and per_image:
+            v["model_tflops"] = v["images_per_second"] * per_image / 1e12
+            v["fraction_of_gemm_peak"] = v["model_tflops"] / peak if peak else None
+        result["variants"][name] = v
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        with open(os.path.join(args.out, "gpu.json"), "w") as fh:  # partial results survive a kill
+            json.dump(result, fh, indent=1)
+    ok = {n: v for n, v in result["variants"].items() if "images_per_second" in v}
+    result["best"] = max(ok, key=lambda n: ok[n]["images_per_second"]) if ok else None
+    result["wall_seconds"] = time.perf_counter() - started
+    with open(os.path.join(args.out, "gpu.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    print(table(result))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
