@@ -49,7 +49,7 @@ def run_steps(model: ArmModel, js: JointSpar, steps: range, scale: torch.Tensor,
     """Drive begin_step / backward / end_step; gradients depend only on the global step index t."""
     record = []
     for t in steps:
-        active = js.begin_step(t // steps_per_epoch, t % steps_per_epoch)
+        active = js.begin_step(1 + t // steps_per_epoch, t % steps_per_epoch)  # epochs are 1-based
         x = torch.randn(len(model.arms), model.arms[0].numel(), generator=torch.Generator().manual_seed(1000 + t))
         loss = model.loss(x, scale)
         if loss is not None:
@@ -167,7 +167,7 @@ def test_end_step_scaling_is_unbiased_while_the_bandit_moves_p():
     js = JointSpar(cfg(budget=3.0, p_min=0.05), model, seed=0)
     total, var = torch.zeros(num_arms, 4, dtype=torch.float64), torch.zeros(num_arms, dtype=torch.float64)
     for t in range(steps):
-        for param in js.begin_step(0, t):
+        for param in js.begin_step(1, t):
             param.grad = g[[id(q) for q in model.arms].index(id(param))].clone()  # what backward would leave
         p = js.p.clone()
         js.end_step()
@@ -301,7 +301,7 @@ def test_frozen_arms_get_no_gradient_no_update_and_no_state_change(opt_name):
     assert all(opt.state[p] for p in params)
 
     js = JointSpar(cfg(budget=3.0, sampling="exact"), model, seed=0)
-    active = js.begin_step(0, 0)
+    active = js.begin_step(1, 0)
     active_ids = {id(p) for p in active}
     frozen = [p for p in params if id(p) not in active_ids]
     assert len(active) == 3 and [id(p) for p in active] == [id(p) for p in params if id(p) in active_ids]
@@ -338,7 +338,7 @@ def test_dense_warmup_then_sparse_with_epoch_stats():
     js = JointSpar(cfg(budget=4.0, warmup_epochs=1), model, seed=0)
     p0 = js.p.clone()
     for t in range(5):
-        active = js.begin_step(0, t)
+        active = js.begin_step(1, t)  # epoch 1 of 1 warm-up epoch
         assert [id(p) for p in active] == [id(p) for p in model.parameters()]
         assert all(p.requires_grad for p in model.parameters())
         model.loss(torch.ones(10, 16), torch.ones(10)).backward()
@@ -352,7 +352,7 @@ def test_dense_warmup_then_sparse_with_epoch_stats():
 
     counts = []
     for t in range(200):
-        counts.append(len(js.begin_step(1, t)))
+        counts.append(len(js.begin_step(2, t)))
         model.loss(torch.ones(10, 16), torch.linspace(0.1, 3, 10)).backward()
         js.end_step()
         model.zero_grad(set_to_none=True)
@@ -382,7 +382,7 @@ def test_resampling_schedule(monkeypatch, every, steps_per_epoch, expected_draws
     js = JointSpar(cfg(budget=4.0, sample_every=every), model, seed=0)
     masks = []
     for t in range(12):
-        js.begin_step(t // steps_per_epoch, t % steps_per_epoch)
+        js.begin_step(1 + t // steps_per_epoch, t % steps_per_epoch)
         masks.append(js.mask.clone())
         js.end_step()
     assert len(draws) == expected_draws

@@ -184,11 +184,11 @@ class JointSpar:
     def begin_step(self, epoch: int, step_in_epoch: int) -> list[nn.Parameter]:
         """Freeze the inactive arms for this step; return the parameters to train and sync.
 
-        Rounds of k steps are counted here rather than from step_in_epoch, so they run across epoch
+        epoch is 1-based, as in metrics.jsonl: epochs 1 .. warmup_epochs are dense. Rounds of k steps are counted here rather than from step_in_epoch, so they run across epoch
         boundaries and through a resume unchanged.
         """
         self._stats_steps += 1
-        if epoch < self.cfg.warmup_epochs:
+        if epoch <= self.cfg.warmup_epochs:
             self._sparse_step = False
             self._stats_active_arms += self.num_arms
             self._stats_active_numel += sum(self.arm_numel)
