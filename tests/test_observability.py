@@ -240,3 +240,14 @@ def test_unreachable_pushgateway_only_warns(capsys):
                                 default_job_name="x")
     ex.observe_epoch(record(1, 0))
     assert "push to 127.0.0.1:" in capsys.readouterr().err
+
+
+def test_unusable_metrics_dir_warns_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("DAT_METRICS_DIR", str(tmp_path / "a-file" / "metrics"))
+    ex = TrainingExporter.start(MetricsConfig(port=free_port()), rank=0, local_rank=0, node_rank=0, world_size=1,
+                                local_world_size=1, run_info=RUN_INFO, default_job_name="x")
+    ex.observe_epoch(record(1, 0))
+    ex.finish()
+    assert "set DAT_METRICS_DIR to a writable folder" in capsys.readouterr().err
+    assert ex.server is None and ex.rank_file == ""

@@ -120,9 +120,13 @@ class TrainingExporter:
         if port:
             folder = os.environ.get("DAT_METRICS_DIR") or os.path.join(
                 tempfile.gettempdir(), f"dat-metrics-port{port}-node{node_rank}")
-            os.makedirs(folder, exist_ok=True)
-            rank_file = os.path.join(folder, f"local-rank-{local_rank}.prom")
-            if local_rank == 0:
+            try:
+                os.makedirs(folder, exist_ok=True)
+                rank_file = os.path.join(folder, f"local-rank-{local_rank}.prom")
+            except OSError as exc:
+                _warn(f"cannot create {folder} ({exc.strerror or exc}); set DAT_METRICS_DIR to a writable "
+                      "folder; this pod's metrics are not exposed")
+            if rank_file and local_rank == 0:
                 # Files of an earlier attempt in this pod (restart, resume) would be served as stale
                 # series. Other local ranks write their first file only at the end of the first epoch,
                 # which they cannot reach before this rank has joined the training.
@@ -172,10 +176,10 @@ class TrainingExporter:
         self._epoch_bytes = gauge("dat_epoch_communication_bytes", "Gradient bytes sent in the last epoch.")
         self._epoch_dense_bytes = gauge("dat_epoch_dense_communication_bytes",
                                         "Bytes a dense all-reduce would have sent in the last epoch.")
-        self._images_total = Counter("dat_images", "Training images processed by this rank.", base,
-                                     registry=r)
-        self._images_per_second = gauge("dat_images_per_second", "Training images per second of this "
-                                        "rank in the last epoch.")
+        self._images_total = Counter("dat_images", "Training images of the whole job (all ranks), "
+                                     "as counted on this rank.", base, registry=r)
+        self._images_per_second = gauge("dat_images_per_second", "Training images of the whole job per "
+                                        "second of this rank's last epoch (evaluation excluded).")
         self._train_loss = gauge("dat_train_loss", "Mean training loss of the last epoch.")
         self._train_clean = gauge("dat_train_clean_accuracy", "Training accuracy on clean inputs (0-1).")
         self._train_adv = gauge("dat_train_robust_accuracy", "Training accuracy on adversarial inputs (0-1).")
