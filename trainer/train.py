@@ -138,7 +138,8 @@ class Trainer:
                 else:
                     clean_logits = adv_logits = logits.float()
                     loss = F.cross_entropy(logits.float(), y)
-            loss.backward()
+            if loss.requires_grad:  # JointSpar may (rarely) draw an empty active set: nothing to train
+                loss.backward()
             with torch.no_grad():
                 zero = torch.zeros((), device=y.device)
                 clean_ok = (clean_logits.argmax(1) == y).sum() if cfg.train.loss != "adv" else zero
