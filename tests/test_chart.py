@@ -1,0 +1,196 @@
+"""charts/dat-training with the real helm binary: lint, template, values.schema.json, the chart's own rules,
+PodMonitor gating, least-privilege RBAC, locked-down pods, and one source of truth (helm template and
+datctl render give the same objects for the same file)."""
+from __future__ import annotations
+
+import argparse
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controller import chart, cli, spec
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "dat-training"
+EXAMPLES = sorted((CHART / "ci").glob("*.yaml"))
+SMOKE = ROOT / "manifests" / "specs" / "dat-smoke.yaml"
+INLINE_SPECS = EXAMPLES + [SMOKE]  # values files with an inline trainer config: helm can read them as they are
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([chart.helm_binary(), *args], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}")
+    return proc
+
+
+def template(*args: str, release: str = "run") -> list[tuple[str, dict]]:
+    return chart.parse_rendered(helm("template", release, str(CHART), *args).stdout)
+
+
+def kinds(objects: list[tuple[str, dict]]) -> list[str]:
+    return sorted(obj["kind"] for _, obj in objects)
+
+
+@pytest.mark.parametrize("values", [None, *EXAMPLES], ids=lambda p: p.name if p else "defaults")
+def test_helm_lint(values: Path | None) -> None:
+    args = ["lint", "--strict", str(CHART)] + (["-f", str(values)] if values else [])
+    proc = helm(*args)
+    assert "1 chart(s) linted, 0 chart(s) failed" in proc.stdout
+
+
+@pytest.mark.parametrize("values", INLINE_SPECS, ids=lambda p: p.name)
+def test_helm_template_and_datctl_render_agree(values: Path, tmp_path: Path) -> None:
+    name = yaml.safe_load(values.read_text())["name"]
+    by_helm = [obj for source, obj in template("-f", str(values), "--namespace", "default",
+                                               "--api-versions", chart.MONITORING_API, release=name)
+               if source in chart.RUN_TEMPLATES]
+    assert cli.main(["render", str(values), "-o", str(tmp_path)]) == 0
+    by_datctl = list(yaml.safe_load_all((tmp_path / f"{name}.yaml").read_text()))
+    key = lambda o: (o["kind"], o["metadata"]["name"])  # noqa: E731
+    assert sorted(by_helm, key=key) == sorted(by_datctl, key=key)
+    assert {o["kind"] for o in by_datctl} >= {"ConfigMap"} and any(o["kind"] in ("PyTorchJob", "TrainJob")
+                                                                    for o in by_datctl)
+
+
+def test_trainer_config_file_is_the_same_as_inline(tmp_path: Path) -> None:
+    """A published spec reads its trainer config from configs/; helm gets the same file's content inline."""
+    spec_path = ROOT / "manifests" / "specs" / "dat-c10ext-resnet18-lamb.yaml"
+    values = yaml.safe_load(spec_path.read_text())
+    values["trainer"] = yaml.safe_load((spec_path.parent / values.pop("trainerConfigFile")).read_text())
+    inline = tmp_path / "inline.yaml"
+    inline.write_text(yaml.safe_dump(values))
+    by_helm = [obj for source, obj in template("-f", str(inline), "--api-versions", chart.MONITORING_API,
+                                               release=values["name"]) if source in chart.RUN_TEMPLATES]
+    by_datctl = spec.render(spec.load_spec(spec_path)).objects
+    assert sorted(by_helm, key=lambda o: o["kind"]) == sorted(by_datctl, key=lambda o: o["kind"])
+
+
+@pytest.mark.parametrize("setting, complaint", [
+    ("nodes=0", "at '/nodes': minimum: got 0, want 1"),
+    ("gpusPerNode=-1", "at '/gpusPerNode'"),
+    ("api=tfjob", "at '/api'"),
+    ("nodez=3", "additional properties 'nodez' not allowed"),
+    ("restartPolicy=Sometimes", "at '/restartPolicy'"),
+    ("resources.limits.memory=10Gb", "at '/resources/limits/memory'"),
+    ("shm.sizeLimit=lots", "at '/shm/sizeLimit'"),
+    ("name=Dat_Run", "at '/name'"),
+    ("securityContext.runAsUser=0", "at '/securityContext/runAsUser'"),
+    ("data.source=s3", "at '/data/source'"),
+    ("metrics.podMonitor=maybe", "at '/metrics/podMonitor'"),
+    ("runPolicy.cleanPodPolicy=Some", "at '/runPolicy/cleanPodPolicy'"),
+    ("nodePool.provider=gcp", "at '/nodePool/provider'"),
+    ("trainer.optim.lrr=0.1", "at '/trainer/optim': additional properties 'lrr' not allowed"),
+    ("trainer.attack.steps=ten", "at '/trainer/attack/steps': got string, want integer"),
+    ("trainer.optimizer.name=lamb", "at '/trainer': additional properties 'optimizer' not allowed"),
+])
+def test_values_schema_rejects(setting: str, complaint: str) -> None:
+    proc = helm("template", "run", str(CHART), "--set", setting, check=False)
+    assert proc.returncode != 0
+    assert complaint in proc.stderr, proc.stderr
+
+
+def test_values_schema_trainer_section_follows_trainer_config() -> None:
+    """The trainer part of values.schema.json is generated from trainer/config.py (`make manifests`)."""
+    import json
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["properties"]["trainer"] == chart.trainer_schema()
+    assert schema["properties"]["trainer"]["properties"]["jointspar"]["properties"]["budget"] == {"type": "number"}
+
+
+@pytest.mark.parametrize("settings, complaint", [
+    (["gpusPerNode=2", "nprocPerNode=1"], "nprocPerNode 1 does not match gpusPerNode 2"),
+    (["name=" + "a" * 55, "nodes=12"], "pod name \"" + "a" * 55 + "-worker-10\" exceeds 63 characters"),
+])
+def test_chart_rules_beyond_the_schema(settings: list[str], complaint: str) -> None:
+    args = [x for s in settings for x in ("--set", s)]
+    proc = helm("template", "run", str(CHART), *args, check=False)
+    assert proc.returncode != 0 and complaint in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], False),  # auto, and helm template knows no monitoring.coreos.com/v1
+    (["--api-versions", chart.MONITORING_API], True),
+    (["--api-versions", chart.MONITORING_API, "--set", "metrics.podMonitor=false"], False),
+    (["--set", "metrics.podMonitor=true"], True),
+    (["--set", "metrics.podMonitor=true", "--set", "metrics.port=0"], False),
+    (["--api-versions", chart.MONITORING_API, "--set", "api=trainjob"], False),
+])
+def test_podmonitor_gating(args: list[str], expected: bool) -> None:
+    rendered = template(*args, "--set", "dashboard.enabled=false")
+    monitors = [obj for source, obj in rendered if source == "podmonitor.yaml"]
+    assert bool(monitors) == expected
+    if monitors:
+        job = next(obj for _, obj in rendered if obj["kind"] == "PyTorchJob")
+        pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+        assert monitors[0]["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        ports = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+        assert monitors[0]["spec"]["podMetricsEndpoints"][0]["port"] in ports
+
+
+def test_exporter_is_least_privilege() -> None:
+    rendered = dict(((obj["kind"], obj["metadata"]["name"]), obj) for source, obj in
+                    template("--set", "exporter.enabled=true", "--namespace", "team-a") if source == "exporter.yaml")
+    role = rendered[("Role", "run-exporter")]
+    assert role["metadata"]["namespace"] == "team-a"
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
+    assert rules == {(("kubeflow.org",), ("pytorchjobs", "pytorchjobs/status")): {"get", "list", "watch"},
+                     (("",), ("pods", "pods/log")): {"get", "list", "watch"},
+                     (("",), ("events",)): {"get", "list", "watch"}}
+    assert not any(kind == "ClusterRole" for kind, _ in rendered)
+    binding = rendered[("RoleBinding", "run-exporter")]
+    assert binding["roleRef"]["name"] == "run-exporter"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "run-exporter", "namespace": "team-a"}]
+    deployment = rendered[("Deployment", "run-exporter")]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "run-exporter"
+    container = pod["containers"][0]
+    assert container["command"] == ["datctl", "exporter"]
+    # the arguments the chart passes are ones `datctl exporter` accepts
+    from controller import exporter
+    parser = argparse.ArgumentParser()
+    exporter.add_arguments(parser)
+    parsed = parser.parse_args(container["args"])
+    assert parsed.namespace == "team-a" and parsed.port == container["ports"][0]["containerPort"]
+    service = rendered[("Service", "run-exporter")]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def pod_templates(obj: dict) -> list[dict]:
+    """(pod spec, containers) of every pod a rendered object creates."""
+    if obj["kind"] == "PyTorchJob":
+        return [r["template"]["spec"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
+    if obj["kind"] == "Deployment":
+        return [obj["spec"]["template"]["spec"]]
+    if obj["kind"] == "TrainJob":
+        return [j["template"]["spec"]["template"]["spec"]
+                for p in obj["spec"]["runtimePatches"]
+                for j in p["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]]
+    return []
+
+
+@pytest.mark.parametrize("values", [None, *EXAMPLES], ids=lambda p: p.name if p else "defaults")
+def test_every_pod_is_locked_down(values: Path | None) -> None:
+    args = ["--set", "exporter.enabled=true"] + (["-f", str(values)] if values else [])
+    pods = [pod for _, obj in template(*args) for pod in pod_templates(obj)]
+    assert len(pods) >= 2
+    for pod in pods:
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True and context["runAsUser"] > 0
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+        writable = {v["name"] for v in pod["volumes"] if "emptyDir" in v or "persistentVolumeClaim" in v}
+        for container in pod["containers"] + pod.get("initContainers", []):
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"] == {"drop": ["ALL"]} and not sc.get("privileged")
+            mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+            assert mounts.get("/tmp") in writable, "a read-only root filesystem needs a writable /tmp"
+
+
+def test_notes_tell_how_to_follow_the_run() -> None:
+    proc = helm("install", "smoke", str(CHART), "-f", str(SMOKE), "--dry-run=client", "--namespace", "team-a")
+    notes = proc.stdout[proc.stdout.index("NOTES:"):]
+    assert "datctl watch dat-smoke -n team-a" in notes
+    assert "kubectl logs -f dat-smoke-master-0 -c pytorch -n team-a" in notes
