@@ -1,0 +1,50 @@
+"""bench/gpu.sh --smoke: every code path of the GPU benchmark, tiny and on the CPU."""
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT, torch_env
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu")
+    proc = subprocess.run(["bash", "bench/gpu.sh", "--smoke", "--out", str(out)], cwd=ROOT, env=torch_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads((out / "gpu.json").read_text()), proc.stdout
+
+
+def test_smoke_runs_every_variant_or_says_why_not(smoke):
+    r, stdout = smoke
+    assert r["smoke"] is True and r["device"] == "cpu" and r["attack_steps"] == 2 and r["batch"] == 4
+    assert set(r["variants"]) == {"fp32", "bf16", "bf16_cl", "bf16_cl_cudnnbench", "bf16_cl_graph",
+                                  "bf16_cl_compile", "bf16_cl_compile_graph"}
+    for name, v in r["variants"].items():
+        if "graph" in name:
+            assert "CUDA" in v["skipped"]
+            continue
+        assert "error" not in v, (name, v.get("traceback"))
+        assert v["images_per_second"] > 0 and v["attack_seconds"] > 0 and v["train_seconds"] > 0
+        assert v["images"] == 4 and 0 < v["attack_share"] < 1 and v["model_tflops"] > 0
+    assert r["variants"]["bf16_cl_compile"]["settings"]["compile"] is True
+    assert r["variants"]["fp32"]["settings"] == {"amp": "off", "channels_last": "off", "compile": False,
+                                                 "cuda_graph_attack": False, "cudnn_benchmark": False}
+    assert r["best"] in r["variants"] and stdout.strip().splitlines()[-1].startswith("best: ")
+
+
+def test_smoke_flop_accounting_and_gemm_probe(smoke):
+    r, _ = smoke
+    f = r["flops"]
+    assert 1.0e9 < f["forward_per_image"] < 1.2e9  # CIFAR ResNet-18: 0.56 GMAC
+    assert f["attack_iteration_per_image"] == pytest.approx(2 * f["forward_per_image"], rel=0.02)
+    assert f["train_step_per_image"] == pytest.approx(3 * f["forward_per_image"], rel=0.02)
+    assert f["dat_step_per_image"] == pytest.approx(2 * f["attack_iteration_per_image"] + 2 * f["train_step_per_image"])
+    assert r["gemm"]["n"] == 256 and r["gemm"]["tflops"] > 0
+
+
+def test_unknown_variant_is_a_one_line_error(tmp_path):
+    proc = subprocess.run(["bash", "bench/gpu.sh", "--smoke", "--variants", "fp32,turbo", "--out", str(tmp_path)],
+                          cwd=ROOT, env=torch_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown variant(s) turbo" in proc.stderr and "Traceback" not in proc.stderr
