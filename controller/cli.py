@@ -55,6 +55,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             problems.append(f"{name}: cannot read: {exc.__class__.__name__}")
             continue
         for doc in docs:
+            if not isinstance(doc, dict):
+                problems.append(f"{name}: not a Kubernetes object: {str(doc)[:60]!r}")
+                continue
             label = f"{name}: {doc.get('kind')} {(doc.get('metadata') or {}).get('name')}"
             if doc.get("kind") == "PyTorchJob":
                 jobs += 1

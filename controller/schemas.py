@@ -62,13 +62,12 @@ def _strict(node: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
-def _validator(api_version: str, kind: str) -> jsonschema.Draft7Validator:
-    crd = yaml.safe_load(crd_path(api_version, kind).read_text())
-    version = api_version.split("/")[-1]
+def _validator(path: Path, version: str) -> jsonschema.Draft7Validator:
+    crd = yaml.safe_load(path.read_text())
     for entry in crd["spec"]["versions"]:
         if entry["name"] == version:
             return jsonschema.Draft7Validator(_strict(entry["schema"]["openAPIV3Schema"]))
-    raise SchemaMissing(f"{crd_path(api_version, kind)}: no version {version}")
+    raise SchemaMissing(f"{path}: no version {version}")
 
 
 def has_crd(obj: dict[str, Any]) -> bool:
@@ -77,7 +76,7 @@ def has_crd(obj: dict[str, Any]) -> bool:
 
 def crd_problems(obj: dict[str, Any]) -> list[str]:
     """Where the object breaks its CRD's openAPIV3Schema, one line each."""
-    validator = _validator(obj["apiVersion"], obj["kind"])
+    validator = _validator(crd_path(obj["apiVersion"], obj["kind"]), obj["apiVersion"].split("/")[-1])
     out = []
     for error in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path))):
         where = ".".join(str(p) for p in error.absolute_path) or "(top level)"

@@ -98,6 +98,7 @@ def check_pytorchjob(job: dict[str, Any]) -> list[str]:
         problems.append("spec.pytorchReplicaSpecs.Master: required (exactly one Master hosts the rendezvous)")
     nproc = spec.get("nprocPerNode")
     nproc = str(nproc) if nproc is not None else None
+    pod_names = []  # the operator names a pod and its headless Service <job>-<type>-<index>
     for rtype, rspec in replicas.items():
         where = f"spec.pytorchReplicaSpecs.{rtype}"
         if rtype not in REPLICA_TYPES:
@@ -105,15 +106,19 @@ def check_pytorchjob(job: dict[str, Any]) -> list[str]:
             continue
         rspec = rspec or {}
         count = rspec.get("replicas", 1)
+        if not isinstance(count, int) or isinstance(count, bool):
+            problems.append(f"{where}.replicas: must be an integer, got {count!r}")
+            continue
         if rtype == "Master" and count != 1:
             problems.append(f"{where}.replicas: must be 1, got {count}")
         if rtype == "Worker" and count < 1:
             problems.append(f"{where}.replicas: must be at least 1, got {count}")
         if rtype == "Worker" and elastic is not None:
             count = max(count, elastic.get("maxReplicas") or 0)  # the operator may scale up to maxReplicas
-        index = count - 1
-        pod = f"{name}-{rtype.lower()}-{max(index, 0)}"
-        if DNS1035.match(name) and len(pod) > 63:
-            problems.append(f"metadata.name: pod name {pod!r} has {len(pod)} characters (max 63); shorten the name")
+        pod_names.append(f"{name}-{rtype.lower()}-{max(count - 1, 0)}")
         problems += _pod_problems(where, rspec.get("template"), nproc)
+    longest = max(pod_names, key=len, default="")
+    if DNS1035.match(name) and len(longest) > 63:
+        problems.append(f"metadata.name: pod name {longest!r} has {len(longest)} characters (max 63); "
+                        "shorten the name")
     return problems

@@ -1,0 +1,202 @@
+"""`datctl render` on job specs: every user mistake is one line on stderr and exit code 2, never a traceback;
+overrides, trainerConfigFile and namespaces do what they say."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controller import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = yaml.safe_load((ROOT / "manifests" / "specs" / "dat-smoke.yaml").read_text())
+
+
+DELETE = object()
+
+
+def write_spec(tmp_path: Path, changes: dict | None = None, text: str | None = None) -> Path:
+    """The smoke spec with changes {"a/b/c": value} ('~' for a '/' inside a key; DELETE removes the key)."""
+    doc = yaml.safe_load(yaml.safe_dump(SMOKE))
+    for path, value in (changes or {}).items():
+        *parents, last = [k.replace("~", "/") for k in path.split("/")]
+        node = doc
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is DELETE:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    path = tmp_path / "job.yaml"
+    path.write_text(text if text is not None else yaml.safe_dump(doc))
+    return path
+
+
+def render(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(["render", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# (changes to the smoke spec, the one line datctl must print)
+MISTAKES = {
+    "unknown-key": ({"nodez": 3}, "nodez: unknown key (known: "),
+    "unknown-nested-key": ({"data/sorce": "pvc"}, "data.sorce: unknown key (known: claimName, downloadSizeLimit,"),
+    "bad-quantity": ({"resources/limits/memory": "10Gb"},
+                     "resources.limits.memory: '10Gb' is not a valid quantity (e.g. 500m, 2, 16Gi)"),
+    "bad-shm-quantity": ({"shm/sizeLimit": "a lot"}, "shm.sizeLimit: 'a lot' is not a valid quantity"),
+    "wrong-type": ({"nodes": "two"}, "nodes: expected integer, got 'two'"),
+    "below-minimum": ({"nodes": 0}, "nodes: must be >= 1, got 0"),
+    "root-user": ({"securityContext/runAsUser": 0}, "securityContext.runAsUser: must be >= 1, got 0"),
+    "bad-enum": ({"api": "tfjob"}, "api: 'tfjob' is not one of pytorchjob, trainjob"),
+    "bad-restart-policy": ({"restartPolicy": "Sometimes"}, "restartPolicy: 'Sometimes' is not one of OnFailure"),
+    "name-not-dns1035": ({"name": "Dat_Smoke"}, "name: 'Dat_Smoke' is invalid: DNS-1035 label"),
+    "name-missing": ({"name": DELETE}, "name: required (the job name; pods are <name>-master-0"),
+    "name-too-long-for-pods": ({"name": "a" * 54, "nodes": 16},
+                               f"pod name '{'a' * 54}-worker-14' has 64 characters (max 63)"),
+    "gpus-vs-processes": ({"gpusPerNode": 1, "nprocPerNode": 2},
+                          "nprocPerNode: 2 does not match gpusPerNode 1 (each torchrun process needs its own GPU)"),
+    "gpus-in-resources": ({"resources/limits/nvidia.com~gpu": "1"},
+                          "resources.limits.nvidia.com/gpu: set GPUs with gpusPerNode, not in resources"),
+    "requests-over-limits": ({"resources/requests/memory": "4Gi", "resources/limits/memory": "2Gi"},
+                             "resources.requests.memory: 4Gi exceeds resources.limits.memory 2Gi"),
+    "shm-over-memory": ({"shm/sizeLimit": "2Gi"},
+                        "shm.sizeLimit: 2Gi must be below resources.limits.memory 1536Mi"),
+    "pvc-without-claim": ({"data/source": "pvc"}, "data.claimName: required when data.source is pvc"),
+    "cifar-without-data": ({"trainer/data/name": "cifar10"},
+                           "data.source: trainer data.name cifar10 needs a data volume (pvc or download)"),
+    "cifar-ext-download": ({"trainer/data/name": "cifar10-ext", "data/source": "download"},
+                           "data.source: download fetches CIFAR-10 only; cifar10-ext needs the TI-500K pickle"),
+    "ti500k-off-volume": ({"trainer/data/name": "cifar10-ext", "data/source": "pvc", "data/claimName": "d",
+                           "trainer/data/ti500k_path": "ti.pickle"},
+                          "trainer.data.ti500k_path: 'ti.pickle' is not on the data volume"),
+    "trainjob-download": ({"api": "trainjob", "data/source": "download", "trainer/data/name": "cifar10"},
+                          "data.source: download needs an init container, which api trainjob cannot add"),
+    "trainjob-elastic": ({"api": "trainjob", "elastic/enabled": True, "elastic/minNodes": 2, "elastic/maxNodes": 2},
+                         "elastic.enabled: not supported with api trainjob"),
+    "trainjob-volcano": ({"api": "trainjob", "scheduling/volcano/enabled": True},
+                         "scheduling.volcano.enabled: not supported with api trainjob"),
+    "trainjob-podmonitor": ({"api": "trainjob", "metrics/podMonitor": True},
+                            "metrics.podMonitor: true needs a declared metrics container port"),
+    "elastic-bounds": ({"elastic/enabled": True, "elastic/minNodes": 4, "elastic/maxNodes": 4},
+                       "elastic: nodes 2 is outside minNodes..maxNodes (4..4)"),
+    "kueue-and-volcano": ({"scheduling/kueueQueue": "q", "scheduling/volcano/enabled": True},
+                          "scheduling: kueueQueue and volcano.enabled cannot be combined"),
+    "gang-too-big": ({"scheduling/volcano/enabled": True, "scheduling/volcano/minAvailable": 3},
+                     "scheduling.volcano.minAvailable: 3 exceeds the number of pods"),
+    "mount-collision": ({"checkpoint/mountPath": "/tmp/ckpt"},
+                        "checkpoint.mountPath: /tmp/ckpt collides with the pod's /tmp mount"),
+    "mount-twice": ({"data/source": "download", "trainer/data/name": "cifar10", "data/mountPath": "/checkpoints"},
+                    "data.mountPath: /checkpoints is also checkpoint.mountPath"),
+    "metrics-port-taken": ({"metrics/port": 23456}, "metrics.port: 23456 is taken by the operator"),
+    "trainer-unknown-key": ({"trainer/optim/lrr": 0.1}, "trainer: config: unknown key optim.lrr (known:"),
+    "trainer-bad-value": ({"trainer/attack/steps": 0}, "trainer: attack.steps must be >= 1, got 0"),
+    "trainer-batch-vs-world": ({"nodes": 3}, "trainer: data.batch_size 64 is not divisible by the world size 3"),
+    "trainer-and-file": ({"trainerConfigFile": "other.yaml"},
+                         "trainerConfigFile: set either trainer or trainerConfigFile, not both"),
+    "trainer-file-missing": ({"trainer": DELETE, "trainerConfigFile": "missing.yaml"},
+                             "trainerConfigFile: missing.yaml: file not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISTAKES))
+def test_each_mistake_is_one_line(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    changes, line = MISTAKES[case]
+    path = write_spec(tmp_path, changes)
+    code, out, err = render(capsys, str(path))
+    assert code == 2 and out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("datctl: ") and line in lines[0], err
+
+
+def test_every_problem_gets_its_own_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_spec(tmp_path, {"nodez": 1, "gpuz": 1, "resources/limits/cpu": "two", "api": "mpijob"})
+    code, _, err = render(capsys, str(path))
+    assert code == 2
+    assert sorted(err.splitlines()) == sorted([
+        "datctl: api: 'mpijob' is not one of pytorchjob, trainjob",
+        "datctl: gpuz: unknown key (known: " + err.split("gpuz: unknown key (known: ")[1].split(")")[0] + ")",
+        "datctl: nodez: unknown key (known: " + err.split("nodez: unknown key (known: ")[1].split(")")[0] + ")",
+        "datctl: resources.limits.cpu: 'two' is not a valid quantity (e.g. 500m, 2, 16Gi)",
+    ])
+    # the rules that need well-typed values report together too
+    path = write_spec(tmp_path, {"gpusPerNode": 1, "nprocPerNode": 2, "metrics/port": 29400,
+                                 "trainer/attack/steps": 0})
+    code, _, err = render(capsys, str(path))
+    assert code == 2 and len(err.splitlines()) == 3, err
+
+
+@pytest.mark.parametrize("text, line", [
+    ("nodes: [1\n", "not valid YAML (line 2)"),
+    ("- nodes\n", "a job spec is a mapping of keys, got list"),
+])
+def test_unreadable_spec(text: str, line: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = render(capsys, str(write_spec(tmp_path, text=text)))
+    assert code == 2 and line in err and len(err.splitlines()) == 1
+
+
+def test_missing_spec_and_bad_set(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = render(capsys, str(tmp_path / "nope.yaml"))
+    assert code == 2 and err.strip().endswith("nope.yaml: job spec not found")
+    code, _, err = render(capsys, str(write_spec(tmp_path)), "--set", "nodes")
+    assert code == 2 and "--set nodes: expected key.path=value" in err
+
+
+def test_trainer_config_file_problems_name_the_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "bad.yaml").write_text("optim: {name: adam}\n")
+    path = write_spec(tmp_path, {"trainer": DELETE, "trainerConfigFile": "bad.yaml"})
+    code, _, err = render(capsys, str(path))
+    assert code == 2
+    assert err.strip() == "datctl: trainerConfigFile bad.yaml: optim.name: 'adam' is not one of lamb, lars, sgd"
+
+
+def test_no_traceback_from_the_real_command(tmp_path: Path) -> None:
+    path = write_spec(tmp_path, {"gpusPerNode": 2, "nprocPerNode": 1, "resources/limits/memory": "lots"})
+    proc = subprocess.run([sys.executable, "-m", "controller.cli", "render", str(path)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "datctl: resources.limits.memory: 'lots' is not a valid quantity (e.g. 500m, 2, 16Gi)\n"
+
+
+def rendered_objects(capsys: pytest.CaptureFixture, *argv: str) -> dict[str, dict]:
+    code, out, err = render(capsys, *argv)
+    assert code == 0, err
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(out)}
+
+
+def test_overrides_namespace_and_trainer_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "train.yaml").write_text(
+        "data: {name: synthetic, batch_size: 96}\noptim: {lr: 1e-3, betas: [0.8, 0.99]}\n")
+    path = write_spec(tmp_path, {"trainer": DELETE, "trainerConfigFile": "configs/train.yaml"})
+    objects = rendered_objects(capsys, str(path), "-n", "team-b", "--set", "nodes=3",
+                               "--set", "nodePool.nodeSelector.topology\\.kubernetes\\.io/zone=europe-west4-a")
+    job, cm = objects["PyTorchJob"], objects["ConfigMap"]
+    assert job["metadata"]["namespace"] == cm["metadata"]["namespace"] == "team-b"
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
+    pod = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"topology.kubernetes.io/zone": "europe-west4-a"}
+    config = yaml.safe_load(cm["data"]["config.yaml"])
+    # the file's keys, typed as trainer/config.py reads them (PyYAML reads 1e-3 as a string)
+    assert config["optim"] == {"lr": 0.001, "betas": [0.8, 0.99]}
+    assert config["run"]["output_dir"] == "/checkpoints/dat-smoke" and config["metrics"]["port"] == 9400
+
+
+def test_spec_namespace_and_trainjob(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_spec(tmp_path, {"namespace": "research"})
+    objects = rendered_objects(capsys, str(path), "--api", "trainjob")
+    assert set(objects) == {"ConfigMap", "TrainJob"}  # no PodMonitor: TrainJob pods cannot declare the port
+    assert objects["TrainJob"]["metadata"]["namespace"] == "research"
+    assert objects["TrainJob"]["spec"]["trainer"]["numNodes"] == 2
+
+
+def test_output_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_spec(tmp_path)
+    code, out, err = render(capsys, str(path), "-o", str(tmp_path / "out"))
+    assert code == 0 and out == "" and "PyTorchJob" in err
+    docs = list(yaml.safe_load_all((tmp_path / "out" / "dat-smoke.yaml").read_text()))
+    assert [d["kind"] for d in docs] == ["ConfigMap", "PyTorchJob", "PodMonitor"]  # kubectl apply order
