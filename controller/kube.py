@@ -132,10 +132,11 @@ class Cluster:
         return self.call(kind, f"{kind.kind} {self.namespace}/{name}", self.custom.get_namespaced_custom_object,
                          kind.group, kind.version, self.namespace, kind.plural, name)
 
-    def submit(self, objects: list[dict[str, Any]], kind: Kind, out: IO[str] = sys.stdout) -> dict[str, Any]:
+    def submit(self, objects: list[dict[str, Any]], kind: Kind, out: IO[str] | None = None) -> dict[str, Any]:
         """Create the ConfigMap, the job and the PodMonitor (when given). A server-side dry run of the job first catches a
         missing CRD, RBAC and the operator's webhook before anything is created; the ConfigMap and PodMonitor
         get the job as owner, so deleting the job removes them."""
+        out = out or sys.stdout
         job = next(o for o in objects if o["kind"] == kind.kind)
         name, ns = job["metadata"]["name"], self.namespace
         what = f"{kind.kind} {ns}/{name}"
@@ -296,8 +297,9 @@ def status_report(cluster: Cluster, kind: Kind, name: str) -> list[str]:
 
 
 def watch(cluster: Cluster, kind: Kind, name: str, interval: float, timeout: float,
-          out: IO[str] = sys.stdout) -> bool:
+          out: IO[str] | None = None) -> bool:
     """Print condition changes until the job ends; True when it succeeded."""
+    out = out or sys.stdout
     seen: set[tuple] = set()
     deadline = time.monotonic() + timeout if timeout > 0 else None
     while True:
