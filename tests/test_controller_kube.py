@@ -73,8 +73,8 @@ def test_submit_when_the_operator_is_not_installed(tmp_path: Path, capsys: pytes
     assert code == 1 and out == ""
     assert err == ("datctl: PyTorchJob team-a/dat-smoke (dry run): the PyTorchJob CRD (kubeflow.org/v1) is not "
                    "installed in the cluster; install the Kubeflow training operator v1.9: kubectl apply "
-                   "--server-side -k \"github.com/kubeflow/training-operator.git/manifests/overlays/standalone"
-                   "?ref=v1.9.2\"\n")
+                   "--server-side -k \"github.com/kubeflow/trainer.git/manifests/overlays/standalone"
+                   "?ref=v1.9.4\"\n")
     assert [r["method"] for r in server.requests] == ["GET", "POST"]  # nothing was created
 
 

@@ -1,0 +1,35 @@
+# syntax=docker/dockerfile:1
+# The DAT trainer image: CUDA PyTorch with the project installed, run as a non-root user. Pods start it as
+#   torchrun -m trainer --config /etc/dat/config.yaml   (nodes, rank and rendezvous from the operator's PET_* env)
+# and the same image serves `datctl exporter`. Build: make image [IMAGE=registry/dat-k8s:tag]
+ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
+FROM ${BASE_IMAGE}
+
+LABEL org.opencontainers.image.title="dat-k8s" \
+      org.opencontainers.image.description="Distributed adversarial training (DAT) with JointSpar-LARS for Kubeflow PyTorchJobs"
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Only what the package needs; the base image's torch/torchvision satisfy the pins, so pip keeps them.
+COPY pyproject.toml README.md /tmp/dat-src/
+COPY trainer /tmp/dat-src/trainer
+COPY controller /tmp/dat-src/controller
+RUN pip install --no-cache-dir /tmp/dat-src \
+    && rm -rf /tmp/dat-src \
+    && python -c "import torch, torchvision, timm, trainer.cli, controller.cli" \
+    && command -v torchrun datctl
+
+# Non-root with a fixed UID/GID (the chart's securityContext runs as 1000:1000). The root filesystem is
+# read-only in the pods: HOME and caches live on the /tmp emptyDir.
+RUN groupadd --gid 1000 dat \
+    && useradd --uid 1000 --gid 1000 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin dat
+ENV HOME=/tmp \
+    XDG_CACHE_HOME=/tmp/.cache \
+    MPLCONFIGDIR=/tmp/.config/matplotlib
+WORKDIR /tmp
+USER 1000:1000
+
+CMD ["datctl", "--help"]
