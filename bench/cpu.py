@@ -38,9 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32, help="figure 1 batch")
     p.add_argument("--per-rank-batch", type=int, default=8, help="figures 2-3 batch per rank")
     p.add_argument("--attack-steps", type=int, default=None, help="PGD steps in figures 2-3 (default 10, quick 3)")
-    p.add_argument("--reps", type=int, default=None, help="figure 1 repetitions (default 10, quick 5)")
-    p.add_argument("--dat-reps", type=int, default=None, help="DAT step repetitions (default 5, quick 3)")
-    p.add_argument("--clean-reps", type=int, default=None, help="clean step repetitions (default 10, quick 5)")
+    p.add_argument("--reps", type=int, default=None, help="figure 1 repetitions (default 15, quick 5)")
+    p.add_argument("--dat-reps", type=int, default=None, help="DAT step repetitions (default 7, quick 3)")
+    p.add_argument("--clean-reps", type=int, default=None, help="clean step repetitions (default 15, quick 5)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--budget", type=float, default=40.0, help="JointSpar budget (arms)")
     p.add_argument("--p-min", type=float, default=0.0125)
@@ -55,9 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = args.quick
     args.attack_steps = args.attack_steps or (3 if quick else 10)
-    args.reps = args.reps or (5 if quick else 10)
-    args.dat_reps = args.dat_reps or (3 if quick else 5)
-    args.clean_reps = args.clean_reps or (5 if quick else 10)
+    args.reps = args.reps or (5 if quick else 15)
+    args.dat_reps = args.dat_reps or (3 if quick else 7)
+    args.clean_reps = args.clean_reps or (5 if quick else 15)
     return args
 
 
@@ -183,13 +183,18 @@ def report(results: dict) -> str:
     widths = [max(len(str(row[i])) for row in rows + [head]) for i in range(len(head))]
     line = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
     out = [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows] + notes
+    c1, c2 = f1["cpu_time_ratios"], f2
+    out.append(f"same ratios in process CPU time (insensitive to other jobs' load): 1 attack/train "
+               f"{fmt_ratio(c1['attack_over_train'])}, naive {c1['naive_attack_over_train']['median']:.3f}, "
+               f"bf16+cl {c1['attack_over_train_bf16_cl']['median']:.3f}; 2 published/ours "
+               f"{fmt_ratio(c2['cpu_time_speedup'])}, bf16+cl {c2['cpu_time_speedup_bf16_cl']['median']:.3f}")
     pp, op = f2["published_phase_seconds"], f2["ours_phase_seconds"]
     out.append(f"2 attack / training part of a step: published {pp['attack']:.2f} s / {pp['train']:.2f} s, ours "
                f"{op['attack']:.2f} s / {op['compute'] + op['comm'] + op['optimizer']:.2f} s")
-    pc = f2["published_comm"]
+    pc, oc = f2["published_comm"], f2["ours_comm"]
     out.append(f"2 published step: {pc['step_allreduce_calls']} bucket all-reduces ({pc['step_bytes'] / 1e6:.1f} MB) "
                f"per step, {pc['params_with_grad_after_attack']}/{pc['params']} weight gradients computed by the "
-               f"attack; ours: {f2['ours_comm']['allreduce_calls_per_step']:.0f} ({f2['ours_comm']['bytes_per_step'] / 1e6:.1f} MB)")
+               f"attack; ours: {oc['allreduce_calls_per_step']:.0f} ({oc['bytes_per_step'] / 1e6:.1f} MB)")
     sweep = results.get("bucket_sweep")
     if sweep:
         out.append("bucket size sweep (clean step, 2 ranks): " + "; ".join(

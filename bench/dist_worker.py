@@ -42,8 +42,8 @@ def model_copy(trainer: Trainer) -> torch.nn.Module:
 
 def published_step(trainer: Trainer, attack_sync: bool) -> PublishedStep:
     model = model_copy(trainer)
-    return PublishedStep(model, trainer.cfg.attack, build_optimizer(trainer.cfg.optim, model, trainer.cfg.data.batch_size),
-                         attack_sync=attack_sync)
+    optimizer = build_optimizer(trainer.cfg.optim, model, trainer.cfg.data.batch_size)
+    return PublishedStep(model, trainer.cfg.attack, optimizer, attack_sync=attack_sync)
 
 
 def count_published_comm(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, attack_sync: bool) -> dict:
@@ -77,9 +77,11 @@ def published_vs_ours(base: list[str], info: DistInfo, reps: int, warmup: int, a
     published = published_step(ours, attack_sync)
     x, y = first_batch(ours)
     ours_step, fast_step = StepCounter(ours, x, y), StepCounter(fast, *first_batch(fast))
+    cpu: dict[str, list[float]] = {}
     times = slowest_rank(interleaved({"ours": ours_step, "ours_bf16_cl": fast_step,
                                       "published": lambda: published(x, y)},
-                                     reps=reps, warmup=warmup, sync=dist.barrier))
+                                     reps=reps, warmup=warmup, sync=dist.barrier, cpu_times=cpu))
+    cpu = slowest_rank(cpu)
     comm = ours.grad_sync.take_stats()
     cfg = ours.cfg
     return {
@@ -93,6 +95,10 @@ def published_vs_ours(base: list[str], info: DistInfo, reps: int, warmup: int, a
         "seconds": {name: summary(t) for name, t in times.items()},
         "speedup": ratio(times["published"], times["ours"]),
         "speedup_bf16_cl": ratio(times["published"], times["ours_bf16_cl"]),
+        # CPU seconds of the busier rank (gloo's threads included, waits excluded): robust to other load
+        "cpu_seconds": {name: summary(t) for name, t in cpu.items()},
+        "cpu_time_speedup": ratio(cpu["published"], cpu["ours"]),
+        "cpu_time_speedup_bf16_cl": ratio(cpu["published"], cpu["ours_bf16_cl"]),
         "target": 1.5,
         "ours_comm": {"bytes_per_step": comm.bytes / comm.steps, "allreduce_calls_per_step": comm.calls / comm.steps},
         "published_comm": count_published_comm(ours, x, y, attack_sync),

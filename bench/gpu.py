@@ -23,6 +23,7 @@ import platform
 import sys
 import time
 import traceback
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -36,15 +37,17 @@ from trainer.models import build_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_IMAGES_PER_SECOND = 10_000
 
-# name: (perf.amp, perf.channels_last, torch.compile, CUDA-graphed attack, cudnn.benchmark)
+JOINTSPAR = ["optim.name=lars", "jointspar.enabled=true", "jointspar.budget=40", "jointspar.p_min=0.0125"]
+# name: (perf.amp, perf.channels_last, torch.compile, CUDA-graphed attack, cudnn.benchmark, extra overrides)
 VARIANTS = {
-    "fp32": ("off", "off", False, False, False),
-    "bf16": ("bf16", "off", False, False, False),
-    "bf16_cl": ("bf16", "on", False, False, False),
-    "bf16_cl_cudnnbench": ("bf16", "on", False, False, True),
-    "bf16_cl_graph": ("bf16", "on", False, True, False),
-    "bf16_cl_compile": ("bf16", "on", True, False, False),
-    "bf16_cl_compile_graph": ("bf16", "on", True, True, False),
+    "fp32": ("off", "off", False, False, False, []),
+    "bf16": ("bf16", "off", False, False, False, []),
+    "bf16_cl": ("bf16", "on", False, False, False, []),
+    "bf16_cl_cudnnbench": ("bf16", "on", False, False, True, []),
+    "bf16_cl_jointspar": ("bf16", "on", False, False, False, JOINTSPAR),
+    "bf16_cl_graph": ("bf16", "on", False, True, False, []),
+    "bf16_cl_compile": ("bf16", "on", True, False, False, []),
+    "bf16_cl_compile_graph": ("bf16", "on", True, True, False, []),
 }
 
 
@@ -130,23 +133,43 @@ def count_flops(model_name: str, steps: int, image_size: int = 32) -> dict:
     }
 
 
+def sync_audit(trainer, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Host-device synchronisations made by one Trainer.train_step and by fetching one training batch,
+    counted with torch's CUDA sync debug mode (each synchronising call warns)."""
+    out = {}
+    for what, fn in (("train_step", lambda: trainer.train_step(x, y, 1, 10**6)),
+                     ("data_batch", lambda: next(iter(trainer.batches.epoch(2))))):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        messages = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+        out[what] = {"syncs": len(messages), "examples": sorted({m.splitlines()[0][:200] for m in messages})[:5]}
+    trainer.timer.take()
+    return out
+
+
 def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> dict:
-    amp, channels_last, compiled, graphed, cudnn_bench = VARIANTS[name]
+    amp, channels_last, compiled, graphed, cudnn_bench, extra = VARIANTS[name]
     if graphed and device.type != "cuda":
         return {"skipped": "CUDA graphs need a CUDA device"}
     overrides = synthetic_overrides(args.model, args.batch, 1) + [
         "train.loss=dat", f"attack.steps={args.steps}", "optim.name=lamb",
-        f"perf.amp='{amp}'", f"perf.channels_last='{channels_last}'"]  # quoted: YAML reads on/off as booleans
+        f"perf.amp='{amp}'", f"perf.channels_last='{channels_last}'"] + extra  # quoted: YAML reads on/off as booleans
     trainer = build_trainer(overrides, local_dist_info(str(device)))
     if compiled:
-        trainer.forward = torch.compile(trainer.model, mode=None if args.compile_mode == "default" else args.compile_mode,
-                                        backend=args.compile_backend)
+        mode = None if args.compile_mode == "default" else args.compile_mode
+        trainer.forward = torch.compile(trainer.model, mode=mode, backend=args.compile_backend)
     x, y = first_batch(trainer)
     previous_bench = torch.backends.cudnn.benchmark
     if cudnn_bench:
         torch.backends.cudnn.benchmark = True
     settings = {"amp": amp, "channels_last": channels_last, "compile": compiled, "cuda_graph_attack": graphed,
-                "cudnn_benchmark": torch.backends.cudnn.benchmark}
+                "cudnn_benchmark": torch.backends.cudnn.benchmark, "overrides": extra}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     step = 0
@@ -172,6 +195,7 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> di
             synchronize(device)
             seconds = time.perf_counter() - t0
             phases = trainer.timer.take()
+            syncs = sync_audit(trainer, x, y) if device.type == "cuda" else {"skipped": "needs CUDA"}
     finally:
         torch.backends.cudnn.benchmark = previous_bench
     images = args.batch * args.iters
@@ -187,6 +211,7 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> di
         "train_images_per_second": images / train_s if train_s > 0 else None,
         "attack_share": attack_s / (attack_s + train_s) if attack_s + train_s > 0 else None,
         "mean_train_loss": loss,
+        "host_syncs": syncs,
     }
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -210,6 +235,10 @@ def table(result: dict) -> str:
                      f"{v['train_images_per_second'] or 0:>13.0f}{100 * (v['attack_share'] or 0):>9.0f}%"
                      f"{v['model_tflops']:>9.1f}{100 * v['fraction_of_gemm_peak'] if peak else 0:>8.1f}%")
     if result.get("best"):
+        syncs = result["variants"][result["best"]].get("host_syncs", {})
+        if "train_step" in syncs:
+            lines.append(f"host syncs ({result['best']}): {syncs['train_step']['syncs']} per train_step, "
+                         f"{syncs['data_batch']['syncs']} per training batch fetched")
         best = result["variants"][result["best"]]["images_per_second"]
         lines.append(f"best: {result['best']} {best:.0f} images/s (target {TARGET_IMAGES_PER_SECOND}: "
                      f"{'MET' if best >= TARGET_IMAGES_PER_SECOND else 'not met'})")

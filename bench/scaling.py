@@ -116,7 +116,8 @@ def plot(result: dict, path: str) -> None:
     for (ax_t, ax_c), s in zip(axes, scenarios):
         for mode in s["compute_seconds"]:
             for bw in result["bandwidths_gbit"]:
-                rows = [r for r in result["rows"] if (r["scenario"], r["mode"], r["bandwidth_gbit"]) == (s["name"], mode, bw)]
+                rows = [r for r in result["rows"]
+                        if (r["scenario"], r["mode"], r["bandwidth_gbit"]) == (s["name"], mode, bw)]
                 style = "-" if mode == "dense" else "--"
                 label = f"{bw:g} Gbit/s, {mode}"
                 ax_t.plot([r["nodes"] for r in rows], [r["epoch_seconds"] for r in rows], style, color=colors[bw],

@@ -51,7 +51,8 @@ def measure(model: str = "resnet18", batch: int = 32, reps: int = 10, warmup: in
         "attack_bf16_cl": lambda: one_attack_iteration(fast, xf, yf),
         "train_bf16_cl": StepCounter(fast, xf, yf),
     }
-    times = interleaved(variants, reps=reps, warmup=warmup)
+    cpu: dict[str, list[float]] = {}
+    times = interleaved(variants, reps=reps, warmup=warmup, cpu_times=cpu)
     return {
         "what": "one PGD iteration (trainer's attack_mode + craft, steps=1) vs one Trainer.train_step "
                 "(loss=clean: forward + backward with weight gradients + optimizer), same batch; *_bf16_cl: "
@@ -64,6 +65,10 @@ def measure(model: str = "resnet18", batch: int = 32, reps: int = 10, warmup: in
         "attack_over_train_bf16_cl": ratio(times["attack_bf16_cl"], times["train_bf16_cl"]),
         "bf16_cl_speedup": {"attack": ratio(times["attack"], times["attack_bf16_cl"]),
                             "train": ratio(times["train"], times["train_bf16_cl"])},
+        "cpu_seconds": {name: summary(t) for name, t in cpu.items()},
+        "cpu_time_ratios": {"attack_over_train": ratio(cpu["attack"], cpu["train"]),
+                            "naive_attack_over_train": ratio(cpu["naive_attack"], cpu["train"]),
+                            "attack_over_train_bf16_cl": ratio(cpu["attack_bf16_cl"], cpu["train_bf16_cl"])},
         "bound": 2 / 3,
         "target": 0.75,
     }

@@ -9,24 +9,31 @@ from typing import Callable
 
 def interleaved(variants: dict[str, Callable[[], object]], reps: int, warmup: int = 1,
                 clock: Callable[[], float] = time.perf_counter,
-                sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+                sync: Callable[[], None] = lambda: None,
+                cpu_times: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of every variant, ``reps`` rounds of one call each, after ``warmup`` untimed rounds.
 
     The order inside a round rotates, so no variant always runs right after the same other one
     (caches, allocator and thermal state then favour none of them). ``sync`` runs before each clock
-    read (a barrier across ranks, a device synchronisation)."""
+    read (a barrier across ranks, a device synchronisation). If ``cpu_times`` is given, it is filled with
+    this process's CPU seconds per call too: on a machine shared with other jobs, time spent descheduled
+    inflates wall time but not CPU time."""
     names = list(variants)
     for _ in range(warmup):
         for name in names:
             variants[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    if cpu_times is not None:
+        cpu_times.update({name: [] for name in names})
     for r in range(reps):
         for name in names[r % len(names):] + names[:r % len(names)]:
             sync()
-            t0 = clock()
+            c0, t0 = time.process_time(), clock()
             variants[name]()
             sync()
             times[name].append(clock() - t0)
+            if cpu_times is not None:
+                cpu_times[name].append(time.process_time() - c0)
     return times
 
 

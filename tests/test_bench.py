@@ -53,7 +53,10 @@ def scenario(**overrides) -> scaling.Scenario:
 
 def test_scaling_model_predictions():
     rows = scaling.predict(scenario(), epoch_images=10_000, latency_s=0)
-    get = lambda mode, n, bw: next(r for r in rows if (r["mode"], r["nodes"], r["bandwidth_gbit"]) == (mode, n, bw))  # noqa: E731
+
+    def get(mode, n, bw):
+        return next(r for r in rows if (r["mode"], r["nodes"], r["bandwidth_gbit"]) == (mode, n, bw))
+
     one = get("dense", 1, 10)
     assert one["steps_per_epoch"] == 100 and one["epoch_seconds"] == pytest.approx(100.0) and one["comm_share"] == 0
     # 8 nodes at 10 Gbit/s: 2 * 7/8 * 4e7 B / 1.25e9 B/s = 0.056 s exposed per step, 13 steps (ceil(10000 / 800))

@@ -19,8 +19,8 @@ def smoke(tmp_path_factory):
 def test_smoke_runs_every_variant_or_says_why_not(smoke):
     r, stdout = smoke
     assert r["smoke"] is True and r["device"] == "cpu" and r["attack_steps"] == 2 and r["batch"] == 4
-    assert set(r["variants"]) == {"fp32", "bf16", "bf16_cl", "bf16_cl_cudnnbench", "bf16_cl_graph",
-                                  "bf16_cl_compile", "bf16_cl_compile_graph"}
+    assert set(r["variants"]) == {"fp32", "bf16", "bf16_cl", "bf16_cl_cudnnbench", "bf16_cl_jointspar",
+                                  "bf16_cl_graph", "bf16_cl_compile", "bf16_cl_compile_graph"}
     for name, v in r["variants"].items():
         if "graph" in name:
             assert "CUDA" in v["skipped"]
@@ -30,7 +30,9 @@ def test_smoke_runs_every_variant_or_says_why_not(smoke):
         assert v["images"] == 4 and 0 < v["attack_share"] < 1 and v["model_tflops"] > 0
     assert r["variants"]["bf16_cl_compile"]["settings"]["compile"] is True
     assert r["variants"]["fp32"]["settings"] == {"amp": "off", "channels_last": "off", "compile": False,
-                                                 "cuda_graph_attack": False, "cudnn_benchmark": False}
+                                                 "cuda_graph_attack": False, "cudnn_benchmark": False,
+                                                 "overrides": []}
+    assert "jointspar.enabled=true" in r["variants"]["bf16_cl_jointspar"]["settings"]["overrides"]
     assert r["best"] in r["variants"] and stdout.strip().splitlines()[-1].startswith("best: ")
 
 
