@@ -65,18 +65,17 @@ class Cluster:
     def __init__(self, kubeconfig: str | None = None, context: str | None = None,
                  namespace: str | None = None) -> None:
         configuration = client.Configuration()
-        default_namespace = "default"
         try:
-            if kubeconfig or not SA_NAMESPACE.exists():
-                config.load_kube_config(config_file=kubeconfig, context=context,
-                                        client_configuration=configuration)
-                _, active = config.list_kube_config_contexts(config_file=kubeconfig)
+            try:
+                config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+                contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
                 if context:
-                    contexts, _ = config.list_kube_config_contexts(config_file=kubeconfig)
                     active = next((c for c in contexts if c["name"] == context), active)
                 default_namespace = (active or {}).get("context", {}).get("namespace") or "default"
-            else:
-                config.load_incluster_config(client_configuration=configuration)
+            except config.ConfigException:
+                if kubeconfig or not SA_NAMESPACE.exists():
+                    raise
+                config.load_incluster_config(client_configuration=configuration)  # in a pod, no kubeconfig
                 default_namespace = SA_NAMESPACE.read_text().strip() or "default"
         except (config.ConfigException, OSError) as exc:
             raise ClusterError(f"no usable Kubernetes config ({exc}); set KUBECONFIG or pass --kubeconfig") from None
@@ -282,7 +281,7 @@ def status_report(cluster: Cluster, kind: Kind, name: str) -> list[str]:
         out.append("pods:")
         for pod in pods:
             restarts = sum(s.restart_count for s in (pod.status.container_statuses or []))
-            out.append(f"  {pod.metadata.name:<40} {pod.status.phase:<10} restarts {restarts}"
+            out.append(f"  {pod.metadata.name:<40} {pod.status.phase or '?':<10} restarts {restarts}"
                        f"{'  node ' + pod.spec.node_name if pod.spec and pod.spec.node_name else ''}")
     port = metrics_port(job) if kind is PYTORCHJOB else None
     main = f"{name}-{default_replica(kind, job)}"

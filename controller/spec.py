@@ -120,13 +120,11 @@ def _describe(error: jsonschema.ValidationError) -> list[str]:
         return [f"{where}: must be {'>=' if kind == 'minimum' else '<='} {error.validator_value}, got {value!r}"]
     if kind == "maxLength":
         return [f"{where}: {value!r} is longer than {error.validator_value} characters"]
-    if "quantity" in error.schema.get("description", "") or any(
-            "quantity" in s.get("description", "") for s in error.schema.get("anyOf", [])):
+    description = error.schema.get("description", "")
+    if "quantity" in description:
         return [f"{where}: {value!r} is not a valid quantity (e.g. 500m, 2, 16Gi)"]
-    if error.parent is not None and "quantity" in error.parent.schema.get("description", ""):
-        return [f"{where}: {value!r} is not a valid quantity (e.g. 500m, 2, 16Gi)"]
-    if kind in ("pattern", "anyOf") and error.schema.get("description"):
-        return [f"{where}: {value!r} is invalid: {error.schema['description']}"]
+    if kind in ("pattern", "anyOf") and description:
+        return [f"{where}: {value!r} is invalid: {description}"]
     return [f"{where}: {error.message}"]
 
 

@@ -72,7 +72,7 @@ def _pod_problems(where: str, template: dict[str, Any] | None, nproc: str | None
         problems.append(f"{where}: container {CONTAINER} has no memory-backed /dev/shm (the 64Mi default "
                         "breaks NCCL and DataLoader workers)")
     gpus = (main.resources.limits or {}).get("nvidia.com/gpu") if main.resources else None
-    if gpus is not None and nproc is not None and nproc.isdigit() and int(str(gpus)) != int(nproc):
+    if str(gpus).isdigit() and nproc is not None and nproc.isdigit() and int(str(gpus)) != int(nproc):
         problems.append(f"{where}: {gpus} GPU(s) per pod but spec.nprocPerNode is {nproc} "
                         "(one torchrun process per GPU)")
     return problems

@@ -110,6 +110,14 @@ def test_chart_rules_beyond_the_schema(settings: list[str], complaint: str) -> N
     assert proc.returncode != 0 and complaint in proc.stderr, proc.stderr
 
 
+def test_release_name_must_make_a_valid_job_name() -> None:
+    """Without `name`, the job is named after the release, which helm allows to start with a digit."""
+    proc = helm("template", "1st-run", str(CHART), check=False)
+    assert proc.returncode != 0 and 'name "1st-run" must be a DNS-1035 label' in proc.stderr, proc.stderr
+    job = next(obj for _, obj in template("--set", "name=first-run", release="1st-run") if obj["kind"] == "PyTorchJob")
+    assert job["metadata"]["name"] == "first-run"
+
+
 @pytest.mark.parametrize("args, expected", [
     ([], False),  # auto, and helm template knows no monitoring.coreos.com/v1
     (["--api-versions", chart.MONITORING_API], True),

@@ -80,6 +80,10 @@ Cross-field rules values.schema.json cannot express; `datctl render` reports the
 {{- if and (gt $gpus 0) (ne (include "dat-training.nprocPerNode" .) (toString $gpus)) }}
 {{- fail (printf "nprocPerNode %d does not match gpusPerNode %d: each torchrun process needs its own GPU" (int .Values.nprocPerNode) $gpus) }}
 {{- end }}
+{{- $name := include "dat-training.jobName" . }}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $name) }}
+{{- fail (printf "name %q must be a DNS-1035 label (lower-case letters, digits and '-', starting with a letter): set name" $name) }}
+{{- end }}
 {{- $pod := include "dat-training.longestPodName" . }}
 {{- if gt (len $pod) 63 }}
 {{- fail (printf "name %q is too long: pod name %q exceeds 63 characters" (include "dat-training.jobName" .) $pod) }}
