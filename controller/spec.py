@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import posixpath
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ from kubernetes.utils import parse_quantity
 from controller import chart
 from trainer import config as trainer_config
 
-DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 OPERATOR_PORT = 23456  # the training operator's pytorchjob-port
 RDZV_PORT = 29400  # torchrun's c10d rendezvous port
 RESERVED_MOUNTS = ("/etc/dat", "/dev/shm", "/tmp")
@@ -53,7 +52,10 @@ def _set_path(spec: dict, item: str) -> None:
         raise SpecError([f"--set {item}: expected key.path=value"])
     path, raw = item.split("=", 1)
     keys = [k.replace("\0", ".") for k in path.replace("\\.", "\0").split(".")]
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
     node = spec
     for key in keys[:-1]:
         if not isinstance(node.get(key), dict):
@@ -79,12 +81,11 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
     for item in overrides:
         _set_path(spec, item)
     config_file = spec.get("trainerConfigFile")
-    if config_file:
+    if config_file and isinstance(config_file, str):  # other types: the schema check words it
         if spec.get("trainer"):
             raise SpecError(["trainerConfigFile: set either trainer or trainerConfigFile, not both"])
-        config_path = (path.parent / config_file) if not Path(config_file).is_absolute() else Path(config_file)
         try:
-            spec["trainer"] = yaml.safe_load(config_path.read_text()) or {}
+            spec["trainer"] = yaml.safe_load((path.parent / config_file).read_text()) or {}
         except FileNotFoundError:
             raise SpecError([f"trainerConfigFile: {config_file}: file not found"]) from None
         except yaml.YAMLError:
@@ -111,7 +112,8 @@ def _describe(error: jsonschema.ValidationError) -> list[str]:
     if kind == "required":
         return [f"{where}: {error.message}"]
     if kind == "enum":
-        return [f"{where}: {value!r} is not one of {', '.join(str(v) for v in error.validator_value)}"]
+        allowed = ", ".join(v if isinstance(v, str) else json.dumps(v) for v in error.validator_value)
+        return [f"{where}: {value!r} is not one of {allowed}"]
     if kind == "type":
         expected = error.validator_value
         expected = " or ".join(expected) if isinstance(expected, list) else expected
@@ -182,7 +184,7 @@ def _resource_problems(v: dict[str, Any]) -> list[str]:
 
 def _data_problems(v: dict[str, Any], trainer: dict[str, Any]) -> list[str]:
     data, source = v["data"], v["data"]["source"]
-    tdata = trainer.get("data") or {}
+    tdata = trainer.get("data") if isinstance(trainer.get("data"), dict) else {}
     dataset = tdata.get("name", trainer_config.DataConfig.name)
     problems = []
     if source == "pvc" and not data["claimName"]:
