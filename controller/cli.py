@@ -55,7 +55,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             problems.append(f"{name}: cannot read: {exc.__class__.__name__}")
             continue
         for doc in docs:
-            if not isinstance(doc, dict):
+            if not isinstance(doc, dict) or not isinstance(doc.get("metadata") or {}, dict):
                 problems.append(f"{name}: not a Kubernetes object: {str(doc)[:60]!r}")
                 continue
             label = f"{name}: {doc.get('kind')} {(doc.get('metadata') or {}).get('name')}"

@@ -56,7 +56,7 @@ def _one_line(exc: ValueError) -> str:
 def _pod_problems(where: str, template: dict[str, Any] | None, nproc: str | None) -> list[str]:
     try:
         tmpl = pod_template(template or {})
-    except ValueError as exc:
+    except (ValueError, TypeError, AttributeError) as exc:  # the model refuses the structure
         return [f"{where}.template: not a valid pod template: {_one_line(exc)}"]
     containers = tmpl.spec.containers if tmpl.spec else None
     if not containers:
@@ -78,11 +78,36 @@ def _pod_problems(where: str, template: dict[str, Any] | None, nproc: str | None
     return problems
 
 
+def _not_mapping(value: Any) -> bool:
+    return value is not None and not isinstance(value, dict)
+
+
+def _shape_problems(job: dict[str, Any]) -> list[str]:
+    """The nesting the rules below walk: mappings where mappings belong."""
+    problems = [f"{key}: must be a mapping" for key in ("metadata", "spec") if _not_mapping(job.get(key))]
+    if problems:
+        return problems
+    name = (job.get("metadata") or {}).get("name")
+    if not isinstance(name, str):
+        problems.append(f"metadata.name: must be a string, got {name!r}")
+    spec = job.get("spec") or {}
+    problems += [f"spec.{key}: must be a mapping" for key in ("pytorchReplicaSpecs", "elasticPolicy")
+                 if _not_mapping(spec.get(key))]
+    if problems:
+        return problems
+    for rtype, rspec in (spec.get("pytorchReplicaSpecs") or {}).items():
+        if _not_mapping(rspec) or _not_mapping((rspec or {}).get("template")):
+            problems.append(f"spec.pytorchReplicaSpecs.{rtype}: must be a mapping with a template mapping")
+    return problems
+
+
 def check_pytorchjob(job: dict[str, Any]) -> list[str]:
     """Problems with a kubeflow.org/v1 PyTorchJob, each as one line."""
-    name = (job.get("metadata") or {}).get("name") or ""
+    problems = _shape_problems(job)
+    if problems:
+        return problems
+    name = (job.get("metadata") or {}).get("name")
     spec = job.get("spec") or {}
-    problems = []
     if not DNS1035.match(name) or len(name) > 63:
         problems.append(f"metadata.name: {name!r} must be a DNS-1035 label (lower-case letters, digits and '-', "
                         "starting with a letter, at most 63 characters)")
