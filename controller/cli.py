@@ -6,6 +6,7 @@ command line (one line per problem, no traceback).
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -131,15 +132,18 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_exporter(args: argparse.Namespace) -> int:
+EXPORTER_HELP = "serve Prometheus metrics about the training jobs (datctl exporter --help)"
+
+
+def cmd_exporter(argv: list[str]) -> int:
     # Imported here so every other command works without (or despite) the exporter module.
     try:
-        from controller import exporter
+        exporter = importlib.import_module("controller.exporter")
     except ImportError as exc:
         return _fail(f"the exporter is not available in this installation ({exc})", EXIT_USAGE)
-    parser = argparse.ArgumentParser(prog="datctl exporter", description=args.exporter_help)
+    parser = argparse.ArgumentParser(prog="datctl exporter", description=EXPORTER_HELP)
     exporter.add_arguments(parser)
-    return exporter.run(parser.parse_args(args.exporter_args))
+    return exporter.run(parser.parse_args(argv))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,14 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--replica", help="master-0, worker-<i> (TrainJob: node-<i>); default: the first pod")
             p.add_argument("-f", "--follow", action="store_true")
 
-    exporter_help = "serve Prometheus metrics about the training jobs (datctl exporter --help)"
-    p = sub.add_parser("exporter", help=exporter_help, add_help=False)
-    p.add_argument("exporter_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_exporter, exporter_help=exporter_help)
+    sub.add_parser("exporter", help=EXPORTER_HELP)  # listed here; main() hands its arguments to the exporter
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["exporter"]:
+        return cmd_exporter(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
