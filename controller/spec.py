@@ -16,7 +16,7 @@ import jsonschema
 import yaml
 from kubernetes.utils import parse_quantity
 
-from controller import chart
+from controller import chart, webhook
 from trainer import config as trainer_config
 
 OPERATOR_PORT = 23456  # the training operator's pytorchjob-port
@@ -327,7 +327,12 @@ def render(job: JobSpec, namespace: str | None = None, api: str | None = None,
     order = {"ConfigMap": 0, "PyTorchJob": 1, "TrainJob": 1, "PodMonitor": 2}
     objects = sorted((obj for source, obj in rendered if source in chart.RUN_TEMPLATES),
                      key=lambda o: order.get(o["kind"], 3))
-    return Rendered(values=values, namespace=namespace, objects=objects)
+    result = Rendered(values=values, namespace=namespace, objects=objects)
+    if result.job["kind"] == "PyTorchJob":
+        broken = webhook.check_pytorchjob(result.job)
+        if broken:  # the chart broke an operator rule: a bug in the chart, not a user mistake
+            raise chart.ChartError(f"the chart rendered a PyTorchJob the operator would refuse: {'; '.join(broken)}")
+    return result
 
 
 class _Dumper(yaml.SafeDumper):
