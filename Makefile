@@ -12,10 +12,13 @@ help:
 	@echo "make demo     clean vs DAT training on the bundled digits data (2 gloo ranks, CPU)"
 	@echo "make test     unit + integration tests (installs helm, kubectl, prometheus as needed)"
 	@echo "make bench    CPU benchmarks: side-by-side ratios under bench/results/"
+	@echo "make manifests  regenerate manifests/ from manifests/specs/"
+	@echo "make schemas SCHEMA_DIR=DIR  download the pinned upstream CRDs (then export DAT_SCHEMA_DIR=DIR)"
+	@echo "make image IMAGE=REF   build the trainer image (needs Docker)"
+	@echo "make e2e-kind          smoke job on a kind cluster with the training operator (needs Docker + kind)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip >/dev/null
 	$(PY) -m pip install -q -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $@
 
