@@ -10,7 +10,8 @@ What it did, and what this class does:
 - LAMB.
 The attack's backward passes run under ``no_sync()`` by default, so they add no communication: the
 cheapest reading of the reproduction, which keeps our speed-up figure conservative. ``attack_sync=True``
-drops that and all-reduces after every attack iteration too.
+drops that, as a plain ``loss.backward()`` on a DDP-wrapped model does, and all-reduces every
+gradient after every attack iteration too.
 """
 from __future__ import annotations
 
