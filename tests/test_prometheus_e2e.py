@@ -200,7 +200,7 @@ def test_training_metrics_dashboard_and_alerts_in_prometheus(stack, tmp_path):
     trainer_scrape.start()
     t_start = time.time()
     env = torch_env(DAT_JOB_NAME=JOB, DAT_METRICS_DIR=str(tmp_path / "exchange"))
-    torchrun(["-m", "trainer", *SYNTHETIC, "--set", "data.synthetic_train_size=512", "--set", f"run.epochs={EPOCHS}",
+    torchrun(["-m", "trainer", *SYNTHETIC, "--set", "data.synthetic_train_size=1536", "--set", f"run.epochs={EPOCHS}",
               "--set", f"run.output_dir={out}", "--set", f"metrics.port={stack['trainer_port']}",
               "--set", "metrics.grace_seconds=4", "--set", "jointspar.enabled=true", "--set", "jointspar.budget=8"],
              nproc=2, env=env)
