@@ -27,7 +27,7 @@ def test_smoke_runs_every_variant_or_says_why_not(smoke):
             continue
         assert "error" not in v, (name, v.get("traceback"))
         assert v["images_per_second"] > 0 and v["attack_seconds"] > 0 and v["train_seconds"] > 0
-        assert v["images"] == 4 and 0 < v["attack_share"] < 1 and v["model_tflops"] > 0
+        assert v["images"] == 4 and 0 < v["attack_share"] < 1 and v["model_tflops"] > 0 and v["loss_finite"]
     assert r["variants"]["bf16_cl_compile"]["settings"]["compile"] is True
     assert r["variants"]["fp32"]["settings"] == {"amp": "off", "channels_last": "off", "compile": False,
                                                  "cuda_graph_attack": False, "cudnn_benchmark": False,
@@ -44,6 +44,16 @@ def test_smoke_flop_accounting_and_gemm_probe(smoke):
     assert f["train_step_per_image"] == pytest.approx(3 * f["forward_per_image"], rel=0.02)
     assert f["dat_step_per_image"] == pytest.approx(2 * f["attack_iteration_per_image"] + 2 * f["train_step_per_image"])
     assert r["gemm"]["n"] == 256 and r["gemm"]["tflops"] > 0
+
+
+def test_time_budget_skips_variants_instead_of_overrunning(tmp_path):
+    proc = subprocess.run(["bash", "bench/gpu.sh", "--smoke", "--variants", "fp32,bf16_cl_compile",
+                           "--budget-seconds", "60", "--out", str(tmp_path)],
+                          cwd=ROOT, env=torch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "gpu.json").read_text())
+    assert r["variants"]["fp32"]["images_per_second"] > 0
+    assert "time budget" in r["variants"]["bf16_cl_compile"]["skipped"]
 
 
 def test_unknown_variant_is_a_one_line_error(tmp_path):
