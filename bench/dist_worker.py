@@ -149,9 +149,12 @@ def dense_vs_jointspar(base: list[str], info: DistInfo, loss: str, reps: int, wa
     x, y = first_batch(dense)
     d, s = StepCounter(dense, x, y), StepCounter(sparse, x, y)
     for _ in range(warmup):
-        d(), s()
-    # Count bytes and active parameters over the timed steps only.
-    dense.grad_sync.take_stats(), sparse.grad_sync.take_stats(), sparse.jointspar.epoch_stats()
+        d()
+        s()
+    # Count bytes and active parameters over the timed steps only: drop what the warm-up accumulated.
+    dense.grad_sync.take_stats()
+    sparse.grad_sync.take_stats()
+    sparse.jointspar.epoch_stats()
     d.phases, s.phases = [], []
     times = slowest_rank(interleaved({"dense": d, "jointspar": s}, reps=reps, warmup=0, sync=dist.barrier))
     dc, sc = dense.grad_sync.take_stats(), sparse.grad_sync.take_stats()
