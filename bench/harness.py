@@ -53,6 +53,3 @@ class StepCounter:
         self.trainer.train_step(self.x, self.y, self.epoch, self.step)
         self.step += 1
         self.phases.append(self.trainer.timer.take())
-
-    def reset_phases(self) -> None:
-        self.phases = []
