@@ -64,3 +64,10 @@ def test_invalid_yaml_file(tmp_path):
     bad.write_text("attack: {eps: [\n")
     proc = train_cli(["--config", str(bad)])
     assert proc.returncode == 2 and "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_yaml_on_off_reach_string_options_as_words(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("perf: {channels_last: on, amp: off}\n")
+    cfg = load_config(str(path), ["perf.channels_last=off"])
+    assert cfg.perf.channels_last == "off" and cfg.perf.amp == "off"

@@ -172,6 +172,8 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
                 raise ValueError
             return float(value)
         if kind == "str":
+            if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+                return "on" if value else "off"
             if isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
