@@ -17,6 +17,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from bench.harness import StepCounter, build_trainer, first_batch, synthetic_overrides
 from bench.published import PublishedStep
+from bench.step_cost import FAST_PATH, FP32
 from bench.timing import interleaved, ratio, summary
 from trainer.config import ConfigError
 from trainer.distributed import DistInfo, setup, teardown
@@ -69,12 +70,11 @@ def count_published_comm(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, att
 
 
 def published_vs_ours(base: list[str], info: DistInfo, reps: int, warmup: int) -> dict:
-    """Ours with the defaults (on a CPU: fp32, NCHW), ours with the fast path forced on (bf16 autocast +
-    channels_last, what the trainer picks on a GPU), the published step (fp32, as published; its attack
+    """Ours in fp32 (NCHW), ours with the fast path (bf16 autocast + channels_last, what `auto` picks on a GPU
+    and on CPUs with native bf16), the published step (fp32, as published; its attack
     under no_sync) and the published step whose attack also all-reduces every iteration."""
-    ours = build_trainer(base + ["train.loss=dat", "optim.name=lamb"], info)
-    fast = build_trainer(base + ["train.loss=dat", "optim.name=lamb", "perf.amp=bf16", "perf.channels_last='on'"],
-                         info)
+    ours = build_trainer(base + ["train.loss=dat", "optim.name=lamb"] + FP32, info)
+    fast = build_trainer(base + ["train.loss=dat", "optim.name=lamb"] + FAST_PATH, info)
     published, published_sync = published_step(ours, False), published_step(ours, True)
     x, y = first_batch(ours)
     ours_step, fast_step = StepCounter(ours, x, y), StepCounter(fast, *first_batch(fast))

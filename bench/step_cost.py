@@ -31,16 +31,16 @@ def naive_attack_iteration(model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
     return ((x + delta).clamp(0, 1)).detach()
 
 
-FAST_PATH = ["perf.amp=bf16", "perf.channels_last='on'"]  # quoted: YAML would read on as a boolean
+FAST_PATH = ["perf.amp=bf16", "perf.channels_last=on"]
+FP32 = ["perf.amp=off", "perf.channels_last=off"]  # pinned: `auto` picks bf16 on CPUs with native bf16
 
 
 def measure(model: str = "resnet18", batch: int = 32, reps: int = 10, warmup: int = 2, image_size: int = 32,
             optim: str = "lamb") -> dict:
-    """Interleaved: the attack iteration, the naive one and the training step with the trainer's defaults
-    (fp32 on a CPU), plus the attack iteration and training step with the fast path (bf16 autocast,
+    """Interleaved: the attack iteration, the naive one and the training step in fp32, plus the attack iteration and training step with the fast path (bf16 autocast,
     channels_last)."""
     base = synthetic_overrides(model, batch, 1, image_size) + ["train.loss=clean", f"optim.name={optim}"]
-    trainer = build_trainer(base, local_dist_info())
+    trainer = build_trainer(base + FP32, local_dist_info())
     fast = build_trainer(base + FAST_PATH, local_dist_info())
     x, y = first_batch(trainer)
     xf, yf = first_batch(fast)

@@ -118,8 +118,8 @@ class CommConfig:
 
 @dataclass
 class PerfConfig:
-    amp: str = "auto"  # auto: bf16 on CUDA, off on CPU; bf16; off
-    channels_last: str = "auto"  # auto: on for CUDA; on; off
+    amp: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16; bf16; off
+    channels_last: str = "auto"  # auto: as perf.amp; on; off
     compile: bool = False  # torch.compile the model
 
 
