@@ -214,7 +214,7 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> di
     images = args.batch * args.iters
     attack_s = phases["attack"]
     train_s = phases["compute"] + phases["comm"] + phases["optimizer"]
-    loss = float(trainer._totals[0] / trainer._totals[3])
+    loss = float(trainer.totals[0] / trainer.totals[3])
     out = {
         "settings": settings,
         "seconds": seconds, "setup_seconds": setup_seconds, "images": images,

@@ -30,7 +30,6 @@ def build_trainer(overrides: list[str], dist_info: DistInfo) -> Trainer:
     cfg = config_from_dict({}, overrides)
     validate(cfg, world_size=dist_info.world_size, check_paths=False)
     trainer = Trainer(cfg, dist_info)
-    trainer._totals = torch.zeros(4, device=trainer.device)  # what train_epoch sets before its first step
     return trainer
 
 

@@ -80,7 +80,8 @@ class Trainer:
         self.timer = PhaseTimer(self.device)
         self.log = MetricsLog(cfg.run.output_dir, dist_info.is_main)
         self.start_epoch, self.best_ra = 1, -1.0
-        self._totals = None  # device-side running sums of (loss, clean correct, adv correct, images)
+        # device-side running sums of (loss, clean correct, adv correct, images) over the epoch: no host sync per step
+        self.totals = torch.zeros(4, device=self.device)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -140,22 +141,20 @@ class Trainer:
         with t.phase("compute"):
             active = self.jointspar.begin_step(epoch, step) if self.jointspar else self.params
             self.grad_sync.prepare(active)
-            inputs = {"clean": x, "adv": x_adv}.get(cfg.train.loss, None)
             with self.autocast():
-                logits = self.forward(inputs if inputs is not None else torch.cat([x_adv, x]))
-                if cfg.train.loss == "dat":  # CE(x_adv) + CE(x) in one forward, one backward
-                    adv_logits, clean_logits = logits.float().chunk(2)
+                if cfg.train.loss == "dat":  # CE(x_adv) + CE(x): one forward of both halves, one backward
+                    adv_logits, clean_logits = self.forward(torch.cat([x_adv, x])).float().chunk(2)
                     loss = F.cross_entropy(adv_logits, y) + F.cross_entropy(clean_logits, y)
-                else:
-                    clean_logits = adv_logits = logits.float()
-                    loss = F.cross_entropy(logits.float(), y)
+                else:  # adv: CE(x_adv); clean: CE(x)
+                    clean_logits = adv_logits = self.forward(x if x_adv is None else x_adv).float()
+                    loss = F.cross_entropy(adv_logits, y)
             if loss.requires_grad:  # JointSpar may (rarely) draw an empty active set: nothing to train
                 loss.backward()
             with torch.no_grad():
                 zero = torch.zeros((), device=y.device)
                 clean_ok = (clean_logits.argmax(1) == y).sum() if cfg.train.loss != "adv" else zero
                 adv_ok = (adv_logits.argmax(1) == y).sum() if cfg.train.loss != "clean" else zero
-                self._totals += torch.stack([loss.detach() * len(y), clean_ok.float(), adv_ok.float(), zero + len(y)])
+                self.totals += torch.stack([loss.detach() * len(y), clean_ok.float(), adv_ok.float(), zero + len(y)])
         with t.phase("comm"):
             self.grad_sync.wait()
         with t.phase("optimizer"):
@@ -168,7 +167,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict:
         self.model.train()
         torch.manual_seed(epoch_seed(self.cfg.run.seed, epoch, self.dist.rank))
-        self._totals = torch.zeros(4, device=self.device)
+        self.totals.zero_()
         lr = self.optimizer.param_groups[0]["lr"]
         wall0 = time.perf_counter()
         batches = iter(self.batches.epoch(epoch))
@@ -192,7 +191,7 @@ class Trainer:
                 clean_acc, robust_acc = self.evaluate()
         phases = self.timer.take()
         epoch_seconds = time.perf_counter() - wall0
-        loss_sum, clean_ok, adv_ok, n = all_reduce_sum(self._totals.tolist(), self.device)
+        loss_sum, clean_ok, adv_ok, n = all_reduce_sum(self.totals.tolist(), self.device)
         comm = self.grad_sync.take_stats()
         record = {
             "epoch": epoch,

@@ -20,7 +20,6 @@ cfg = config_from_dict({
     "comm": {"bucket_mb": bucket_mb, "overlap": overlap},
 })
 trainer = Trainer(cfg, info)
-trainer._totals = torch.zeros(4)
 
 calls = []
 for name in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",

@@ -24,7 +24,6 @@ cfg = config_from_dict({
     "jointspar": {"enabled": True, "budget": 6, "p_min": 0.05, "sampling": sampling, "warmup_epochs": 1},
 })
 trainer = Trainer(cfg, info)
-trainer._totals = torch.zeros(4)
 names = {id(p): name for name, p in trainer.model.named_parameters()}
 params = list(trainer.model.parameters())
 
