@@ -8,7 +8,7 @@ Dense steps use the same path with every parameter active, so bytes and times ar
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,6 @@ class CommStats:
     dense_bytes: int = 0  # what the same steps would have sent with every parameter active
     calls: int = 0  # all_reduce calls
     steps: int = 0
-    per_step_calls: list[int] = field(default_factory=list)
 
 
 class GradientSync:
@@ -116,7 +115,6 @@ class GradientSync:
             bucket.flat, bucket.work = None, None
         self.stats.steps += 1
         self.stats.dense_bytes += self.dense_step_bytes
-        self.stats.per_step_calls.append(len(self._buckets))
 
     def take_stats(self) -> CommStats:
         """Counters since the last call (per epoch)."""
