@@ -137,13 +137,8 @@ class JointSpar:
     """Chooses the active arms each step, scales their gradients by 1/p and runs the bandit."""
 
     def __init__(self, cfg: JointSparConfig, model: nn.Module, *, seed: int) -> None:
-        if cfg.arms not in ("param", "module"):
-            raise ConfigError(f"jointspar.arms: {cfg.arms!r} is not one of param, module")
-        if cfg.sampling not in ("bernoulli", "exact"):
-            raise ConfigError(f"jointspar.sampling: {cfg.sampling!r} is not one of bernoulli, exact")
+        # Names and ranges are checked by trainer.config.validate; what needs the model (L) is checked here.
         every = cfg.sample_every
-        if every != "epoch" and not (every.isdigit() and int(every) >= 1):
-            raise ConfigError(f"jointspar.sample_every: expected a positive integer or 'epoch', got {every!r}")
         self.cfg = cfg
         self.sample_every = 0 if every == "epoch" else int(every)  # 0: once per epoch
         self.arms = build_arms(model, cfg.arms)
