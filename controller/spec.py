@@ -271,9 +271,6 @@ def check(spec: dict[str, Any], origin: str = "trainer") -> dict[str, Any]:
     if v["gpusPerNode"] > 0 and v["nprocPerNode"] not in (0, v["gpusPerNode"]):
         problems.append(f"nprocPerNode: {v['nprocPerNode']} does not match gpusPerNode {v['gpusPerNode']} "
                         "(each torchrun process needs its own GPU)")
-    if v["api"] == "trainjob" and v["metrics"]["podMonitor"] is True and v["metrics"]["port"]:
-        problems.append("metrics.podMonitor: true needs a declared metrics container port, which api trainjob "
-                        "cannot add (declare it in the ClusterTrainingRuntime and use podMonitor: false)")
     if v["metrics"]["port"] in (OPERATOR_PORT, RDZV_PORT):
         problems.append(f"metrics.port: {v['metrics']['port']} is taken by the operator / torchrun rendezvous")
     problems += _resource_problems(v)

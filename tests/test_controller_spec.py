@@ -79,8 +79,6 @@ MISTAKES = {
                          "elastic.enabled: not supported with api trainjob"),
     "trainjob-volcano": ({"api": "trainjob", "scheduling/volcano/enabled": True},
                          "scheduling.volcano.enabled: not supported with api trainjob"),
-    "trainjob-podmonitor": ({"api": "trainjob", "metrics/podMonitor": True},
-                            "metrics.podMonitor: true needs a declared metrics container port"),
     "elastic-bounds": ({"elastic/enabled": True, "elastic/minNodes": 4, "elastic/maxNodes": 4},
                        "elastic: nodes 2 is outside minNodes..maxNodes (4..4)"),
     "kueue-and-volcano": ({"scheduling/kueueQueue": "q", "scheduling/volcano/enabled": True},
@@ -189,7 +187,8 @@ def test_overrides_namespace_and_trainer_file(tmp_path: Path, capsys: pytest.Cap
 def test_spec_namespace_and_trainjob(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = write_spec(tmp_path, {"namespace": "research"})
     objects = rendered_objects(capsys, str(path), "--api", "trainjob")
-    assert set(objects) == {"ConfigMap", "TrainJob"}  # no PodMonitor: TrainJob pods cannot declare the port
+    assert set(objects) == {"ConfigMap", "TrainJob", "PodMonitor"}
+    assert objects["PodMonitor"]["metadata"]["namespace"] == "research"
     assert objects["TrainJob"]["metadata"]["namespace"] == "research"
     assert objects["TrainJob"]["spec"]["trainer"]["numNodes"] == 2
 

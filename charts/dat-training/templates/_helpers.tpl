@@ -351,15 +351,17 @@ spec:
 {{- end }}
 
 {{/*
-"true" when the PodMonitor is rendered: a PyTorchJob (TrainJob runtime patches cannot declare the metrics
-container port a PodMonitor needs) with metrics on, and podMonitor true, or auto and the cluster serves
+"true" when the PodMonitor is rendered: metrics on, and podMonitor true, or auto and the cluster serves
 monitoring.coreos.com/v1.
 */}}
 {{- define "dat-training.podMonitorEnabled" -}}
 {{- $mode := toString .Values.metrics.podMonitor }}
 {{- $wanted := or (eq $mode "true") (and (eq $mode "auto") (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1")) }}
-{{- if and (eq .Values.api "pytorchjob") (gt (int .Values.metrics.port) 0) $wanted }}true{{ end }}
+{{- if and (gt (int .Values.metrics.port) 0) $wanted }}true{{ end }}
 {{- end }}
+
+{{/* The trainer container of a TrainJob node pod (the name the torch runtimes give it). */}}
+{{- define "dat-training.trainJobContainer" -}}node{{- end }}
 
 {{- define "dat-training.exporterMonitorEnabled" -}}
 {{- $mode := toString .Values.metrics.podMonitor }}
