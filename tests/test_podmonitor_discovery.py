@@ -21,7 +21,7 @@ import yaml
 from prometheus_client import CollectorRegistry, Gauge
 
 from test_prometheus_e2e import CHART, Prometheus, free_port, http_get, tool, wait_for
-from trainer.observability import _serve
+from trainer.observability import serve_metrics
 
 NAMESPACE = "team-a"
 RELEASE = "c10"
@@ -126,7 +126,7 @@ def test_podmonitor_finds_one_trainer_target_per_pod(api: str, tmp_path: Path) -
 
     registry = CollectorRegistry()
     Gauge("dat_discovery_probe", "served by the trainer's exporter code", registry=registry).set(1)
-    server = _serve(metrics_port, registry)
+    server = serve_metrics(metrics_port, registry)
     (tmp_path / "pods.json").write_text(json.dumps(discovered_targets(pods)))
     scrape = operator_scrape_config(monitor, tmp_path / "pods.json")
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({"scrape_configs": [scrape]}))

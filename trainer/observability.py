@@ -15,6 +15,7 @@ Environment (all optional):
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -55,6 +56,18 @@ def resolve_job_name(configured: str, default: str, env: dict[str, str] | None =
 
 def _warn(message: str) -> None:
     print(f"[metrics] warning: {message}", file=sys.stderr, flush=True)
+
+
+def serve_metrics(port: int, registry: CollectorRegistry):
+    """Serves on every address of the pod: dual-stack "::" (IPv4 and IPv6 clusters alike), or IPv4 alone
+    where the kernel has IPv6 off."""
+    try:
+        server, _ = start_http_server(port, addr="::", registry=registry)
+    except OSError as exc:
+        if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+            raise
+        server, _ = start_http_server(port, addr="0.0.0.0", registry=registry)
+    return server
 
 
 class _RankFilesCollector:
@@ -136,7 +149,7 @@ class TrainingExporter:
                 serving = CollectorRegistry()
                 serving.register(_RankFilesCollector(folder))
                 try:
-                    server, _ = start_http_server(port, registry=serving)
+                    server = serve_metrics(port, serving)
                 except OSError as exc:
                     _warn(f"cannot serve metrics on port {port} ({exc.strerror or exc}); "
                           "this pod's metrics are not exposed")
