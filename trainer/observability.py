@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from typing import Any, Iterable
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway, start_http_server
 from prometheus_client.exposition import write_to_textfile
@@ -58,7 +59,7 @@ def _warn(message: str) -> None:
     print(f"[metrics] warning: {message}", file=sys.stderr, flush=True)
 
 
-def serve_metrics(port: int, registry: CollectorRegistry):
+def serve_metrics(port: int, registry: CollectorRegistry) -> WSGIServer:
     """Serves on every address of the pod: dual-stack "::" (IPv4 and IPv6 clusters alike), or IPv4 alone
     where the kernel has IPv6 off."""
     try:
