@@ -1,14 +1,19 @@
-"""``datctl exporter``: job-level Prometheus metrics for Kubeflow PyTorchJobs.
+"""``datctl exporter``: job-level Prometheus metrics for Kubeflow PyTorchJobs and TrainJobs.
 
-Lists and then watches PyTorchJobs (all namespaces or one) and serves, per job:
-  dat_pytorchjob_condition{condition}          1 while that condition's status is True, else 0
-                                               (Created, Running, Restarting, Succeeded, Suspended, Failed)
-  dat_pytorchjob_start_timestamp_seconds       status.startTime
-  dat_pytorchjob_completion_timestamp_seconds  status.completionTime
-  dat_pytorchjob_replicas{replica_type,state}  status.replicaStatuses active / succeeded / failed
-  dat_pytorchjob_restarts_total                Restarting transitions this exporter has seen
+Lists and then watches the jobs of each kind asked for (all namespaces or one) and serves, per job:
+  dat_job_condition{kind,condition}            1 while that condition's status is True, else 0
+                                               PyTorchJob: Created, Running, Restarting, Succeeded, Suspended, Failed
+                                               TrainJob: Created, Suspended, Complete, Failed
+  dat_job_start_timestamp_seconds{kind}        PyTorchJob status.startTime (a TrainJob's status has none)
+  dat_job_completion_timestamp_seconds{kind}   PyTorchJob status.completionTime; TrainJob: when Complete or
+                                               Failed turned True
+  dat_job_replicas{kind,replica,state}         PyTorchJob status.replicaStatuses (master, worker: active,
+                                               succeeded, failed); TrainJob status.jobsStatus (node, initializers:
+                                               active, ready, succeeded, failed, suspended)
+  dat_job_restarts_total{kind}                 PyTorchJob: Restarting transitions this exporter has seen
 Labels ``job_namespace`` and ``job_name`` name the job: ``namespace`` and ``job`` are the labels Prometheus
-gives the exporter's own target, which would rename clashing labels to ``exported_*``.
+gives the exporter's own target, which would rename clashing labels to ``exported_*``. One dashboard and one
+set of alerts thus serve both APIs.
 
 A watch that expires (410 Gone), fails, or loses its connection is followed by a fresh list and watch,
 with exponential back-off on errors; the process never exits on API errors.
@@ -28,12 +33,44 @@ from typing import Any, Callable, Iterable
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
-CONDITIONS = ("Created", "Running", "Restarting", "Succeeded", "Suspended", "Failed")
-REPLICA_STATES = ("active", "succeeded", "failed")
-JOB_LABELS = ["job_namespace", "job_name"]
+from controller import kube
+
+JOB_LABELS = ["job_namespace", "job_name", "kind"]
 
 log = logging.getLogger("datctl.exporter")
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What the exporter reads from one job kind's status."""
+    resource: kube.Kind
+    conditions: tuple[str, ...]
+    replica_states: tuple[str, ...]
+    restarts: bool  # the kind reports restarts as a Restarting condition
+
+    def replicas(self, status: dict[str, Any]) -> dict[str, dict[str, int]]:
+        if self.resource is kube.TRAINJOB:
+            groups = {g.get("name", ""): g for g in status.get("jobsStatus") or []}
+        else:
+            groups = {rtype.lower(): counts for rtype, counts in (status.get("replicaStatuses") or {}).items()}
+        return {name: {state: int((counts or {}).get(state) or 0) for state in self.replica_states}
+                for name, counts in groups.items()}
+
+    def times(self, status: dict[str, Any], conditions: dict[str, dict]) -> tuple[float | None, float | None]:
+        """(start, completion) as Unix times, where the status says."""
+        if self.resource is kube.TRAINJOB:
+            ended = [c.get("lastTransitionTime") for t, c in conditions.items()
+                     if t in ("Complete", "Failed") and str(c.get("status")) == "True"]
+            return None, _timestamp(ended[0] if ended else None)
+        return _timestamp(status.get("startTime")), _timestamp(status.get("completionTime"))
+
+
+EXPORTED = {
+    "pytorchjob": Exported(kube.PYTORCHJOB, ("Created", "Running", "Restarting", "Succeeded", "Suspended", "Failed"),
+                           ("active", "succeeded", "failed"), restarts=True),
+    "trainjob": Exported(kube.TRAINJOB, ("Created", "Suspended", "Complete", "Failed"),
+                         ("active", "ready", "succeeded", "failed", "suspended"), restarts=False),
+}
 
 
 def _timestamp(text: str | None) -> float | None:
@@ -54,29 +91,24 @@ class JobState:
     restart_marks: set[str] = field(default_factory=set)  # lastTransitionTime of each Restarting seen
 
     @classmethod
-    def from_object(cls, obj: dict[str, Any]) -> "JobState":
+    def from_object(cls, obj: dict[str, Any], exported: Exported) -> "JobState":
         meta, status = obj.get("metadata") or {}, obj.get("status") or {}
-        conditions = {c: False for c in CONDITIONS}
-        restarting_since = None
-        for cond in status.get("conditions") or []:
-            if cond.get("type") in conditions:
-                conditions[cond["type"]] = str(cond.get("status")) == "True"
-                if cond["type"] == "Restarting" and conditions["Restarting"]:
-                    restarting_since = cond.get("lastTransitionTime") or cond.get("lastUpdateTime") or "?"
-        replicas = {rtype: {state: int((counts or {}).get(state) or 0) for state in REPLICA_STATES}
-                    for rtype, counts in (status.get("replicaStatuses") or {}).items()}
+        seen = {c.get("type"): c for c in status.get("conditions") or [] if c.get("type") in exported.conditions}
+        conditions = {c: c in seen and str(seen[c].get("status")) == "True" for c in exported.conditions}
+        start, completion = exported.times(status, seen)
         job = cls(namespace=meta.get("namespace", ""), name=meta.get("name", ""), uid=meta.get("uid", ""),
-                  conditions=conditions, start=_timestamp(status.get("startTime")),
-                  completion=_timestamp(status.get("completionTime")), replicas=replicas)
-        if restarting_since:
-            job.restart_marks.add(restarting_since)
+                  conditions=conditions, start=start, completion=completion, replicas=exported.replicas(status))
+        if exported.restarts and conditions.get("Restarting"):
+            restarting = seen["Restarting"]
+            job.restart_marks.add(restarting.get("lastTransitionTime") or restarting.get("lastUpdateTime") or "?")
         return job
 
 
 class JobStore:
-    """The jobs as last seen by list and watch; safe to read from the scrape thread."""
+    """The jobs of one kind as last seen by list and watch; safe to read from the scrape thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, exported: Exported) -> None:
+        self.exported = exported
         self._jobs: dict[tuple[str, str], JobState] = {}
         self._lock = threading.Lock()
 
@@ -87,7 +119,7 @@ class JobStore:
         return job
 
     def upsert(self, obj: dict[str, Any]) -> None:
-        job = JobState.from_object(obj)
+        job = JobState.from_object(obj, self.exported)
         with self._lock:
             self._jobs[(job.namespace, job.name)] = self._merge(job)
 
@@ -98,7 +130,7 @@ class JobStore:
 
     def replace(self, objs: Iterable[dict[str, Any]]) -> None:
         """After a (re-)list: exactly these jobs exist; deletions missed while not watching are dropped."""
-        jobs = [JobState.from_object(o) for o in objs]
+        jobs = [JobState.from_object(o, self.exported) for o in objs]
         with self._lock:
             self._jobs = {(j.namespace, j.name): self._merge(j) for j in jobs}
 
@@ -116,71 +148,77 @@ class WatchStats:
 
 
 class JobCollector:
-    """Builds the metric families from the store at every scrape."""
+    """Builds the metric families from the stores at every scrape."""
 
-    def __init__(self, store: JobStore, stats: WatchStats) -> None:
-        self.store, self.stats = store, stats
+    def __init__(self, watched: list[tuple[JobStore, WatchStats]]) -> None:
+        self.watched = watched
 
     def collect(self) -> Iterable[Any]:
-        condition = GaugeMetricFamily("dat_pytorchjob_condition",
-                                      "1 while the PyTorchJob condition's status is True, else 0.",
+        condition = GaugeMetricFamily("dat_job_condition", "1 while the job condition's status is True, else 0.",
                                       labels=JOB_LABELS + ["condition"])
-        start = GaugeMetricFamily("dat_pytorchjob_start_timestamp_seconds", "PyTorchJob status.startTime.",
+        start = GaugeMetricFamily("dat_job_start_timestamp_seconds", "PyTorchJob status.startTime.",
                                   labels=JOB_LABELS)
-        completion = GaugeMetricFamily("dat_pytorchjob_completion_timestamp_seconds",
-                                       "PyTorchJob status.completionTime.", labels=JOB_LABELS)
-        replicas = GaugeMetricFamily("dat_pytorchjob_replicas", "Pods per replica type and state "
-                                     "(status.replicaStatuses).", labels=JOB_LABELS + ["replica_type", "state"])
-        restarts = CounterMetricFamily("dat_pytorchjob_restarts", "Restarting transitions seen by this exporter.",
+        completion = GaugeMetricFamily("dat_job_completion_timestamp_seconds",
+                                       "When the job succeeded or failed (PyTorchJob status.completionTime, "
+                                       "TrainJob Complete/Failed condition).", labels=JOB_LABELS)
+        replicas = GaugeMetricFamily("dat_job_replicas", "Pods (PyTorchJob replicaStatuses) or Jobs (TrainJob "
+                                     "jobsStatus) per replica and state.", labels=JOB_LABELS + ["replica", "state"])
+        restarts = CounterMetricFamily("dat_job_restarts", "Restarting transitions seen by this exporter.",
                                        labels=JOB_LABELS)
-        for job in self.store.snapshot():
-            ids = [job.namespace, job.name]
-            for cond in CONDITIONS:
-                condition.add_metric(ids + [cond], 1.0 if job.conditions[cond] else 0.0)
-            if job.start is not None:
-                start.add_metric(ids, job.start)
-            if job.completion is not None:
-                completion.add_metric(ids, job.completion)
-            for rtype in sorted(job.replicas):
-                for state in REPLICA_STATES:
-                    replicas.add_metric(ids + [rtype.lower(), state], job.replicas[rtype][state])
-            restarts.add_metric(ids, len(job.restart_marks))
-        yield from (condition, start, completion, replicas, restarts)
-
-        stats = self.stats
-        jobs = GaugeMetricFamily("dat_exporter_jobs", "PyTorchJobs currently known.")
-        jobs.add_metric([], len(self.store.snapshot()))
-        lists = CounterMetricFamily("dat_exporter_lists", "Full lists of PyTorchJobs (first one and re-lists).")
-        lists.add_metric([], stats.lists)
-        events = CounterMetricFamily("dat_exporter_watch_events", "Watch events received.", labels=["type"])
-        for kind, count in sorted(stats.events.items()):
-            events.add_metric([kind], count)
+        jobs = GaugeMetricFamily("dat_exporter_jobs", "Jobs currently known.", labels=["kind"])
+        lists = CounterMetricFamily("dat_exporter_lists", "Full lists of the jobs (first one and re-lists).",
+                                    labels=["kind"])
+        events = CounterMetricFamily("dat_exporter_watch_events", "Watch events received.", labels=["kind", "type"])
         errors = CounterMetricFamily("dat_exporter_watch_errors", "Lists or watches that ended in an error: "
-                                     "expired (410 Gone), api (other API error), connection.", labels=["reason"])
-        for reason, count in sorted(stats.errors.items()):
-            errors.add_metric([reason], count)
-        last = GaugeMetricFamily("dat_exporter_last_list_timestamp_seconds", "Unix time of the last good list.")
-        last.add_metric([], stats.last_list)
-        yield from (jobs, lists, events, errors, last)
+                                     "expired (410 Gone), api (other API error), connection.",
+                                     labels=["kind", "reason"])
+        last = GaugeMetricFamily("dat_exporter_last_list_timestamp_seconds", "Unix time of the last good list.",
+                                 labels=["kind"])
+        for store, stats in self.watched:
+            kind, exported, known = store.exported.resource.kind, store.exported, store.snapshot()
+            for job in known:
+                ids = [job.namespace, job.name, kind]
+                for cond in exported.conditions:
+                    condition.add_metric(ids + [cond], 1.0 if job.conditions[cond] else 0.0)
+                if job.start is not None:
+                    start.add_metric(ids, job.start)
+                if job.completion is not None:
+                    completion.add_metric(ids, job.completion)
+                for replica in sorted(job.replicas):
+                    for state in exported.replica_states:
+                        replicas.add_metric(ids + [replica, state], job.replicas[replica][state])
+                if exported.restarts:
+                    restarts.add_metric(ids, len(job.restart_marks))
+            jobs.add_metric([kind], len(known))
+            lists.add_metric([kind], stats.lists)
+            for event, count in sorted(stats.events.items()):
+                events.add_metric([kind, event], count)
+            for reason, count in sorted(stats.errors.items()):
+                errors.add_metric([kind, reason], count)
+            last.add_metric([kind], stats.last_list)
+        yield from (condition, start, completion, replicas, restarts, jobs, lists, events, errors, last)
 
 
 class JobWatcher:
     """List, then watch from the list's resourceVersion; on any failure list again (with back-off)."""
 
     def __init__(self, api_client: Any, store: JobStore, stats: WatchStats, namespace: str = "",
-                 watch_timeout: int = 300, retry_seconds: float = 1.0, max_retry_seconds: float = 30.0) -> None:
+                 watch_timeout: int = 300, retry_seconds: float = 1.0, max_retry_seconds: float = 30.0,
+                 stop_event: threading.Event | None = None) -> None:
         from kubernetes import client
 
         self.api = client.CustomObjectsApi(api_client)
         self.store, self.stats, self.namespace = store, stats, namespace
+        self.resource = store.exported.resource
         self.watch_timeout = watch_timeout
         self.retry_seconds, self.max_retry_seconds = retry_seconds, max_retry_seconds
-        self.stop_event = threading.Event()
+        self.stop_event = stop_event or threading.Event()
 
     def _list_call(self) -> tuple[Callable[..., Any], tuple]:
+        r = self.resource
         if self.namespace:
-            return self.api.list_namespaced_custom_object, (GROUP, VERSION, self.namespace, PLURAL)
-        return self.api.list_cluster_custom_object, (GROUP, VERSION, PLURAL)
+            return self.api.list_namespaced_custom_object, (r.group, r.version, self.namespace, r.plural)
+        return self.api.list_cluster_custom_object, (r.group, r.version, r.plural)
 
     def list_jobs(self) -> str:
         func, args = self._list_call()
@@ -229,7 +267,9 @@ class JobWatcher:
                     continue
                 reason = "connection" if not exc.status else "api"  # status 0: TLS or transport failure
                 self.stats.errors[reason] += 1
-                log.warning("Kubernetes API error %s %s; retrying in %.1fs", exc.status, exc.reason, delay)
+                hint = f" ({self.resource.plural} not served: {self.resource.install})" if exc.status == 404 else ""
+                log.warning("Kubernetes API error %s %s listing %s%s; retrying in %.1fs", exc.status, exc.reason,
+                            self.resource.plural, hint, delay)
             except Exception as exc:  # dropped connections, timeouts, garbage: list again after a pause
                 self.stats.errors["connection"] += 1
                 log.warning("watch connection failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, delay)
@@ -238,6 +278,8 @@ class JobWatcher:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api", default="pytorchjob",
+                        help="job kinds to watch, comma-separated: pytorchjob, trainjob (default pytorchjob)")
     parser.add_argument("--namespace", "-n", default="", help="watch one namespace (default: all namespaces)")
     parser.add_argument("--port", type=int, default=9469, help="port to serve /metrics on (default 9469)")
     parser.add_argument("--address", default="0.0.0.0", help="address to serve on (default 0.0.0.0)")
@@ -273,29 +315,38 @@ def run(args: argparse.Namespace) -> int:
         print("datctl exporter: --watch-timeout must be >= 1 and 0 < --retry-seconds <= --max-retry-seconds",
               file=sys.stderr)
         return 2
+    apis = [a.strip() for a in args.api.split(",") if a.strip()]
+    unknown = [a for a in apis if a not in EXPORTED]
+    if unknown or not apis:
+        print(f"datctl exporter: --api takes {', '.join(EXPORTED)} (comma-separated), got {args.api!r}",
+              file=sys.stderr)
+        return 2
     try:
         api_client = _api_client(args.kubeconfig, args.context)
     except Exception as exc:  # kubernetes.config.ConfigException, missing or unreadable files
         print(f"datctl exporter: cannot load Kubernetes credentials: {str(exc).splitlines()[0] if str(exc) else exc!r}",
               file=sys.stderr)
         return 2
-    store, stats = JobStore(), WatchStats()
+    watched = [(JobStore(EXPORTED[api]), WatchStats()) for api in dict.fromkeys(apis)]
     registry = CollectorRegistry()
-    registry.register(JobCollector(store, stats))
+    registry.register(JobCollector(watched))
     try:
         server, _ = start_http_server(args.port, addr=args.address, registry=registry)
     except OSError as exc:
         print(f"datctl exporter: cannot listen on {args.address}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    watcher = JobWatcher(api_client, store, stats, namespace=args.namespace, watch_timeout=args.watch_timeout,
-                         retry_seconds=args.retry_seconds, max_retry_seconds=args.max_retry_seconds)
-    stop = watcher.stop_event
+    stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    # The watch blocks in a socket read; keeping it off the main thread lets a signal end the process at once.
-    threading.Thread(target=watcher.run, name="pytorchjob-watch", daemon=True).start()
+    for store, stats in watched:
+        watcher = JobWatcher(api_client, store, stats, namespace=args.namespace, watch_timeout=args.watch_timeout,
+                             retry_seconds=args.retry_seconds, max_retry_seconds=args.max_retry_seconds,
+                             stop_event=stop)
+        # A watch blocks in a socket read; keeping it off the main thread lets a signal end the process at once.
+        threading.Thread(target=watcher.run, name=f"{watcher.resource.plural}-watch", daemon=True).start()
     scope = f"namespace {args.namespace}" if args.namespace else "all namespaces"
-    log.info("serving PyTorchJob metrics of %s on %s:%d/metrics", scope, args.address, args.port)
+    kinds = ", ".join(store.exported.resource.kind for store, _ in watched)
+    log.info("serving %s metrics of %s on %s:%d/metrics", kinds, scope, args.address, args.port)
     while not stop.wait(1.0):
         pass
     server.shutdown()

@@ -140,15 +140,16 @@ def test_podmonitor_gating(args: list[str], expected: bool) -> None:
         assert monitors[0]["spec"]["podMetricsEndpoints"][0]["port"] in ports
 
 
-def test_exporter_is_least_privilege() -> None:
+@pytest.mark.parametrize("api, group, plural", [("pytorchjob", "kubeflow.org", "pytorchjobs"),
+                                                ("trainjob", "trainer.kubeflow.org", "trainjobs")])
+def test_exporter_is_least_privilege(api: str, group: str, plural: str) -> None:
     rendered = dict(((obj["kind"], obj["metadata"]["name"]), obj) for source, obj in
-                    template("--set", "exporter.enabled=true", "--namespace", "team-a") if source == "exporter.yaml")
+                    template("--set", "exporter.enabled=true", "--set", f"api={api}", "--namespace", "team-a")
+                    if source == "exporter.yaml")
     role = rendered[("Role", "run-exporter")]
     assert role["metadata"]["namespace"] == "team-a"
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
-    assert rules == {(("kubeflow.org",), ("pytorchjobs", "pytorchjobs/status")): {"get", "list", "watch"},
-                     (("",), ("pods", "pods/log")): {"get", "list", "watch"},
-                     (("",), ("events",)): {"get", "list", "watch"}}
+    assert rules == {((group,), (plural, f"{plural}/status")): {"get", "list", "watch"}}
     assert not any(kind == "ClusterRole" for kind, _ in rendered)
     binding = rendered[("RoleBinding", "run-exporter")]
     assert binding["roleRef"]["name"] == "run-exporter"
@@ -164,6 +165,7 @@ def test_exporter_is_least_privilege() -> None:
     exporter.add_arguments(parser)
     parsed = parser.parse_args(container["args"])
     assert parsed.namespace == "team-a" and parsed.port == container["ports"][0]["containerPort"]
+    assert parsed.api == api
     service = rendered[("Service", "run-exporter")]
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
-from controller.exporter import JobCollector, JobStore, WatchStats
+from controller.exporter import EXPORTED, JobCollector, JobStore, WatchStats
 from trainer.config import MetricsConfig
 from trainer.observability import TrainingExporter
 
@@ -82,7 +82,7 @@ def test_panels_and_layout(dashboard):
     accuracy = query("Clean (CA) and robust (RA) test accuracy")
     assert "dat_test_clean_accuracy" in accuracy and "dat_test_robust_accuracy" in accuracy
     assert "dat_jointspar_active_fraction" in query("JointSpar active fraction")
-    assert "dat_pytorchjob_condition" in query("Job states")
+    assert "dat_job_condition" in query("Job states")
     for expr in exprs(dashboard):
         assert ('namespace=~"$namespace"' in expr) or ('job_namespace=~"$namespace"' in expr), expr
 
@@ -100,10 +100,13 @@ def exposed_metric_names(tmp_path: Path) -> set[str]:
                                "train_adv_acc", "test_clean_acc", "test_robust_acc", "lr", "jointspar_active_arms",
                                "jointspar_active_fraction")}
     trainer.observe_epoch(record)
-    store = JobStore()
-    store.replace(json.loads((RECORDED / "list-3.json").read_text())["items"])
+    watched = []
+    for api, recording in (("pytorchjob", "list-3.json"), ("trainjob", "trainjob-list.json")):
+        store = JobStore(EXPORTED[api])
+        store.replace(json.loads((RECORDED / recording).read_text())["items"])
+        watched.append((store, WatchStats()))
     registry = CollectorRegistry()
-    registry.register(JobCollector(store, WatchStats()))
+    registry.register(JobCollector(watched))
     text = generate_latest(trainer.registry).decode() + generate_latest(registry).decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
 

@@ -22,6 +22,7 @@ from controller.schemas import crd_problems
 from recorded_watch.replay import HERE as RECORDED, ReplayServer
 
 ROOT = Path(__file__).resolve().parents[1]
+PJ = {"kind": "PyTorchJob"}
 
 
 def free_port() -> int:
@@ -77,17 +78,17 @@ def stop(proc: subprocess.Popen) -> str:
     return out
 
 
-def test_recorded_jobs_match_the_pytorchjob_crd():
+def test_recorded_jobs_match_their_crds():
     objects = []
-    for path in sorted(RECORDED.glob("list-*.json")):
+    for path in sorted(RECORDED.glob("*list*.json")):
         objects += json.loads(path.read_text())["items"]
-    for path in sorted(RECORDED.glob("watch-*.jsonl")):
+    for path in sorted(RECORDED.glob("*watch*.jsonl")):
         for line in path.read_text().splitlines():
             if line.endswith("}"):
                 event = json.loads(line)
                 if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
                     objects.append(event["object"])
-    assert len(objects) >= 15
+    assert len(objects) >= 20 and {o["kind"] for o in objects} == {"PyTorchJob", "TrainJob"}
     for obj in objects:
         assert crd_problems(obj) == [], obj["metadata"]["name"]
 
@@ -98,24 +99,24 @@ def test_exporter_survives_api_error_expiry_and_dropped_connection(tmp_path):
         try:
             # watch 3 has delivered dat-small's failure and waits to cut the connection
             wait_for(replay.paused.is_set, what="the watch that will be dropped")
-            mid = wait_for(lambda: (lambda m: m if value(m, "dat_pytorchjob_condition", job_namespace="team-a",
+            mid = wait_for(lambda: (lambda m: m if value(m, "dat_job_condition", **PJ, job_namespace="team-a",
                                                          job_name="dat-small", condition="Failed") == 1 else None)(
                 metrics(port)), what="dat-small failed")
-            assert value(mid, "dat_exporter_watch_errors_total", reason="api") == 1  # the 500 on the first list
-            assert value(mid, "dat_exporter_watch_errors_total", reason="expired") == 1
-            assert value(mid, "dat_exporter_watch_errors_total", reason="connection") == 0
-            assert value(mid, "dat_exporter_lists_total") == 2
+            assert value(mid, "dat_exporter_watch_errors_total", **PJ, reason="api") == 1  # the 500 on the first list
+            assert value(mid, "dat_exporter_watch_errors_total", **PJ, reason="expired") == 1
+            assert value(mid, "dat_exporter_watch_errors_total", **PJ, reason="connection") == 0
+            assert value(mid, "dat_exporter_lists_total", **PJ) == 2
             # dat-old was deleted while the watch was expired: the re-list dropped it
-            assert value(mid, "dat_pytorchjob_condition", job_namespace="team-b", job_name="dat-old",
+            assert value(mid, "dat_job_condition", **PJ, job_namespace="team-b", job_name="dat-old",
                          condition="Succeeded") is None
-            assert value(mid, "dat_pytorchjob_condition", job_namespace="team-b", job_name="dat-new",
+            assert value(mid, "dat_job_condition", **PJ, job_namespace="team-b", job_name="dat-new",
                          condition="Running") == 1
             replay.resume.set()
 
             def settled():
                 m = metrics(port)
-                done = replay.consumed == len(replay.exchanges) and value(m, "dat_exporter_watch_events_total",
-                                                                           type="DELETED") == 1
+                done = replay.consumed == len(replay.exchanges) and value(
+                    m, "dat_exporter_watch_events_total", **PJ, type="DELETED") == 1
                 return m if done else None
 
             final = wait_for(settled, what="the last watch's events")
@@ -131,34 +132,81 @@ def test_exporter_survives_api_error_expiry_and_dropped_connection(tmp_path):
     assert all(path == "/apis/kubeflow.org/v1/pytorchjobs" for _, path, _ in replay.requests)
 
     a = {"job_namespace": "team-a"}
-    assert value(final, "dat_exporter_watch_errors_total", reason="connection") == 1
-    assert value(final, "dat_exporter_lists_total") == 3
-    assert value(final, "dat_exporter_jobs") == 2
+    assert value(final, "dat_exporter_watch_errors_total", **PJ, reason="connection") == 1
+    assert value(final, "dat_exporter_lists_total", **PJ) == 3
+    assert value(final, "dat_exporter_jobs", **PJ) == 2
     # dat-resnet: restarted during watch 1 (one transition seen in two events) and again before list 3
-    assert value(final, "dat_pytorchjob_restarts_total", **a, job_name="dat-resnet") == 2
-    assert value(final, "dat_pytorchjob_condition", **a, job_name="dat-resnet", condition="Running") == 1
-    assert value(final, "dat_pytorchjob_condition", **a, job_name="dat-resnet", condition="Restarting") == 0
-    assert value(final, "dat_pytorchjob_start_timestamp_seconds", **a, job_name="dat-resnet") == ts(
+    assert value(final, "dat_job_restarts_total", **PJ, **a, job_name="dat-resnet") == 2
+    assert value(final, "dat_job_condition", **PJ, **a, job_name="dat-resnet", condition="Running") == 1
+    assert value(final, "dat_job_condition", **PJ, **a, job_name="dat-resnet", condition="Restarting") == 0
+    assert value(final, "dat_job_start_timestamp_seconds", **PJ, **a, job_name="dat-resnet") == ts(
         "2026-11-20T08:00:05Z")
-    assert value(final, "dat_pytorchjob_completion_timestamp_seconds", **a, job_name="dat-resnet") is None
-    assert value(final, "dat_pytorchjob_replicas", **a, job_name="dat-resnet", replica_type="worker",
+    assert value(final, "dat_job_completion_timestamp_seconds", **PJ, **a, job_name="dat-resnet") is None
+    assert value(final, "dat_job_replicas", **PJ, **a, job_name="dat-resnet", replica="worker",
                  state="active") == 2
-    assert value(final, "dat_pytorchjob_replicas", **a, job_name="dat-resnet", replica_type="master",
+    assert value(final, "dat_job_replicas", **PJ, **a, job_name="dat-resnet", replica="master",
                  state="active") == 1
     # dat-small failed
     small = {**a, "job_name": "dat-small"}
-    conditions = {c: value(final, "dat_pytorchjob_condition", **small, condition=c)
+    conditions = {c: value(final, "dat_job_condition", **PJ, **small, condition=c)
                   for c in ("Created", "Running", "Restarting", "Succeeded", "Suspended", "Failed")}
     assert conditions == {"Created": 1, "Running": 0, "Restarting": 0, "Succeeded": 0, "Suspended": 0, "Failed": 1}
-    assert value(final, "dat_pytorchjob_completion_timestamp_seconds", **small) == ts("2026-11-20T09:10:00Z")
-    assert value(final, "dat_pytorchjob_replicas", **small, replica_type="master", state="failed") == 1
-    assert value(final, "dat_pytorchjob_restarts_total", **small) == 0
+    assert value(final, "dat_job_completion_timestamp_seconds", **PJ, **small) == ts("2026-11-20T09:10:00Z")
+    assert value(final, "dat_job_replicas", **PJ, **small, replica="master", state="failed") == 1
+    assert value(final, "dat_job_restarts_total", **PJ, **small) == 0
     # dat-new was deleted in watch 4
     assert not any(dict(labels).get("job_name") == "dat-new" for _, labels in final)
 
     assert shutil.which("promtool"), "promtool is missing: run `make prometheus` (Debian package prometheus)"
     check = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_trainjobs_and_pytorchjobs_from_one_exporter(tmp_path):
+    """`--api pytorchjob,trainjob`: one watch per kind, the same metric families, told apart by `kind`."""
+    trainjobs = "/apis/trainer.kubeflow.org/v1alpha1/trainjobs"
+    with ReplayServer(also={trainjobs: RECORDED / "trainjob-session.json"}) as replay:
+        replay.resume.set()
+        proc, port = start_exporter(tmp_path, replay, "--api", "pytorchjob,trainjob")
+        try:
+            def settled():
+                m = metrics(port)
+                done = (replay.consumed_of(trainjobs) == 2 and replay.consumed == len(replay.exchanges)
+                        and value(m, "dat_exporter_watch_events_total", kind="TrainJob", type="DELETED") == 1
+                        and value(m, "dat_exporter_watch_events_total", **PJ, type="DELETED") == 1)
+                return m if done else None
+
+            final = wait_for(settled, what="both kinds' watches")
+        finally:
+            out = stop(proc)
+    assert proc.returncode == 0 and "Traceback" not in out, out
+    assert replay.mismatches == [], replay.mismatches
+    tj = {"kind": "TrainJob", "job_namespace": "team-a"}
+    assert value(final, "dat_exporter_jobs", kind="TrainJob") == 2  # dat-v2-done was deleted
+    assert value(final, "dat_exporter_jobs", **PJ) == 2
+    assert value(final, "dat_exporter_lists_total", kind="TrainJob") == 1
+    conditions = {c: value(final, "dat_job_condition", **tj, job_name="dat-v2-small", condition=c)
+                  for c in ("Created", "Suspended", "Complete", "Failed")}
+    assert conditions == {"Created": 1, "Suspended": 0, "Complete": 0, "Failed": 1}
+    assert value(final, "dat_job_completion_timestamp_seconds", **tj, job_name="dat-v2-small") == ts(
+        "2026-11-21T10:45:00Z")
+    assert value(final, "dat_job_completion_timestamp_seconds", **tj, job_name="dat-v2-resnet") is None
+    assert value(final, "dat_job_condition", **tj, job_name="dat-v2-resnet", condition="Failed") == 0
+    assert value(final, "dat_job_replicas", **tj, job_name="dat-v2-resnet", replica="node", state="ready") == 2
+    assert value(final, "dat_job_replicas", **tj, job_name="dat-v2-small", replica="node", state="failed") == 1
+    assert value(final, "dat_job_restarts_total", **tj, job_name="dat-v2-small") is None  # TrainJobs report none
+    assert not any(dict(labels).get("job_name") == "dat-v2-done" for _, labels in final)
+    assert value(final, "dat_job_condition", **PJ, job_namespace="team-a", job_name="dat-small",
+                 condition="Failed") == 1
+
+
+def test_unknown_api_is_a_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "controller.exporter", "--api", "pytorchjob,mpijob",
+                           "--port", str(free_port())], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("datctl exporter: --api takes pytorchjob, trainjob (comma-separated), "
+                                   "got 'pytorchjob,mpijob'")
 
 
 def test_one_namespace_uses_the_namespaced_api(tmp_path):
@@ -183,7 +231,7 @@ def test_missing_kubeconfig_is_a_one_line_error(tmp_path):
 
 
 def test_datctl_exporter_runs_with_the_arguments_the_chart_passes(tmp_path):
-    """The Deployment runs `datctl exporter --namespace=NS --port=PORT`: the CLI must hand them to this module."""
+    """The Deployment runs `datctl exporter --api=API --namespace=NS --port=PORT`: the CLI must hand them on."""
     datctl = Path(sys.executable).parent / "datctl"
     assert datctl.exists(), f"{datctl} missing: install the project (make venv)"
     port = free_port()
@@ -191,12 +239,12 @@ def test_datctl_exporter_runs_with_the_arguments_the_chart_passes(tmp_path):
         replay.resume.set()
         env = dict(os.environ, PYTHONPATH=str(ROOT), KUBECONFIG=str(replay.kubeconfig(tmp_path)))
         env.pop("KUBERNETES_SERVICE_HOST", None)
-        proc = subprocess.Popen([str(datctl), "exporter", "--namespace=team-a", f"--port={port}",
+        proc = subprocess.Popen([str(datctl), "exporter", "--api=pytorchjob", "--namespace=team-a", f"--port={port}",
                                  "--retry-seconds=0.05"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         try:
             scrape = wait_for(lambda: proc.poll() is not None or (lambda m: m if value(
-                m, "dat_exporter_lists_total") else None)(metrics(port)), what="datctl exporter serving")
+                m, "dat_exporter_lists_total", **PJ) else None)(metrics(port)), what="datctl exporter serving")
         finally:
             out = stop(proc)
     assert scrape is not True and proc.returncode == 0, out

@@ -133,7 +133,7 @@ def bool_form(expr: str) -> str:
 def panel_expr(expr: str) -> str:
     """Grafana variables filled in: the training run for trainer panels; for the job-state panels, the
     namespace of the recorded cluster the exporter watches."""
-    namespace, job = (RECORDED_NAMESPACE, ".*") if "dat_pytorchjob_" in expr else (NAMESPACE, JOB)
+    namespace, job = (RECORDED_NAMESPACE, ".*") if "dat_job_" in expr else (NAMESPACE, JOB)
     return (expr.replace("$namespace", namespace).replace("$job", job).replace("$rank", ".*")
             .replace("$__rate_interval", "1m").replace("$__interval", "5s"))
 
@@ -302,7 +302,7 @@ def test_training_metrics_dashboard_and_alerts_in_prometheus(stack, tmp_path):
             assert prom.query(expr, t_final), f"panel {panel['title']!r}: no data for {expr}"
             checked += 1
     assert checked >= 20
-    states = prom.values('max by (job_namespace, job_name, condition) (dat_pytorchjob_condition) == 1', t_final)
+    states = prom.values('max by (job_namespace, job_name, condition) (dat_job_condition) == 1', t_final)
     assert (("condition", "Failed"), ("job_name", "dat-small"), ("job_namespace", "team-a")) in states
 
     # ---- every alert expression parses and returns data; the rules load and evaluate cleanly ----

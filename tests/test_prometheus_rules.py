@@ -133,10 +133,12 @@ evaluation_interval: 1m
 tests:
   - interval: 1m
     input_series:
-      - series: 'dat_pytorchjob_condition{{job_namespace="a", job_name="bad", condition="Failed"}}'
+      - series: 'dat_job_condition{{job_namespace="a", job_name="bad", kind="PyTorchJob", condition="Failed"}}'
         values: '0 0 1 1 1'
-      - series: 'dat_pytorchjob_condition{{job_namespace="a", job_name="good", condition="Failed"}}'
+      - series: 'dat_job_condition{{job_namespace="a", job_name="good", kind="TrainJob", condition="Failed"}}'
         values: '0 0 0 0 0'
+      - series: 'dat_job_condition{{job_namespace="a", job_name="bad-v2", kind="TrainJob", condition="Failed"}}'
+        values: '0 0 0 1 1'
       # stalled: last epoch at t=120s, still running; "done" finished; "busy" had an epoch at 40m
       - series: 'dat_last_epoch_timestamp_seconds{{namespace="a", job_name="stuck", rank="0"}}'
         values: '0 60 120x50'
@@ -174,10 +176,14 @@ tests:
       - eval_time: 3m
         alertname: DATJobFailed
         exp_alerts:
-          - exp_labels: {{severity: critical, job_namespace: a, job_name: bad}}
+          - exp_labels: {{severity: critical, job_namespace: a, job_name: bad, kind: PyTorchJob}}
             exp_annotations:
               summary: PyTorchJob a/bad failed
               description: The training operator marked the job Failed (reported by datctl exporter). See kubectl describe pytorchjob -n a bad.
+          - exp_labels: {{severity: critical, job_namespace: a, job_name: bad-v2, kind: TrainJob}}
+            exp_annotations:
+              summary: TrainJob a/bad-v2 failed
+              description: The training operator marked the job Failed (reported by datctl exporter). See kubectl describe trainjob -n a bad-v2.
       - {{eval_time: 25m, alertname: DATTrainingStalled, exp_alerts: []}}
       - eval_time: 40m
         alertname: DATTrainingStalled

@@ -11,14 +11,19 @@ HERE = Path(__file__).resolve().parent
 
 
 class ReplayServer:
-    def __init__(self, session: Path = HERE / "session.json", path_prefix: str = "/apis/kubeflow.org/v1") -> None:
-        self.exchanges = json.loads(session.read_text())["exchanges"]
+    """Serves `session` to requests under `path_prefix`; `also` maps further path prefixes to their own
+    sessions (one exporter watching several kinds), each replayed in its own order."""
+
+    def __init__(self, session: Path = HERE / "session.json", path_prefix: str = "/apis/kubeflow.org/v1",
+                 also: dict[str, Path] | None = None) -> None:
+        self.scripts = {prefix: {"exchanges": json.loads(path.read_text())["exchanges"], "next": 0}
+                        for prefix, path in {path_prefix: session, **(also or {})}.items()}
+        self.exchanges = self.scripts[path_prefix]["exchanges"]
         self.path_prefix = path_prefix
         self.requests: list[tuple[str, str, str]] = []  # (kind, path, resourceVersion)
         self.mismatches: list[str] = []
         self.resume = threading.Event()  # releases an exchange marked "pause" before it ends
         self.paused = threading.Event()  # set while such an exchange waits
-        self._next = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         replay = self
@@ -50,7 +55,10 @@ class ReplayServer:
 
     @property
     def consumed(self) -> int:
-        return self._next
+        return self.scripts[self.path_prefix]["next"]
+
+    def consumed_of(self, path_prefix: str) -> int:
+        return self.scripts[path_prefix]["next"]
 
     def kubeconfig(self, folder: Path) -> Path:
         path = folder / "kubeconfig"
@@ -66,12 +74,15 @@ class ReplayServer:
         query = parse_qs(url.query)
         kind = "watch" if query.get("watch", ["false"])[0] in ("true", "1") else "list"
         rv = query.get("resourceVersion", [""])[0]
+        prefixes = [p for p in self.scripts if url.path.startswith(p)]
+        script = self.scripts[max(prefixes, key=len)] if prefixes else None
         with self._lock:
             self.requests.append((kind, url.path, rv))
-            step = self.exchanges[self._next] if self._next < len(self.exchanges) else None
-            if step is not None:
-                self._next += 1
-        if not url.path.startswith(self.path_prefix):
+            step = None
+            if script is not None and script["next"] < len(script["exchanges"]):
+                step = script["exchanges"][script["next"]]
+                script["next"] += 1
+        if script is None:
             self.mismatches.append(f"unexpected path {url.path}")
         if step is None:  # script exhausted: behave like a quiet watch
             self._hold(h, kind)
