@@ -2,6 +2,7 @@
 # The DAT trainer image: CUDA PyTorch with the project installed, run as a non-root user. Pods start it as
 #   torchrun -m trainer --config /etc/dat/config.yaml   (nodes, rank and rendezvous from the operator's PET_* env)
 # and the same image serves `datctl exporter`. Build: make image [IMAGE=registry/dat-k8s:tag]
+# checkov:skip=CKV_DOCKER_7: FROM takes this ARG's default, a pinned tag (checkov does not resolve ARGs)
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
@@ -22,14 +23,15 @@ RUN pip install --no-cache-dir /tmp/dat-src \
     && python -c "import torch, torchvision, timm, trainer.cli, controller.cli" \
     && command -v torchrun datctl
 
-# Non-root with a fixed UID/GID (the chart's securityContext runs as 1000:1000). The root filesystem is
-# read-only in the pods: HOME and caches live on the /tmp emptyDir.
-RUN groupadd --gid 1000 dat \
-    && useradd --uid 1000 --gid 1000 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin dat
+# Non-root with a fixed UID/GID >= 10000, clear of the nodes' own users (the chart's securityContext runs as
+# 10001:10001). The root filesystem is read-only in the pods: HOME and caches live on the /tmp emptyDir.
+RUN groupadd --gid 10001 dat \
+    && useradd --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin dat
 ENV HOME=/tmp \
     XDG_CACHE_HOME=/tmp/.cache \
     MPLCONFIGDIR=/tmp/.config/matplotlib
 WORKDIR /tmp
-USER 1000:1000
+USER 10001:10001
 
+# checkov:skip=CKV_DOCKER_2: no HEALTHCHECK: Kubernetes ignores it; the chart's probes (exporter) do that job
 CMD ["datctl", "--help"]

