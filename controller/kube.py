@@ -270,12 +270,18 @@ def status_report(cluster: Cluster, kind: Kind, name: str) -> list[str]:
     job = cluster.get_job(kind, name)
     out = [f"{kind.kind} {cluster.namespace}/{name}: {phase(job, kind)}", "conditions:"]
     out += condition_lines(job)
-    replica_statuses = (job.get("status") or {}).get("replicaStatuses") or {}
-    if replica_statuses:
+    status = job.get("status") or {}
+    if status.get("replicaStatuses"):  # PyTorchJob: pods per replica type
         out.append("replicas:")
-        for rtype, counts in sorted(replica_statuses.items()):
+        for rtype, counts in sorted(status["replicaStatuses"].items()):
             figures = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("active", "succeeded", "failed"))
             out.append(f"  {rtype:<7} {figures}")
+    if status.get("jobsStatus"):  # TrainJob: the JobSet's Jobs per replicated job
+        out.append("jobs:")
+        for counts in status["jobsStatus"]:
+            figures = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("active", "ready", "succeeded", "failed",
+                                                                      "suspended"))
+            out.append(f"  {counts.get('name', '?'):<7} {figures}")
     pods = cluster.pods(kind, name)
     if pods:
         out.append("pods:")

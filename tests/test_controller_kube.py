@@ -113,6 +113,16 @@ def test_status_of_a_running_job(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert server.requests[1]["query"] == {"labelSelector": "training.kubeflow.org/job-name=dat-smoke"}
 
 
+def test_status_of_a_trainjob(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err, server = datctl(capsys, "status-trainjob", tmp_path, "status", "dat-smoke", "--api", "trainjob")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "TrainJob team-a/dat-smoke: Created"
+    assert "  node    active 2, ready 2, succeeded 0, failed 0, suspended 0" in lines
+    assert any(line.split()[:4] == ["dat-smoke-node-0-1-7x1kq", "Running", "restarts", "1"] for line in lines)
+    assert server.requests[1]["query"] == {"labelSelector": "jobset.sigs.k8s.io/jobset-name=dat-smoke"}
+
+
 @pytest.mark.parametrize("scenario, message", [
     ("status-not-found", 'datctl: PyTorchJob team-a/dat-smoke: pytorchjobs.kubeflow.org "dat-smoke" not found\n'),
     ("status-crd-missing", "datctl: PyTorchJob team-a/dat-smoke: the PyTorchJob CRD (kubeflow.org/v1) is not "
@@ -185,15 +195,16 @@ def test_no_kubeconfig(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatc
 
 
 def test_recorded_jobs_match_the_crd() -> None:
-    """The recorded answers are in the API server's format: every PyTorchJob in them passes the real CRD."""
+    """The recorded answers are in the API server's format: every PyTorchJob and TrainJob in them passes the
+    real CRD."""
     checked = 0
     for path in sorted((Path(__file__).parent / "recorded").glob("*.json")):
         for exchange in yaml.safe_load(path.read_text())["exchanges"]:
             body = exchange["response"].get("body")
-            if isinstance(body, dict) and body.get("kind") == "PyTorchJob":
+            if isinstance(body, dict) and body.get("kind") in ("PyTorchJob", "TrainJob"):
                 try:
                     assert schemas.crd_problems(body) == [], path.name
                 except schemas.SchemaMissing as exc:
                     pytest.fail(str(exc))
                 checked += 1
-    assert checked >= 8
+    assert checked >= 9
