@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 import urllib3
+import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
@@ -193,6 +194,17 @@ class Cluster:
         finally:
             stream.release_conn()
 
+    def configured_metrics_port(self, name: str) -> int | None:
+        """metrics.port of the trainer config in the job's ConfigMap (<name>-config, as datctl and the chart
+        create it); None when there is none or it cannot be read."""
+        try:
+            cm = self.call(None, f"ConfigMap {self.namespace}/{name}-config", self.core.read_namespaced_config_map,
+                           f"{name}-config", self.namespace)
+            port = (yaml.safe_load((cm.data or {}).get("config.yaml") or "") or {}).get("metrics", {}).get("port")
+        except (ClusterError, yaml.YAMLError, AttributeError):
+            return None
+        return int(port) if isinstance(port, int) and port > 0 else None
+
     def scrape(self, pod: str, port: int) -> str:
         """GET /metrics of a pod through the API server's pod proxy (works from outside the cluster)."""
         return self.call(None, f"metrics of pod {self.namespace}/{pod}",
@@ -289,10 +301,15 @@ def status_report(cluster: Cluster, kind: Kind, name: str) -> list[str]:
             restarts = sum(s.restart_count for s in (pod.status.container_statuses or []))
             out.append(f"  {pod.metadata.name:<40} {pod.status.phase or '?':<10} restarts {restarts}"
                        f"{'  node ' + pod.spec.node_name if pod.spec and pod.spec.node_name else ''}")
-    port = metrics_port(job) if kind is PYTORCHJOB else None
-    main = f"{name}-{default_replica(kind, job)}"
-    running = any(p.metadata.name == main and p.status.phase == "Running" for p in pods)
-    if port and running:
+    # rank 0 serves the epoch figures: master-0 / node-0, found by the labels the operator gives its pod
+    wanted = dict(part.split("=", 1) for part in pod_selector(kind, name, default_replica(kind, job)).split(","))
+    first = next((p for p in pods if wanted.items() <= (p.metadata.labels or {}).items()), None)
+    if first is not None and first.status.phase == "Running":
+        port = metrics_port(job) if kind is PYTORCHJOB else cluster.configured_metrics_port(name)
+        main = first.metadata.name
+    else:
+        port = None
+    if port:
         try:
             figures = epoch_figures(cluster.scrape(main, port))
             out += [f"latest epoch ({main}:{port}/metrics):"] + (figures or ["  (no epoch finished yet)"])

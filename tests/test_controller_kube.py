@@ -121,6 +121,9 @@ def test_status_of_a_trainjob(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert "  node    active 2, ready 2, succeeded 0, failed 0, suspended 0" in lines
     assert any(line.split()[:4] == ["dat-smoke-node-0-1-7x1kq", "Running", "restarts", "1"] for line in lines)
     assert server.requests[1]["query"] == {"labelSelector": "jobset.sigs.k8s.io/jobset-name=dat-smoke"}
+    # a TrainJob's pods declare no ports: metrics.port comes from the job's trainer config (its ConfigMap)
+    start = lines.index("latest epoch (dat-smoke-node-0-0-7x0kq:9400/metrics):")
+    assert {line.split()[0]: float(line.split()[1]) for line in lines[start + 1:]}["dat_epoch"] == 1.0
 
 
 @pytest.mark.parametrize("scenario, message", [
