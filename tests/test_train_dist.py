@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import PYTHON, ROOT, read_jsonl, torch_env, torchrun
+from trainer import checkpoint
 
 KEYS = {"epoch", "epoch_seconds", "data_seconds", "attack_seconds", "compute_seconds", "comm_seconds",
         "optimizer_seconds", "eval_seconds", "comm_bytes", "dense_comm_bytes", "images_per_second",
@@ -115,3 +116,21 @@ def test_corrupt_checkpoint_is_one_line_error(tmp_path, synthetic_args):
                           cwd=ROOT, env=torch_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not a loadable checkpoint" in proc.stderr and "Traceback" not in proc.stderr
     assert (out / "checkpoint-latest.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_resume_on_a_different_world_size(tmp_path, synthetic_args):
+    """Elastic restarts (or a job re-submitted on fewer nodes) resume from the checkpoint: same global batch and
+    steps per epoch, the epochs continue from the checkpoint's, and training goes on."""
+    out = tmp_path / "run"
+    common = ["-m", "trainer", *synthetic_args, "--set", f"run.output_dir={out}"]
+    torchrun([*common, "--set", "run.epochs=2"], nproc=2)
+    saved = checkpoint.load(str(out / "checkpoint-latest.pt"))
+    assert saved["world_size"] == 2
+    proc = torchrun([*common, "--set", "run.epochs=3"], nproc=1)
+    assert "resumed from" in proc.stdout and "world=1" in proc.stdout and "steps/epoch=8" in proc.stdout
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert records[2]["images"] == records[0]["images"] == 256
+    resumed = checkpoint.load(str(out / "checkpoint-latest.pt"))
+    assert resumed["epoch"] == 3 and resumed["world_size"] == 1
+    assert any(not torch.equal(resumed["model"][k], v) for k, v in saved["model"].items())
