@@ -36,11 +36,13 @@ def test_two_rank_run_writes_metrics_checkpoints_and_config(tmp_path, synthetic_
     assert "attack:" in (out / "config.yaml").read_text()
 
 
-@pytest.mark.parametrize("loss, bucket_mb, overlap", [("dat", 25, "1"), ("adv", 25, "0"), ("clean", 25, "1"),
-                                                      ("dat", 0.02, "1")])
-def test_exactly_one_gradient_all_reduce_pass_per_step(tmp_path, loss, bucket_mb, overlap):
+@pytest.mark.parametrize("loss, bucket_mb, overlap, micro", [
+    ("dat", 25, "1", 1), ("adv", 25, "0", 1), ("clean", 25, "1", 1), ("dat", 0.02, "1", 1),
+    ("dat", 0.02, "1", 4)])  # gradient accumulation over 4 micro-batches: still one pass, at the end
+def test_exactly_one_gradient_all_reduce_pass_per_step(tmp_path, loss, bucket_mb, overlap, micro):
     base = tmp_path / "c"
-    torchrun([str(ROOT / "tests" / "workers" / "count_collectives.py"), str(base), loss, str(bucket_mb), overlap])
+    torchrun([str(ROOT / "tests" / "workers" / "count_collectives.py"), str(base), loss, str(bucket_mb), overlap,
+              str(micro)])
     ranks = [json.loads((tmp_path / f"c.rank{r}.json").read_text()) for r in range(2)]
     for rank in ranks:
         for calls in rank["per_step"]:

@@ -70,6 +70,7 @@ class AttackConfig:
 @dataclass
 class TrainConfig:
     loss: str = "dat"  # dat: CE(x_adv) + CE(x); adv: CE(x_adv) (Madry); clean: CE(x)
+    micro_batches: int = 1  # attack + backward each rank's batch in this many slices (gradient accumulation)
 
 
 @dataclass
@@ -281,6 +282,10 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> None
         (cfg.data.eval_batch_size >= 1, "data.eval_batch_size must be >= 1"),
         (cfg.data.batch_size % world_size == 0,
          f"data.batch_size {cfg.data.batch_size} is not divisible by the world size {world_size}"),
+        (cfg.train.micro_batches >= 1, "train.micro_batches must be >= 1"),
+        (cfg.data.batch_size % (world_size * max(1, cfg.train.micro_batches)) == 0,
+         f"data.batch_size {cfg.data.batch_size} does not split into {world_size} rank(s) x "
+         f"{cfg.train.micro_batches} micro-batches"),
         (cfg.data.unlabeled_max >= 0, "data.unlabeled_max must be >= 0"),
         (cfg.data.synthetic_train_size >= 1 and cfg.data.synthetic_test_size >= 1,
          "data.synthetic_train_size and data.synthetic_test_size must be >= 1"),

@@ -130,31 +130,39 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int) -> None:
-        cfg, model, t = self.cfg, self.model, self.timer
-        with t.phase("attack"):
-            x_adv = None
-            if cfg.train.loss != "clean":
-                with attack_mode(model, cfg.attack.bn_eval):
-                    x_adv = craft(cfg.attack.name, self.forward, x, y, eps=cfg.attack.eps, alpha=cfg.attack.alpha,
-                                  steps=cfg.attack.steps, random_start=cfg.attack.random_start,
-                                  autocast=self.autocast)
-        with t.phase("compute"):
-            active = self.jointspar.begin_step(epoch, step) if self.jointspar else self.params
-            self.grad_sync.prepare(active)
-            with self.autocast():
-                if cfg.train.loss == "dat":  # CE(x_adv) + CE(x): one forward of both halves, one backward
-                    adv_logits, clean_logits = self.forward(torch.cat([x_adv, x])).float().chunk(2)
-                    loss = F.cross_entropy(adv_logits, y) + F.cross_entropy(clean_logits, y)
-                else:  # adv: CE(x_adv); clean: CE(x)
-                    clean_logits = adv_logits = self.forward(x if x_adv is None else x_adv).float()
-                    loss = F.cross_entropy(adv_logits, y)
-            if loss.requires_grad:  # JointSpar may (rarely) draw an empty active set: nothing to train
-                loss.backward()
-            with torch.no_grad():
-                zero = torch.zeros((), device=y.device)
-                clean_ok = (clean_logits.argmax(1) == y).sum() if cfg.train.loss != "adv" else zero
-                adv_ok = (adv_logits.argmax(1) == y).sum() if cfg.train.loss != "clean" else zero
-                self.totals += torch.stack([loss.detach() * len(y), clean_ok.float(), adv_ok.float(), zero + len(y)])
+        """One optimizer step on this rank's batch. With train.micro_batches > 1 the batch is attacked and
+        back-propagated in sequential slices (gradient accumulation); the gradient all-reduce still runs
+        once, during the last slice's backward."""
+        cfg, model, t, micro = self.cfg, self.model, self.timer, self.cfg.train.micro_batches
+        active = None
+        for i, (xs, ys) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
+            with t.phase("attack"):
+                x_adv = None
+                if cfg.train.loss != "clean":
+                    with attack_mode(model, cfg.attack.bn_eval):
+                        x_adv = craft(cfg.attack.name, self.forward, xs, ys, eps=cfg.attack.eps,
+                                      alpha=cfg.attack.alpha, steps=cfg.attack.steps,
+                                      random_start=cfg.attack.random_start, autocast=self.autocast)
+            with t.phase("compute"):
+                if active is None:
+                    active = self.jointspar.begin_step(epoch, step) if self.jointspar else self.params
+                if i == micro - 1:
+                    self.grad_sync.prepare(active)  # arms the all-reduce hooks for this last backward
+                with self.autocast():
+                    if cfg.train.loss == "dat":  # CE(x_adv) + CE(x): one forward of both halves, one backward
+                        adv_logits, clean_logits = self.forward(torch.cat([x_adv, xs])).float().chunk(2)
+                        loss = F.cross_entropy(adv_logits, ys) + F.cross_entropy(clean_logits, ys)
+                    else:  # adv: CE(x_adv); clean: CE(x)
+                        clean_logits = adv_logits = self.forward(xs if x_adv is None else x_adv).float()
+                        loss = F.cross_entropy(adv_logits, ys)
+                if loss.requires_grad:  # JointSpar may (rarely) draw an empty active set: nothing to train
+                    (loss / micro).backward()
+                with torch.no_grad():
+                    zero = torch.zeros((), device=ys.device)
+                    clean_ok = (clean_logits.argmax(1) == ys).sum() if cfg.train.loss != "adv" else zero
+                    adv_ok = (adv_logits.argmax(1) == ys).sum() if cfg.train.loss != "clean" else zero
+                    self.totals += torch.stack([loss.detach() * len(ys), clean_ok.float(), adv_ok.float(),
+                                                zero + len(ys)])
         with t.phase("comm"):
             self.grad_sync.wait()
         with t.phase("optimizer"):

@@ -10,13 +10,14 @@ from trainer.distributed import setup
 from trainer.train import Trainer
 
 out_path, loss, bucket_mb, overlap = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4] == "1"
+micro_batches = int(sys.argv[5]) if len(sys.argv) > 5 else 1
 info = setup("gloo")
 cfg = config_from_dict({
     "run": {"output_dir": f"{out_path}.d", "progress": False},
     "data": {"name": "synthetic", "synthetic_train_size": 128, "synthetic_image_size": 16, "batch_size": 16},
     "model": {"name": "small_cnn", "width": 8},
     "attack": {"steps": 2, "eps": 0.1},
-    "train": {"loss": loss},
+    "train": {"loss": loss, "micro_batches": micro_batches},
     "comm": {"bucket_mb": bucket_mb, "overlap": overlap},
 })
 trainer = Trainer(cfg, info)
