@@ -21,8 +21,10 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -238,8 +240,9 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> di
 def trainer_e2e(args: argparse.Namespace, device: torch.device) -> dict:
     """`torchrun -m trainer` as a user runs it, one rank on this device (NCCL on a GPU): process group set-up,
     device-resident data with on-device crop/flip, the auto fast path, CUDA-event phase timing, evaluation and
-    checkpoints, end to end. Its metrics.jsonl is the result."""
-    out = os.path.join(args.out, "trainer-e2e")
+    checkpoints, end to end. Its metrics.jsonl is the result (copied to OUT/trainer-e2e-metrics.jsonl; the
+    checkpoints stay in a temporary folder)."""
+    out = tempfile.mkdtemp(prefix="dat-gpu-e2e-")
     size, batch = (64, 8) if args.smoke else (16384, 1024)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "trainer",
            *[x for kv in synthetic_overrides(args.model, batch, 1) for x in ("--set", kv)],
@@ -249,23 +252,26 @@ def trainer_e2e(args: argparse.Namespace, device: torch.device) -> dict:
            "--set", f"dist.backend={'nccl' if device.type == 'cuda' else 'gloo'}"]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=max(30.0, E2E_ALLOWANCE_S * (4 if args.smoke else 2)))
-    result = {"seconds": time.perf_counter() - t0, "returncode": proc.returncode,
-              "command": " ".join(cmd[2:])}
-    if proc.returncode != 0:
-        result["error"] = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=max(30.0, E2E_ALLOWANCE_S * (4 if args.smoke else 2)))
+        result = {"seconds": time.perf_counter() - t0, "returncode": proc.returncode, "command": " ".join(cmd[2:])}
+        if proc.returncode != 0:
+            result["error"] = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
+            return result
+        shutil.copy(os.path.join(out, "metrics.jsonl"), os.path.join(args.out, "trainer-e2e-metrics.jsonl"))
+        with open(os.path.join(out, "metrics.jsonl")) as fh:
+            last = [json.loads(line) for line in fh if line.strip()][-1]
+        train_seconds = max(1e-9, last["epoch_seconds"] - last["eval_seconds"])
+        result.update({"epochs": last["epoch"], "backend": "nccl" if device.type == "cuda" else "gloo",
+                       "images_per_second": last["images_per_second"],
+                       "attack_share": last["attack_seconds"] / train_seconds,
+                       "test_clean_acc": last["test_clean_acc"], "test_robust_acc": last["test_robust_acc"],
+                       "checkpoint": os.path.exists(os.path.join(out, "checkpoint-latest.pt")),
+                       "phases": {k[:-8]: last[k] for k in last if k.endswith("_seconds")}})
         return result
-    with open(os.path.join(out, "metrics.jsonl")) as fh:
-        records = [json.loads(line) for line in fh if line.strip()]
-    last = records[-1]
-    result.update({"epochs": len(records), "backend": "nccl" if device.type == "cuda" else "gloo",
-                   "images_per_second": last["images_per_second"],
-                   "attack_share": last["attack_seconds"] / max(1e-9, last["epoch_seconds"] - last["eval_seconds"]),
-                   "test_clean_acc": last["test_clean_acc"], "test_robust_acc": last["test_robust_acc"],
-                   "checkpoint": os.path.exists(os.path.join(out, "checkpoint-latest.pt")),
-                   "phases": {k[:-8]: last[k] for k in last if k.endswith("_seconds")}})
-    return result
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def table(result: dict) -> str:
