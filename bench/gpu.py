@@ -61,12 +61,14 @@ VARIANTS = {
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/gpu.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_out = os.path.join(ROOT, "bench", "results", "gpu")
     p.add_argument("--batch", type=int, default=1024, help="images per step (default 1024)")
     p.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
-    p.add_argument("--iters", type=int, default=20, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (compilation happens here)")
+    p.add_argument("--iters", type=int, default=20, help="timed steps per variant (default 20)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps per variant, compilation happens here (default 3)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
-    p.add_argument("--model", default="resnet18")
+    p.add_argument("--model", default="resnet18", help="default resnet18 (CIFAR variant)")
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode (default | max-autotune-no-cudagraphs | ...)")
     p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; smoke aot_eager)")
@@ -76,8 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"{COMPILE_ALLOWANCE_S:.0f} s for a compiled one and {EAGER_ALLOWANCE_S:.0f} s otherwise, "
                         f"and keeping {E2E_ALLOWANCE_S:.0f} s for the end-to-end trainer run (the whole run must "
                         "fit 8 minutes)")
-    p.add_argument("--device", default=None, help="default: cuda if available (smoke: cpu)")
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "gpu"), help="output directory")
+    p.add_argument("--device", default=None,
+                   help="default cuda (smoke: cpu); --device cpu runs the full benchmark on the CPU on purpose")
+    p.add_argument("--out", default=default_out, help=f"output directory (default {os.path.relpath(default_out)})")
     p.add_argument("--smoke", action="store_true",
                    help="tiny CPU run of every code path: batch 4, PGD-2, 1 timed step, 256^3 matmul")
     args = p.parse_args(argv)
@@ -85,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.batch, args.steps, args.iters, args.warmup, args.gemm_size = 4, 2, 1, 1, 256
         args.device = args.device or "cpu"
         args.compile_backend = args.compile_backend or "aot_eager"  # inductor's C++ build takes minutes on a CPU
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = args.device or "cuda"
     args.compile_backend = args.compile_backend or "inductor"
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
@@ -310,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("bench/gpu.sh: no CUDA device visible (use --smoke for a CPU check)", file=sys.stderr)
+        print("bench/gpu.sh: no CUDA device visible (--smoke checks every code path on the CPU; --device cpu "
+              "runs the full benchmark there)", file=sys.stderr)
         return 2
     torch.set_float32_matmul_precision("highest")
     os.makedirs(args.out, exist_ok=True)

@@ -3,6 +3,7 @@ import json
 import subprocess
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, torch_env
 
@@ -72,3 +73,11 @@ def test_unknown_variant_is_a_one_line_error(tmp_path):
     proc = subprocess.run(["bash", "bench/gpu.sh", "--smoke", "--variants", "fp32,turbo", "--out", str(tmp_path)],
                           cwd=ROOT, env=torch_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown variant(s) turbo" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_a_gpu_it_refuses_instead_of_benchmarking_the_cpu(tmp_path):
+    proc = subprocess.run(["bash", "bench/gpu.sh", "--out", str(tmp_path)], cwd=ROOT, env=torch_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("bench/gpu.sh: no CUDA device visible")
+    assert not (tmp_path / "gpu.json").exists()

@@ -29,6 +29,32 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert path.read_bytes() == good and list(tmp_path.iterdir()) == [path]
 
 
+@pytest.mark.parametrize("content, fragment", [
+    (b"hi\n", "not a loadable checkpoint (not a torch.save zip archive)"),
+    (b"", "not a loadable checkpoint (not a torch.save zip archive)"),
+])
+def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path, content, fragment):
+    path = tmp_path / "c.pt"
+    path.write_bytes(content)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.load(str(path))
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_truncated_checkpoint_is_one_line(tmp_path):
+    path = tmp_path / "c.pt"
+    torch.save({"epoch": 1, "model": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:-300])
+    with pytest.raises(checkpoint.CheckpointError, match="not a loadable checkpoint") as info:
+        checkpoint.load(str(path))
+    assert "\n" not in str(info.value) and len(str(info.value)) < 400
+
+
+def test_resume_from_a_run_folder_means_its_latest(tmp_path):
+    assert checkpoint.find_resume("/elsewhere", str(tmp_path)) == str(tmp_path / checkpoint.LATEST)
+    assert checkpoint.find_resume(str(tmp_path), "never") is None
+
+
 def test_pickled_code_is_refused(tmp_path):
     class Exploit:
         def __reduce__(self):

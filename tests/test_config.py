@@ -20,7 +20,13 @@ def test_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize("raw, fragment", [
     ({"atack": {}}, "unknown section 'atack'"),
     ({"attack": {"epsilon": 1}}, "unknown key attack.epsilon"),
-    ({"attack": {"eps": -0.1}}, "attack.eps must be >= 0"),
+    ({"attack": {"eps": -0.1}}, "attack.eps must be in [0, 1]"),
+    ({"attack": {"eps": 8}}, "attack.eps must be in [0, 1] (images are scaled to [0, 1]), got 8"),
+    ({"attack": {"eps": "8/0"}}, "attack.eps: expected float, got '8/0'"),
+    ({"eval": {"eps": 2}}, "eval.eps must be in [0, 1], or -1 for attack.eps"),
+    ({"optim": {"milestones": [0.8, 0.5]}}, "optim.milestones must be in increasing order"),
+    ({"train": {"micro_batches": 0}}, "train.micro_batches must be >= 1"),
+    ({"train": {"micro_batches": 3}}, "data.batch_size 128 does not split into 1 rank(s) x 3 micro-batches"),
     ({"attack": {"steps": 0}}, "attack.steps must be >= 1"),
     ({"attack": {"steps": "ten"}}, "attack.steps: expected int"),
     ({"attack": {"name": "cw"}}, "attack.name: 'cw' is not one of pgd, fgsm"),
@@ -37,6 +43,11 @@ def test_config_errors_are_one_clear_line(raw, fragment):
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
+def test_eps_as_written_in_papers():
+    cfg = load_config(None, ["attack.eps=8/255", "eval.eps= 4 / 255"])
+    assert cfg.attack.eps == 8 / 255 and cfg.eval.eps == 4 / 255
+
+
 def test_batch_must_divide_world_size():
     with pytest.raises(ConfigError, match="not divisible by the world size 3"):
         validate(config_from_dict({"data": {"batch_size": 128}}), world_size=3)
@@ -48,7 +59,10 @@ def test_bad_override_syntax():
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--set", "attack.eps=-1"], "attack.eps must be >= 0"),
+    (["--set", "attack.eps=-1"], "attack.eps must be in [0, 1]"),
+    (["--resume", "x.pt", "--no-resume"], "--resume and --no-resume contradict each other"),
+    (["--set", "run.output_dir=/proc/dat-nope", "--set", "data.batch_size=64"], "run.output_dir: cannot create"),
+    (["--set", "dist.backend=nccl"], "dist.backend: nccl needs CUDA GPUs"),
     (["--config", "/nonexistent.yaml"], "config file not found"),
     (["--set", "data.name=cifar10", "--set", "data.root=/nonexistent"], "no CIFAR-10"),
 ])

@@ -101,6 +101,17 @@ def test_ti500k_wrong_shape(tmp_path):
         load_ti500k(str(tmp_path / "ti.pickle"))
 
 
+@pytest.mark.parametrize("targets, fragment", [
+    (np.array([0, 3, 12]), r"extrapolated_targets outside 0..9 \(found 0..12\)"),
+    (np.array([0.5, 1.0, 2.0]), "extrapolated_targets must be N integer labels"),
+])
+def test_ti500k_labels_are_checked_before_training(tmp_path, targets, fragment):
+    with open(tmp_path / "ti.pickle", "wb") as fh:
+        pickle.dump({"data": np.zeros((3, 32, 32, 3), np.uint8), "extrapolated_targets": targets}, fh)
+    with pytest.raises(DataError, match=fragment):
+        load_ti500k(str(tmp_path / "ti.pickle"))
+
+
 def test_digits_is_real_and_scaled():
     ds = load_dataset(DataConfig(name="digits"))
     assert ds.train.images.shape[1:] == (1, 8, 8) and len(ds.train) + len(ds.test) == 1797

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import PYTHON, ROOT, read_jsonl, torch_env, torchrun
+from conftest import PYTHON, ROOT, read_jsonl, torch_env, torchrun, train_cli
 from trainer import checkpoint
 
 KEYS = {"epoch", "epoch_seconds", "data_seconds", "attack_seconds", "compute_seconds", "comm_seconds",
@@ -136,3 +136,24 @@ def test_resume_on_a_different_world_size(tmp_path, synthetic_args):
     resumed = checkpoint.load(str(out / "checkpoint-latest.pt"))
     assert resumed["epoch"] == 3 and resumed["world_size"] == 1
     assert any(not torch.equal(resumed["model"][k], v) for k, v in saved["model"].items())
+
+
+def test_extending_a_finished_run_follows_the_longer_schedule(tmp_path, synthetic_args):
+    out = tmp_path / "run"
+    common = [*synthetic_args, "--set", f"run.output_dir={out}"]
+    assert train_cli([*common, "--set", "run.epochs=2"]).returncode == 0
+    again = train_cli([*common, "--set", "run.epochs=2"])
+    assert again.returncode == 0 and "nothing to do: the checkpoint is from epoch 2 and run.epochs is 2" in again.stdout
+    longer = train_cli([*common, "--set", "run.epochs=4"])
+    assert longer.returncode == 0 and "(saved after epoch 2)" in longer.stdout
+    lrs = [r["lr"] for r in read_jsonl(out / "metrics.jsonl")]
+    # cosine over 4 epochs from epoch 3 on, not the 2-epoch schedule's final 0
+    assert len(lrs) == 4 and lrs[0] > lrs[2] > lrs[3] > 0
+
+
+def test_a_changed_model_says_what_differs(tmp_path, synthetic_args):
+    out = tmp_path / "run"
+    assert train_cli([*synthetic_args, "--set", f"run.output_dir={out}", "--set", "run.epochs=1"]).returncode == 0
+    proc = train_cli([*synthetic_args, "--set", f"run.output_dir={out}", "--set", "model.width=16"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "the model differs from the checkpoint's (0.weight: shape (8, " in proc.stderr

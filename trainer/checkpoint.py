@@ -30,21 +30,27 @@ def save_atomic(state: dict, path: str) -> None:
 
 
 def load(path: str, map_location: str | torch.device = "cpu") -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a loadable checkpoint (not a torch.save zip archive)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({first[:200]})") from None
+    except pickle.UnpicklingError:  # weights_only refused an object: never unpickle what may run code
+        raise CheckpointError(f"{path}: not a loadable checkpoint (it holds objects other than tensors and plain "
+                              "containers, which are never unpickled)") from None
+    except Exception as exc:  # truncated or corrupt archive: whatever torch raises, one line for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {first[:160]})") from None
     if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
         raise CheckpointError(f"{path}: not a trainer checkpoint (missing model/epoch)")
     return state
 
 
 def find_resume(output_dir: str, resume: str) -> str | None:
-    """The checkpoint to continue from: an explicit path, else OUTPUT_DIR's latest when resume=auto."""
+    """The checkpoint to continue from: an explicit path (a run's folder means its latest checkpoint), else
+    OUTPUT_DIR's latest when resume=auto."""
     if resume not in ("auto", "never"):
-        return resume
+        return os.path.join(resume, LATEST) if os.path.isdir(resume) else resume
     path = os.path.join(output_dir, LATEST)
     return path if resume == "auto" and os.path.exists(path) else None

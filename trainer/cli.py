@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from trainer.distributed import env_world_size, setup, teardown
 
+    if args.resume and args.no_resume:
+        print("dat-train: --resume and --no-resume contradict each other; give one", file=sys.stderr)
+        return 2
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"run.resume={args.resume}")
@@ -49,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from trainer.train import run
 
-    info = setup(cfg.dist.backend, cfg.dist.timeout_seconds)
+    try:
+        info = setup(cfg.dist.backend, cfg.dist.timeout_seconds)
+    except ConfigError as exc:
+        print(f"dat-train: config error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     try:

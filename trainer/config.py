@@ -171,6 +171,9 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
         if kind == "float":
             if isinstance(value, bool):
                 raise ValueError
+            if isinstance(value, str) and "/" in value:  # eps as it is written in papers: 8/255
+                numerator, denominator = value.split("/")
+                return float(numerator) / float(denominator)
             return float(value)
         if kind == "str":
             if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
@@ -188,7 +191,7 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
             if not isinstance(value, list):
                 raise ValueError
             return [float(v) for v in value]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, ZeroDivisionError):
         raise ConfigError(f"{key}: expected {kind}, got {value!r}") from None
     return value
 
@@ -273,8 +276,11 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> None
     _choice("jointspar.arms", cfg.jointspar.arms, ("param", "module"))
     _choice("perf.amp", cfg.perf.amp, ("auto", "bf16", "off"))
     _choice("perf.channels_last", cfg.perf.channels_last, ("auto", "on", "off"))
-    if cfg.run.resume not in ("auto", "never") and check_paths and not os.path.isfile(cfg.run.resume):
-        raise ConfigError(f"run.resume: checkpoint not found: {cfg.run.resume}")
+    resume = cfg.run.resume
+    if resume not in ("auto", "never") and check_paths and not (
+            os.path.isfile(resume) or os.path.isfile(os.path.join(resume, "checkpoint-latest.pt"))):
+        raise ConfigError(f"run.resume: checkpoint not found: {resume}"
+                          + (" (the folder has no checkpoint-latest.pt)" if os.path.isdir(resume) else ""))
     checks = [
         (cfg.run.epochs >= 1, "run.epochs must be >= 1"),
         (cfg.dist.timeout_seconds > 0, "dist.timeout_seconds must be > 0"),
@@ -292,7 +298,8 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> None
         (cfg.data.synthetic_channels in (1, 3), "data.synthetic_channels must be 1 or 3"),
         (cfg.data.synthetic_image_size >= 8, "data.synthetic_image_size must be >= 8"),
         (cfg.model.width >= 1, "model.width must be >= 1"),
-        (cfg.attack.eps >= 0, f"attack.eps must be >= 0, got {cfg.attack.eps}"),
+        (0 <= cfg.attack.eps <= 1, f"attack.eps must be in [0, 1] (images are scaled to [0, 1]), got {cfg.attack.eps}"),
+        (cfg.eval.eps <= 1, f"eval.eps must be in [0, 1], or -1 for attack.eps, got {cfg.eval.eps}"),
         (cfg.attack.alpha >= 0, "attack.alpha must be >= 0"),
         (cfg.attack.steps >= 1, f"attack.steps must be >= 1, got {cfg.attack.steps}"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
@@ -303,6 +310,8 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> None
          "optim.betas must be two numbers in [0, 1)"),
         (cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
         (all(0 < m < 1 for m in cfg.optim.milestones), "optim.milestones must be fractions in (0, 1)"),
+        (list(cfg.optim.milestones) == sorted(cfg.optim.milestones),
+         f"optim.milestones must be in increasing order, got {list(cfg.optim.milestones)}"),
         (0 < cfg.optim.gamma <= 1, "optim.gamma must be in (0, 1]"),
         (cfg.eval.every >= 0, "eval.every must be >= 0"),
         (cfg.eval.eps == -1.0 or cfg.eval.eps >= 0, "eval.eps must be >= 0 (or -1 for attack.eps)"),

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from trainer.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -42,7 +44,12 @@ def setup(backend: str = "auto", timeout_seconds: int = 1800) -> DistInfo:
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     # torchrun sets GROUP_RANK; the operator sets PET_NODE_RANK for torchrun to read.
     node_rank = int(os.environ.get("GROUP_RANK", os.environ.get("PET_NODE_RANK", "0")))
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("dist.backend: nccl needs CUDA GPUs and this process sees none (use auto or gloo)")
     use_cuda = torch.cuda.is_available() and backend != "gloo"
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} visible GPU(s): "
+                          "give torchrun --nproc_per_node at most the number of GPUs")
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)

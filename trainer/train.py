@@ -8,13 +8,14 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from trainer import checkpoint
 from trainer.attacks import attack_mode, craft
 from trainer.communication import GradientSync
-from trainer.config import Config, save_resolved
+from trainer.config import Config, ConfigError, save_resolved
 from trainer.data import TrainBatches, eval_batches, load_dataset
 from trainer.distributed import DistInfo, all_reduce_sum, average_buffers, barrier, broadcast_parameters
 from trainer.jointspar import JointSpar
@@ -47,6 +48,16 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**63)
 
 
+def _state_differences(saved: dict, current: dict, show: int = 3) -> str:
+    """What keeps a saved model state from loading into this model: missing, unexpected or reshaped entries."""
+    problems = [f"{k}: missing from the checkpoint" for k in current if k not in saved]
+    problems += [f"{k}: not in this model" for k in saved if k not in current]
+    problems += [f"{k}: shape {tuple(saved[k].shape)} in the checkpoint, {tuple(v.shape)} here"
+                 for k, v in current.items() if k in saved and tuple(saved[k].shape) != tuple(v.shape)]
+    more = f" (+{len(problems) - show} more)" if len(problems) > show else ""
+    return "; ".join(problems[:show]) + more
+
+
 class Trainer:
     def __init__(self, cfg: Config, dist_info: DistInfo) -> None:
         self.cfg, self.dist = cfg, dist_info
@@ -69,9 +80,9 @@ class Trainer:
         self.model = model
         self.params = list(model.parameters())
         self.forward = torch.compile(model) if cfg.perf.compile else model
-        amp = _resolve_auto(cfg.perf.amp, self.device)
+        self.amp = _resolve_auto(cfg.perf.amp, self.device)
         self.autocast = (functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
-                         if amp else contextlib.nullcontext)
+                         if self.amp else contextlib.nullcontext)
 
         self.optimizer = build_optimizer(cfg.optim, model, cfg.data.batch_size)
         self.schedule = build_schedule(cfg.optim, self.optimizer, len(self.batches), cfg.run.epochs)
@@ -105,6 +116,9 @@ class Trainer:
                 f"{path}: checkpoint is for model {state.get('model_name')!r}, config says {self.cfg.model.name!r}")
         if (state.get("jointspar") is None) != (self.jointspar is None):
             raise checkpoint.CheckpointError(f"{path}: jointspar.enabled differs from the checkpoint's run")
+        differs = _state_differences(state["model"], self.model.state_dict())
+        if differs:
+            raise checkpoint.CheckpointError(f"{path}: the model differs from the checkpoint's ({differs})")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -114,6 +128,11 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0][:200]
             raise checkpoint.CheckpointError(f"{path}: incompatible with this config ({first})") from None
+        # The LR of the next step comes from this run's schedule: the same value when nothing changed, the
+        # extended schedule's when run.epochs grew (the saved LR would be the old schedule's last, often 0).
+        sched = self.schedule
+        for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(sched.last_epoch)
         self.start_epoch, self.best_ra = int(state["epoch"]) + 1, float(state["best_ra"])
         self.log.truncate_after(int(state["epoch"]))
 
@@ -248,11 +267,14 @@ class Trainer:
     def fit(self) -> dict | None:
         cfg = self.cfg
         if self.dist.is_main:
+            backend = dist.get_backend() if dist.is_initialized() else "none"
             print(f"DAT: model={cfg.model.name} data={cfg.data.name} loss={cfg.train.loss} attack={cfg.attack.name}"
                   f"-{cfg.attack.steps} eps={cfg.attack.eps:.4g} optim={cfg.optim.name} world={self.dist.world_size}"
                   f" batch={cfg.data.batch_size} steps/epoch={len(self.batches)}"
-                  f" jointspar={'on' if self.jointspar else 'off'} params={sum(p.numel() for p in self.params)}",
-                  flush=True)
+                  f" jointspar={'on' if self.jointspar else 'off'} params={sum(p.numel() for p in self.params)}"
+                  f"\n     device={self.device} backend={backend} bf16={'on' if self.amp else 'off'}"
+                  f" channels_last={'on' if self.channels_last else 'off'} micro_batches={cfg.train.micro_batches}"
+                  f" metrics_port={cfg.metrics.port or 'off'}", flush=True)
             print(table_header(), flush=True)
         exporter = TrainingExporter.start(
             cfg.metrics, rank=self.dist.rank, local_rank=self.dist.local_rank, node_rank=self.dist.node_rank,
@@ -278,20 +300,24 @@ class Trainer:
 
 def run(cfg: Config, dist_info: DistInfo) -> dict | None:
     """Train as configured; resume from OUTPUT_DIR (or run.resume) when a checkpoint is there."""
-    os.makedirs(cfg.run.output_dir, exist_ok=True)
+    try:
+        os.makedirs(cfg.run.output_dir, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"run.output_dir: cannot create {cfg.run.output_dir} ({exc.strerror or exc})") from None
     trainer = Trainer(cfg, dist_info)
     resume_from = checkpoint.find_resume(cfg.run.output_dir, cfg.run.resume)
     if resume_from:
         trainer.resume(resume_from)
         if dist_info.is_main:
-            print(f"resumed from {resume_from} at epoch {trainer.start_epoch}", flush=True)
+            print(f"resumed from {resume_from} (saved after epoch {trainer.start_epoch - 1})", flush=True)
     else:
         trainer.log.truncate_after(0)  # a fresh run starts a fresh metrics.jsonl
     if dist_info.is_main:
         save_resolved(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
     if trainer.start_epoch > cfg.run.epochs:
         if dist_info.is_main:
-            print(f"nothing to do: checkpoint is at epoch {trainer.start_epoch - 1} of {cfg.run.epochs}")
+            print(f"nothing to do: the checkpoint is from epoch {trainer.start_epoch - 1} and run.epochs is "
+                  f"{cfg.run.epochs} (raise run.epochs to train on)")
         return None
     return trainer.fit()
 
