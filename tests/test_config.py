@@ -63,6 +63,8 @@ def test_bad_override_syntax():
     (["--resume", "x.pt", "--no-resume"], "--resume and --no-resume contradict each other"),
     (["--set", "run.output_dir=/proc/dat-nope", "--set", "data.batch_size=64"], "run.output_dir: cannot create"),
     (["--set", "dist.backend=nccl"], "dist.backend: nccl needs CUDA GPUs"),
+    (["--check", "--set", "model.name=resnet18", "--set", "jointspar.enabled=true", "--set", "jointspar.budget=1000"],
+     "jointspar.budget 1000 exceeds the number of arms L = 62"),  # --check builds the model for this
     (["--config", "/nonexistent.yaml"], "config file not found"),
     (["--set", "data.name=cifar10", "--set", "data.root=/nonexistent"], "no CIFAR-10"),
 ])

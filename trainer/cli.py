@@ -46,11 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dat-train: config error: {exc}", file=sys.stderr)
         return 2
+    from trainer.train import check_model_settings, run
+
     if args.check:
+        try:
+            check_model_settings(cfg)
+        except ConfigError as exc:
+            print(f"dat-train: config error: {exc}", file=sys.stderr)
+            return 2
         print("config OK")
         return 0
-
-    from trainer.train import run
 
     try:
         info = setup(cfg.dist.backend, cfg.dist.timeout_seconds)

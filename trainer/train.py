@@ -298,6 +298,15 @@ class Trainer:
         return record
 
 
+def check_model_settings(cfg: Config) -> None:
+    """The checks that need the model (JointSpar's arms against its budget), for `dat-train --check`:
+    builds the model on the CPU, reads no data."""
+    channels = {"digits": 1, "synthetic": cfg.data.synthetic_channels}.get(cfg.data.name, 3)
+    model = build_model(cfg.model.name, 10, channels, cfg.model.width)
+    if cfg.jointspar.enabled:
+        JointSpar(cfg.jointspar, model, seed=cfg.run.seed)
+
+
 def run(cfg: Config, dist_info: DistInfo) -> dict | None:
     """Train as configured; resume from OUTPUT_DIR (or run.resume) when a checkpoint is there."""
     try:
