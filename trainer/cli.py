@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from trainer.checkpoint import CheckpointError
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides, world_size=world_size)
     except ConfigError as exc:
-        print(f"dat-train: config error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank reads the same config: one message is enough
+            print(f"dat-train: config error: {exc}", file=sys.stderr)
         return 2
     from trainer.train import check_model_settings, run
 
