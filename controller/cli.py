@@ -25,7 +25,10 @@ def _fail(lines: list[str] | str, code: int) -> int:
 
 def _render(args: argparse.Namespace, namespace: str | None = None) -> spec.Rendered:
     job = spec.load_spec(args.jobspec, args.set)
-    return spec.render(job, namespace=namespace or args.namespace, api=args.api)
+    rendered = spec.render(job, namespace=namespace or args.namespace, api=args.api)
+    for line in rendered.warnings:
+        print(f"datctl: warning: {line}", file=sys.stderr)
+    return rendered
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -45,20 +48,31 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     """Operator rules (and, with --schemas, the CRD schemas) for PyTorchJobs in manifest files."""
     problems: list[str] = []
-    jobs = 0
+    jobs = {"PyTorchJob": 0, "TrainJob": 0}
     for name in args.files:
         try:
             docs = [d for d in yaml.safe_load_all(Path(name).read_text()) if d]
-        except (OSError, yaml.YAMLError) as exc:
-            problems.append(f"{name}: cannot read: {exc.__class__.__name__}")
+        except OSError as exc:
+            problems.append(f"{name}: cannot read: {exc.strerror or exc.__class__.__name__}")
+            continue
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(exc, "problem", None)
+            problems.append(f"{name}: cannot read: not valid YAML{where}{f': {problem}' if problem else ''}")
             continue
         for doc in docs:
             if not isinstance(doc, dict) or not isinstance(doc.get("metadata") or {}, dict):
                 problems.append(f"{name}: not a Kubernetes object: {str(doc)[:60]!r}")
                 continue
+            if not doc.get("apiVersion") or not doc.get("kind"):
+                problems.append(f"{name}: not a Kubernetes object (no apiVersion/kind); a job spec goes to "
+                                "`datctl render` (or `datctl submit`)")
+                continue
             label = f"{name}: {doc.get('kind')} {(doc.get('metadata') or {}).get('name')}"
+            if doc.get("kind") in jobs:
+                jobs[doc["kind"]] += 1
             if doc.get("kind") == "PyTorchJob":
-                jobs += 1
                 problems += [f"{label}: {p}" for p in webhook.check_pytorchjob(doc)]
             if args.schemas and schemas.has_crd(doc):
                 try:
@@ -67,7 +81,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
                     return _fail(str(exc), EXIT_USAGE)
     if problems:
         return _fail(problems, EXIT_USAGE)
-    print(f"ok: {jobs} PyTorchJob(s) in {len(args.files)} file(s)")
+    if not any(jobs.values()):
+        return _fail(f"no PyTorchJob or TrainJob in {', '.join(args.files)}; validate checks rendered manifests "
+                     "(a job spec goes to `datctl render`)", EXIT_USAGE)
+    found = f"{jobs['PyTorchJob']} PyTorchJob(s)" + (f", {jobs['TrainJob']} TrainJob(s)" if jobs["TrainJob"] else "")
+    print(f"ok: {found} in {len(args.files)} file(s)")
     return 0
 
 
@@ -129,7 +147,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-EXPORTER_HELP = "serve Prometheus metrics about the training jobs (datctl exporter --help)"
+EXPORTER_DESCRIPTION = "serve Prometheus metrics about the training jobs"
+EXPORTER_HELP = f"{EXPORTER_DESCRIPTION} (datctl exporter --help)"  # in datctl --help: where its options are
 
 
 def cmd_exporter(argv: list[str]) -> int:
@@ -138,7 +157,7 @@ def cmd_exporter(argv: list[str]) -> int:
         exporter = importlib.import_module("controller.exporter")
     except ImportError as exc:
         return _fail(f"the exporter is not available in this installation ({exc})", EXIT_USAGE)
-    parser = argparse.ArgumentParser(prog="datctl exporter", description=EXPORTER_HELP)
+    parser = argparse.ArgumentParser(prog="datctl exporter", description=EXPORTER_DESCRIPTION)
     exporter.add_arguments(parser)
     return exporter.run(parser.parse_args(argv))
 
@@ -154,7 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--api", choices=sorted(kube.KINDS), help="override the spec's api")
 
     def cluster_args(p: argparse.ArgumentParser, api: bool = True) -> None:
-        p.add_argument("-n", "--namespace", help="default: the spec's namespace, else the kubeconfig context's")
+        if api:  # the commands that take a job name
+            p.add_argument("-n", "--namespace", help="the job's namespace (default: the kubeconfig context's "
+                                                     "namespace; in a pod, the pod's; else default)")
+        else:  # submit: the spec's namespace wins
+            p.add_argument("-n", "--namespace", help="namespace when the spec has none (default: the kubeconfig "
+                                                     "context's namespace; in a pod, the pod's; else default)")
         p.add_argument("--kubeconfig", help="default: $KUBECONFIG, ~/.kube/config, else in-cluster")
         p.add_argument("--context", help="kubeconfig context")
         if api:
@@ -166,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--namespace", help="namespace when the spec has none (default: default)")
     p.set_defaults(func=cmd_render)
 
-    p = sub.add_parser("validate", help="check PyTorchJob manifests against the training operator's rules")
+    p = sub.add_parser("validate", help="check rendered PyTorchJob manifests against the training operator's "
+                                        "rules (TrainJobs: --schemas)")
     p.add_argument("files", nargs="+")
     p.add_argument("--schemas", action="store_true",
                    help="also validate against the CRD schemas in $DAT_SCHEMA_DIR (default ../shared/schemas)")
@@ -206,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     except spec.SpecError as exc:
         return _fail(exc.problems, EXIT_USAGE)
     except chart.ChartError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except kube.KubeconfigError as exc:  # --kubeconfig / --context / the kubeconfig file: the user's mistake
         return _fail(str(exc), EXIT_USAGE)
     except kube.ClusterError as exc:
         return _fail(str(exc), EXIT_FAILED)

@@ -302,6 +302,7 @@ def _api_client(kubeconfig: str | None, context: str | None) -> Any:
         configuration = client.Configuration()
         config.load_incluster_config(client_configuration=configuration)
         return client.ApiClient(configuration)
+    kube.check_kubeconfig(kubeconfig, context)
     return config.new_client_from_config(config_file=kubeconfig, context=context)
 
 
@@ -323,6 +324,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         api_client = _api_client(args.kubeconfig, args.context)
+    except kube.KubeconfigError as exc:
+        print(f"datctl exporter: cannot load Kubernetes credentials: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # kubernetes.config.ConfigException, missing or unreadable files
         print(f"datctl exporter: cannot load Kubernetes credentials: {str(exc).splitlines()[0] if str(exc) else exc!r}",
               file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,50 @@ class ClusterError(RuntimeError):
     """A cluster-side failure, one line."""
 
 
+class KubeconfigError(ClusterError):
+    """A mistake in --kubeconfig, --context or the kubeconfig file itself (a user mistake), one line."""
+
+
+def check_kubeconfig(kubeconfig: str | None, context: str | None) -> None:
+    """What the kubernetes client would report as a traceback or a misleading message, as one line: a
+    --kubeconfig file that does not exist, a kubeconfig that is not YAML or not a mapping, an unknown --context.
+    Without --kubeconfig the files are $KUBECONFIG's (the existing ones, as the client merges them), else
+    ~/.kube/config; none at all is left to the client (in-cluster config, or its own error)."""
+    if kubeconfig:
+        path = Path(kubeconfig).expanduser()
+        if not path.exists():
+            raise KubeconfigError(f"--kubeconfig {kubeconfig}: the file does not exist")
+        if not path.is_file():
+            raise KubeconfigError(f"--kubeconfig {kubeconfig}: not a file")
+        paths = [path]
+    else:
+        names = os.environ.get("KUBECONFIG", "").split(os.pathsep) if os.environ.get("KUBECONFIG") else \
+            ["~/.kube/config"]
+        paths = [Path(n).expanduser() for n in names if n and Path(n).expanduser().is_file()]
+    contexts: list[str] = []
+    for path in paths:
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise KubeconfigError(f"kubeconfig {path}: cannot read: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(exc, "problem", None)
+            raise KubeconfigError(f"kubeconfig {path}: not valid YAML{where}{f': {problem}' if problem else ''}") \
+                from None
+        if doc is None:
+            continue  # empty: the client says so
+        if not isinstance(doc, dict):
+            raise KubeconfigError(f"kubeconfig {path}: not a kubeconfig (a mapping with clusters, users and "
+                                  f"contexts), got {type(doc).__name__}")
+        contexts += [c["name"] for c in doc.get("contexts") or [] if isinstance(c, dict) and c.get("name")]
+    if context and paths and context not in contexts:
+        known = ", ".join(dict.fromkeys(contexts)) or "none"
+        raise KubeconfigError(f"context {context!r} not in kubeconfig {os.pathsep.join(map(str, paths))} "
+                              f"(contexts: {known})")
+
+
 def _status_message(exc: ApiException) -> tuple[dict[str, Any] | None, str]:
     try:
         status = json.loads(exc.body or "")
@@ -66,6 +111,7 @@ class Cluster:
     def __init__(self, kubeconfig: str | None = None, context: str | None = None,
                  namespace: str | None = None) -> None:
         configuration = client.Configuration()
+        check_kubeconfig(kubeconfig, context)
         try:
             try:
                 config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
@@ -79,6 +125,10 @@ class Cluster:
                 config.load_incluster_config(client_configuration=configuration)  # in a pod, no kubeconfig
                 default_namespace = SA_NAMESPACE.read_text().strip() or "default"
         except (config.ConfigException, OSError) as exc:
+            env = os.environ.get("KUBECONFIG")
+            if not kubeconfig and env and not any(Path(n).expanduser().is_file() for n in env.split(os.pathsep) if n):
+                raise ClusterError(f"no usable Kubernetes config: KUBECONFIG={env} names no existing file; "
+                                   "fix KUBECONFIG or pass --kubeconfig") from None
             raise ClusterError(f"no usable Kubernetes config ({exc}); set KUBECONFIG or pass --kubeconfig") from None
         configuration.retries = urllib3.Retry(total=2, connect=2, read=0, backoff_factor=0.2, status=0)
         self.host = configuration.host

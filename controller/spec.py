@@ -1,7 +1,7 @@
 """Job specs: load, check and render.
 
 A job spec is a values file of charts/dat-training (same keys, same defaults), plus `trainerConfigFile`
-which datctl reads into `trainer`. Every user mistake becomes one line in SpecError.problems.
+which datctl reads into `trainer` (relative to the spec's folder; --set trainer.* applies on top). Every user mistake becomes one line in SpecError.problems.
 """
 from __future__ import annotations
 
@@ -78,20 +78,33 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
         spec = {}
     if not isinstance(spec, dict):
         raise SpecError([f"{path}: a job spec is a mapping of keys, got {type(spec).__name__}"])
+    written_trainer = spec.get("trainer")  # what the file says, before --set
     for item in overrides:
         _set_path(spec, item)
     config_file = spec.get("trainerConfigFile")
     if config_file and isinstance(config_file, str):  # other types: the schema check words it
-        if spec.get("trainer"):
+        if written_trainer:
             raise SpecError(["trainerConfigFile: set either trainer or trainerConfigFile, not both"])
+        resolved = (path.parent / config_file).resolve()  # relative to the job spec's folder
         try:
-            spec["trainer"] = yaml.safe_load((path.parent / config_file).read_text()) or {}
+            from_file = yaml.safe_load(resolved.read_text()) or {}
         except FileNotFoundError:
-            raise SpecError([f"trainerConfigFile: {config_file}: file not found"]) from None
-        except yaml.YAMLError:
-            raise SpecError([f"trainerConfigFile: {config_file}: not valid YAML"]) from None
+            raise SpecError([f"trainerConfigFile: {config_file}: file not found: {resolved} (a relative path is "
+                             "resolved against the job spec's folder)"]) from None
+        except OSError as exc:
+            raise SpecError([f"trainerConfigFile: {config_file}: cannot read {resolved}: {exc.strerror}"]) from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            raise SpecError([f"trainerConfigFile: {config_file}: not valid YAML"
+                             f"{f' (line {mark.line + 1})' if mark else ''}"]) from None
+        if not isinstance(from_file, dict):
+            raise SpecError([f"trainerConfigFile: {config_file}: a trainer config is a mapping of sections, "
+                             f"got {type(from_file).__name__}"])
+        overlay = spec.get("trainer")  # --set trainer.* only: they apply on top of the file
+        spec["trainer"] = _merge(from_file, overlay) if overlay else from_file
         spec["trainerConfigFile"] = ""
-        return JobSpec(spec, trainer_origin=f"trainerConfigFile {config_file}")
+        origin = f"trainerConfigFile {config_file}" + (" with --set trainer.*" if overlay else "")
+        return JobSpec(spec, trainer_origin=origin)
     return JobSpec(spec)
 
 
@@ -299,11 +312,43 @@ def normalized_trainer(trainer: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def owned_trainer_settings(v: dict[str, Any]) -> dict[tuple[str, str], tuple[Any, str]]:
+    """The trainer settings the chart derives from the job spec (dat-training.trainerConfig):
+    (section, key) -> (value, why)."""
+    owned = {
+        ("run", "output_dir"): (f"{v['checkpoint']['mountPath']}/{v['name']}",
+                                "on the checkpoint volume, checkpoint.mountPath/name, so a restarted pod resumes"),
+        ("metrics", "port"): (v["metrics"]["port"], "the job spec's metrics.port, which the pods and the PodMonitor "
+                                                    "use; set metrics.port instead"),
+    }
+    if v["data"]["source"] != "none":
+        owned[("data", "root")] = (v["data"]["mountPath"], "the data volume, data.mountPath")
+    return owned
+
+
+def render_warnings(v: dict[str, Any], trainer: dict[str, Any], origin: str) -> list[str]:
+    """One line for each user-given trainer setting the chart replaces, and for checkpoints on an emptyDir.
+    `trainer` is the user's trainer config typed by trainer/config.py (normalized_trainer)."""
+    out = []
+    for (section, key), (value, why) in owned_trainer_settings(v).items():
+        given = (trainer.get(section) or {}).get(key)
+        if given is None:
+            continue
+        same = (posixpath.normpath(given) == posixpath.normpath(value)) if isinstance(value, str) else given == value
+        if not same:
+            out.append(f"{origin}: {section}.{key} {given!r} is replaced by {value!r} ({why})")
+    if not v["checkpoint"]["claimName"]:
+        out.append("checkpoint.claimName is empty: checkpoints go to an emptyDir and are lost with the pod "
+                   "(a rescheduled or deleted pod starts over); set checkpoint.claimName to a PVC to keep them")
+    return out
+
+
 @dataclasses.dataclass
 class Rendered:
     values: dict[str, Any]  # the spec merged with the chart defaults
     namespace: str
     objects: list[dict[str, Any]]  # ConfigMap, the job, and the PodMonitor when monitoring is on
+    warnings: list[str] = dataclasses.field(default_factory=list)  # not errors: one line each, for stderr
 
     @property
     def job(self) -> dict[str, Any]:
@@ -318,13 +363,14 @@ def render(job: JobSpec, namespace: str | None = None, api: str | None = None,
         spec["api"] = api
     values = check(spec, job.trainer_origin)
     spec["trainer"] = normalized_trainer(values["trainer"])
+    warnings = render_warnings(values, spec["trainer"], job.trainer_origin)
     namespace = values["namespace"] or namespace or "default"
     rendered = chart.helm_template(spec, release=values["name"], namespace=namespace,
                                    api_versions=(chart.MONITORING_API,) if monitoring_api else ())
     order = {"ConfigMap": 0, "PyTorchJob": 1, "TrainJob": 1, "PodMonitor": 2}
     objects = sorted((obj for source, obj in rendered if source in chart.RUN_TEMPLATES),
                      key=lambda o: order.get(o["kind"], 3))
-    result = Rendered(values=values, namespace=namespace, objects=objects)
+    result = Rendered(values=values, namespace=namespace, objects=objects, warnings=warnings)
     if result.job["kind"] == "PyTorchJob":
         broken = webhook.check_pytorchjob(result.job)
         if broken:  # the chart broke an operator rule: a bug in the chart, not a user mistake

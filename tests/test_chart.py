@@ -85,6 +85,9 @@ def test_trainer_config_file_is_the_same_as_inline(tmp_path: Path) -> None:
     ("trainer.optim.lrr=0.1", "at '/trainer/optim': additional properties 'lrr' not allowed"),
     ("trainer.attack.steps=ten", "at '/trainer/attack/steps': got string, want integer"),
     ("trainer.optimizer.name=lamb", "at '/trainer': additional properties 'optimizer' not allowed"),
+    ("trainer.optim.name=adam", "at '/trainer/optim/name': value must be one of 'lamb', 'lars', 'sgd'"),
+    ("trainer.perf.amp=fp16", "at '/trainer/perf/amp': value must be one of"),
+    ("trainer.data.name=imagenet", "at '/trainer/data/name': value must be one of"),
 ])
 def test_values_schema_rejects(setting: str, complaint: str) -> None:
     proc = helm("template", "run", str(CHART), "--set", setting, check=False)
@@ -97,17 +100,61 @@ def test_values_schema_trainer_section_follows_trainer_config() -> None:
     import json
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert schema["properties"]["trainer"] == chart.trainer_schema()
-    assert schema["properties"]["trainer"]["properties"]["jointspar"]["properties"]["budget"] == {"type": "number"}
+    budget = schema["properties"]["trainer"]["properties"]["jointspar"]["properties"]["budget"]
+    assert {"type": "number"} in budget["anyOf"]
+
+
+def test_values_schema_choices_are_the_trainer_configs() -> None:
+    """Every choice field's enum holds exactly what trainer/config.py accepts (and its YAML 1.1 booleans)."""
+    from trainer import config as trainer_config
+    sections = chart.trainer_schema()["properties"]
+    assert sections["optim"]["properties"]["name"] == {"enum": ["lamb", "lars", "sgd"]}
+    assert sections["data"]["properties"]["augment"] == {"enum": ["auto", "on", "off", True, False]}
+    choices = trainer_config.CHOICES
+    assert len(choices) >= 10
+    for key, allowed in choices.items():
+        section, name = key.split(".")
+        assert sections[section]["properties"][name]["enum"][:len(allowed)] == list(allowed)
+        for value in sections[section]["properties"][name]["enum"]:
+            trainer_config.validate(trainer_config.config_from_dict({section: {name: value}}), check_paths=False)
+        with pytest.raises(trainer_config.ConfigError, match=f"{key}: 'nope' is not one of"):
+            trainer_config.validate(trainer_config.config_from_dict({section: {name: "nope"}}), check_paths=False)
+
+
+def test_values_schema_takes_yaml_booleans_for_on_off_choices(tmp_path: Path) -> None:
+    """helm reads `augment: off` as false; trainer/config.py reads it back as off."""
+    values = tmp_path / "values.yaml"
+    values.write_text("trainer: {data: {augment: off}, perf: {amp: off, channels_last: on}}\n")
+    config = next(obj for _, obj in template("-f", str(values)) if obj["kind"] == "ConfigMap"
+                  and obj["metadata"]["name"] == "run-config")
+    from trainer import config as trainer_config
+    cfg = trainer_config.config_from_dict(yaml.safe_load(config["data"]["config.yaml"]))
+    assert (cfg.data.augment, cfg.perf.amp, cfg.perf.channels_last) == ("off", "off", "on")
 
 
 @pytest.mark.parametrize("settings, complaint", [
     (["gpusPerNode=2", "nprocPerNode=1"], "nprocPerNode 1 does not match gpusPerNode 2"),
     (["name=" + "a" * 55, "nodes=12"], "pod name \"" + "a" * 55 + "-worker-10\" exceeds 63 characters"),
+    (["data.source=pvc"], "data.claimName: required when data.source is pvc"),
+    (["data.source=pvc", "api=trainjob"], "data.claimName: required when data.source is pvc"),
+    (["trainerConfigFile=some.yaml"], "trainerConfigFile is read by datctl only; with helm put the trainer "
+                                      "config inline under trainer: (or use datctl render)"),
+    (["trainerConfigFile=some.yaml", "api=trainjob"], "trainerConfigFile is read by datctl only"),
 ])
 def test_chart_rules_beyond_the_schema(settings: list[str], complaint: str) -> None:
     args = [x for s in settings for x in ("--set", s)]
     proc = helm("template", "run", str(CHART), *args, check=False)
     assert proc.returncode != 0 and complaint in proc.stderr, proc.stderr
+
+
+def test_helm_refuses_a_spec_with_trainer_config_file() -> None:
+    """helm cannot read the file: rendering the chart's default trainer config instead would train the wrong
+    thing. datctl reads the same spec (and hands helm the file's content inline)."""
+    published = ROOT / "manifests" / "specs" / "dat-c10ext-resnet18-lamb.yaml"
+    assert "trainerConfigFile" in yaml.safe_load(published.read_text())
+    proc = helm("template", "run", str(CHART), "-f", str(published), check=False)
+    assert proc.returncode != 0 and "trainerConfigFile is read by datctl only" in proc.stderr, proc.stderr
+    assert spec.render(spec.load_spec(published)).job["kind"] == "PyTorchJob"
 
 
 def test_release_name_must_make_a_valid_job_name() -> None:
@@ -206,3 +253,11 @@ def test_notes_tell_how_to_follow_the_run() -> None:
     notes = proc.stdout[proc.stdout.index("NOTES:"):]
     assert "datctl watch dat-smoke -n team-a" in notes
     assert "kubectl logs -f dat-smoke-master-0 -c pytorch -n team-a" in notes
+
+
+def test_float_keys_take_fractions_as_papers_write_them() -> None:
+    config = next(obj for _, obj in template("--set-string", "trainer.attack.eps=8/255") if obj["kind"] == "ConfigMap")
+    from trainer.config import config_from_dict
+    assert config_from_dict(yaml.safe_load(config["data"]["config.yaml"])).attack.eps == 8 / 255
+    proc = helm("template", "run", str(CHART), "--set-string", "trainer.attack.eps=8x", check=False)
+    assert proc.returncode != 0 and "/trainer/attack/eps" in proc.stderr

@@ -30,6 +30,11 @@ def datctl(capsys: pytest.CaptureFixture, scenario: str, tmp_path: Path, *argv: 
     return code, out, err, server
 
 
+def without_warnings(err: str) -> str:
+    """stderr less datctl's warnings (the smoke spec keeps its checkpoints on an emptyDir)."""
+    return "".join(line for line in err.splitlines(keepends=True) if not line.startswith("datctl: warning: "))
+
+
 def rendered(namespace: str = "team-a") -> dict[str, dict]:
     return {o["kind"]: o for o in spec.render(spec.load_spec(SMOKE), namespace=namespace).objects}
 
@@ -37,6 +42,7 @@ def rendered(namespace: str = "team-a") -> dict[str, dict]:
 def test_submit_creates_everything_owned_by_the_job(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, err, server = datctl(capsys, "submit-ok", tmp_path, "submit", SMOKE)
     assert code == 0, err
+    assert "datctl: warning: checkpoint.claimName is empty: checkpoints go to an emptyDir" in err
     assert out.splitlines()[:3] == ["configmap/dat-smoke-config created", "pytorchjob/dat-smoke created",
                                     "podmonitor/dat-smoke created"]
     assert "datctl watch dat-smoke -n team-a" in out
@@ -71,7 +77,7 @@ def test_submit_podmonitor_true_needs_the_crd(tmp_path: Path, capsys: pytest.Cap
 def test_submit_when_the_operator_is_not_installed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, err, server = datctl(capsys, "submit-crd-missing", tmp_path, "submit", SMOKE)
     assert code == 1 and out == ""
-    assert err == ("datctl: PyTorchJob team-a/dat-smoke (dry run): the PyTorchJob CRD (kubeflow.org/v1) is not "
+    assert without_warnings(err) == ("datctl: PyTorchJob team-a/dat-smoke (dry run): the PyTorchJob CRD (kubeflow.org/v1) is not "
                    "installed in the cluster; install the Kubeflow training operator v1.9: kubectl apply "
                    "--server-side -k \"github.com/kubeflow/trainer.git/manifests/overlays/standalone"
                    "?ref=v1.9.4\"\n")
@@ -80,6 +86,7 @@ def test_submit_when_the_operator_is_not_installed(tmp_path: Path, capsys: pytes
 
 def test_submit_forbidden_by_rbac(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, _, err, _ = datctl(capsys, "submit-forbidden", tmp_path, "submit", SMOKE)
+    err = without_warnings(err)
     assert code == 1
     assert err.startswith("datctl: PyTorchJob team-a/dat-smoke (dry run): forbidden by RBAC: ")
     assert 'User "alice@example.com" cannot create resource "pytorchjobs"' in err and len(err.splitlines()) == 1
@@ -211,3 +218,37 @@ def test_recorded_jobs_match_the_crd() -> None:
                     pytest.fail(str(exc))
                 checked += 1
     assert checked >= 9
+
+
+CLUSTER_COMMANDS = [["submit", SMOKE], ["status", "dat-smoke"], ["watch", "dat-smoke"], ["logs", "dat-smoke"],
+                    ["delete", "dat-smoke"]]
+
+
+@pytest.mark.parametrize("command", CLUSTER_COMMANDS, ids=lambda c: c[0])
+def test_kubeconfig_mistakes_are_one_line(command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A broken kubeconfig, a --kubeconfig that does not exist and an unknown --context: exit 2, one line that
+    says which (the kubernetes client gives a YAML traceback, or "set KUBECONFIG or pass --kubeconfig")."""
+    broken = tmp_path / "broken"
+    broken.write_text("garbage: [\n")
+    good = kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:9")
+    for flags, line in [
+        (["--kubeconfig", str(broken)], f"datctl: kubeconfig {broken}: not valid YAML (line 2, column 1): "),
+        (["--kubeconfig", str(tmp_path / "missing")], f"datctl: --kubeconfig {tmp_path / 'missing'}: the file "
+                                                      "does not exist"),
+        (["--kubeconfig", str(good), "--context", "nope"], f"datctl: context 'nope' not in kubeconfig {good} "
+                                                          "(contexts: replay)"),
+    ]:
+        code = cli.main([*command, *flags])
+        err = capsys.readouterr().err
+        errors = without_warnings(err).splitlines()
+        assert code == 2 and len(errors) == 1 and errors[0].startswith(line), err
+
+
+def test_broken_kubeconfig_from_the_environment(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = tmp_path / "broken"
+    broken.write_text("- just a list\n")
+    monkeypatch.setenv("KUBECONFIG", str(broken))
+    assert cli.main(["status", "dat-smoke"]) == 2
+    assert capsys.readouterr().err == f"datctl: kubeconfig {broken}: not a kubeconfig (a mapping with clusters, " \
+                                      "users and contexts), got list\n"

@@ -199,3 +199,70 @@ def test_output_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert code == 0 and out == "" and "PyTorchJob" in err
     docs = list(yaml.safe_load_all((tmp_path / "out" / "dat-smoke.yaml").read_text()))
     assert [d["kind"] for d in docs] == ["ConfigMap", "PyTorchJob", "PodMonitor"]  # kubectl apply order
+
+
+def test_set_trainer_applies_on_top_of_the_trainer_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--set trainer.* with a trainerConfigFile spec: the file's content, then the overrides (the user never
+    wrote `trainer:`, so there is no conflict)."""
+    (tmp_path / "train.yaml").write_text("data: {name: synthetic, batch_size: 96}\noptim: {name: lamb, lr: 0.01}\n")
+    path = write_spec(tmp_path, {"trainer": DELETE, "trainerConfigFile": "train.yaml"})
+    objects = rendered_objects(capsys, str(path), "--set", "trainer.optim.name=sgd", "--set", "trainer.run.epochs=3")
+    config = yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])
+    assert config["optim"] == {"name": "sgd", "lr": 0.01}
+    assert config["data"]["batch_size"] == 96 and config["run"]["epochs"] == 3
+    # a bad override is reported as such, one line
+    code, _, err = render(capsys, str(path), "--set", "trainer.optim.name=adam")
+    assert code == 2 and err.strip() == ("datctl: trainerConfigFile train.yaml with --set trainer.*: optim.name: "
+                                         "'adam' is not one of lamb, lars, sgd")
+
+
+def test_trainer_file_not_found_names_the_resolved_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "specs").mkdir()
+    path = write_spec(tmp_path, {"trainer": DELETE, "trainerConfigFile": "../configs/train.yaml"})
+    path = path.rename(tmp_path / "specs" / "job.yaml")
+    code, _, err = render(capsys, str(path))
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.strip() == (f"datctl: trainerConfigFile: ../configs/train.yaml: file not found: "
+                           f"{(tmp_path / 'configs' / 'train.yaml').resolve()} (a relative path is resolved "
+                           "against the job spec's folder)")
+
+
+def test_missing_chart_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("DAT_CHART", str(tmp_path / "nochart"))
+    code, out, err = render(capsys, str(ROOT / "manifests" / "specs" / "dat-smoke.yaml"))
+    assert code == 2 and out == ""
+    assert err == (f"datctl: chart not found: {tmp_path / 'nochart' / 'values.schema.json'} does not exist "
+                   f"(DAT_CHART={tmp_path / 'nochart'}; set DAT_CHART to the dat-training chart folder)\n")
+
+
+def warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("datctl: warning: ")]
+
+
+def test_replaced_trainer_settings_are_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_spec(tmp_path, {"trainer/run/output_dir": "runs/mine", "trainer/metrics/port": 9100,
+                                 "checkpoint/claimName": "ckpt"})
+    code, out, err = render(capsys, str(path))
+    assert code == 0 and out
+    assert warnings(err) == [
+        "datctl: warning: trainer: run.output_dir 'runs/mine' is replaced by '/checkpoints/dat-smoke' (on the "
+        "checkpoint volume, checkpoint.mountPath/name, so a restarted pod resumes)",
+        "datctl: warning: trainer: metrics.port 9100 is replaced by 9400 (the job spec's metrics.port, which the "
+        "pods and the PodMonitor use; set metrics.port instead)",
+    ]
+    config = yaml.safe_load(yaml.safe_load_all(out).__next__()["data"]["config.yaml"])
+    assert config["run"]["output_dir"] == "/checkpoints/dat-smoke" and config["metrics"]["port"] == 9400
+    # the same values as the chart's: nothing to say
+    path = write_spec(tmp_path, {"trainer/run/output_dir": "/checkpoints/dat-smoke/", "trainer/metrics/port": 9400,
+                                 "checkpoint/claimName": "ckpt"})
+    code, _, err = render(capsys, str(path))
+    assert code == 0 and warnings(err) == []
+
+
+def test_checkpoints_on_an_empty_dir_are_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = render(capsys, str(write_spec(tmp_path)))
+    assert code == 0 and out
+    assert warnings(err) == ["datctl: warning: checkpoint.claimName is empty: checkpoints go to an emptyDir and "
+                             "are lost with the pod (a rescheduled or deleted pod starts over); set "
+                             "checkpoint.claimName to a PVC to keep them"]

@@ -230,6 +230,29 @@ def test_missing_kubeconfig_is_a_one_line_error(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+@pytest.mark.parametrize("case", ["broken", "unknown-context"])
+def test_kubeconfig_mistakes_are_one_line(case, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    if case == "broken":
+        config = tmp_path / "kc"
+        config.write_text("garbage: [\n")
+        args, line = ["--kubeconfig", str(config)], f"kubeconfig {config}: not valid YAML (line 2, column 1)"
+    else:
+        config = tmp_path / "kc"
+        config.write_text(json.dumps({"apiVersion": "v1", "kind": "Config", "current-context": "a",
+                                      "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],
+                                      "users": [{"name": "u", "user": {"token": "t"}}],
+                                      "contexts": [{"name": n, "context": {"cluster": "c", "user": "u"}}
+                                                   for n in ("a", "b")]}))
+        args = ["--kubeconfig", str(config), "--context", "nope"]
+        line = f"context 'nope' not in kubeconfig {config} (contexts: a, b)"
+    proc = subprocess.run([sys.executable, "-m", "controller.exporter", *args, "--port", str(free_port())],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"datctl exporter: cannot load Kubernetes credentials: {line}"), proc.stderr
+
+
 def test_datctl_exporter_runs_with_the_arguments_the_chart_passes(tmp_path):
     """The Deployment runs `datctl exporter --api=API --namespace=NS --port=PORT`: the CLI must hand them on."""
     datctl = Path(sys.executable).parent / "datctl"

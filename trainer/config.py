@@ -255,6 +255,24 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
     return cfg
 
 
+CHOICES: dict[str, tuple[str, ...]] = {  # the allowed values of every choice key (the chart's schema uses it)
+    "dist.backend": ("auto", "nccl", "gloo"),
+    "data.name": ("digits", "cifar10", "cifar10-ext", "synthetic"),
+    "data.augment": ("auto", "on", "off"),
+    "data.device_resident": ("auto", "on", "off"),
+    "model.name": ("small_cnn", "resnet18", "preact_resnet18"),
+    "attack.name": ("pgd", "fgsm"),
+    "train.loss": ("dat", "adv", "clean"),
+    "optim.name": ("lamb", "lars", "sgd"),
+    "optim.lr_scaling": ("sqrt", "linear", "none"),
+    "optim.schedule": ("cosine", "multistep", "constant"),
+    "jointspar.sampling": ("bernoulli", "exact"),
+    "jointspar.arms": ("param", "module"),
+    "perf.amp": ("auto", "bf16", "off"),
+    "perf.channels_last": ("auto", "on", "off"),
+}
+
+
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
@@ -262,20 +280,9 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> None:
     """Reject inconsistent settings before anything starts."""
-    _choice("dist.backend", cfg.dist.backend, ("auto", "nccl", "gloo"))
-    _choice("data.name", cfg.data.name, ("digits", "cifar10", "cifar10-ext", "synthetic"))
-    _choice("data.augment", cfg.data.augment, ("auto", "on", "off"))
-    _choice("data.device_resident", cfg.data.device_resident, ("auto", "on", "off"))
-    _choice("model.name", cfg.model.name, ("small_cnn", "resnet18", "preact_resnet18"))
-    _choice("attack.name", cfg.attack.name, ("pgd", "fgsm"))
-    _choice("train.loss", cfg.train.loss, ("dat", "adv", "clean"))
-    _choice("optim.name", cfg.optim.name, ("lamb", "lars", "sgd"))
-    _choice("optim.lr_scaling", cfg.optim.lr_scaling, ("sqrt", "linear", "none"))
-    _choice("optim.schedule", cfg.optim.schedule, ("cosine", "multistep", "constant"))
-    _choice("jointspar.sampling", cfg.jointspar.sampling, ("bernoulli", "exact"))
-    _choice("jointspar.arms", cfg.jointspar.arms, ("param", "module"))
-    _choice("perf.amp", cfg.perf.amp, ("auto", "bf16", "off"))
-    _choice("perf.channels_last", cfg.perf.channels_last, ("auto", "on", "off"))
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        _choice(key, getattr(getattr(cfg, section), name), allowed)
     resume = cfg.run.resume
     if resume not in ("auto", "never") and check_paths and not (
             os.path.isfile(resume) or os.path.isfile(os.path.join(resume, "checkpoint-latest.pt"))):

@@ -76,6 +76,12 @@ stay a 63-character DNS label).
 Cross-field rules values.schema.json cannot express; `datctl render` reports the same ones before rendering.
 */}}
 {{- define "dat-training.validate" -}}
+{{- if .Values.trainerConfigFile }}
+{{- fail "trainerConfigFile is read by datctl only; with helm put the trainer config inline under trainer: (or use datctl render)" }}
+{{- end }}
+{{- if and (eq .Values.data.source "pvc") (not .Values.data.claimName) }}
+{{- fail "data.claimName: required when data.source is pvc (the claim holding the data set)" }}
+{{- end }}
 {{- $gpus := int .Values.gpusPerNode }}
 {{- if and (gt $gpus 0) (ne (include "dat-training.nprocPerNode" .) (toString $gpus)) }}
 {{- fail (printf "nprocPerNode %d does not match gpusPerNode %d: each torchrun process needs its own GPU" (int .Values.nprocPerNode) $gpus) }}
