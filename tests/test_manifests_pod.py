@@ -70,4 +70,4 @@ def test_smoke_pods_train_and_resume(tmp_path: Path) -> None:
 
     base_env["PET_MASTER_PORT"] = str(free_port())
     master_log, _ = launch()
-    assert f"nothing to do: checkpoint is at epoch {config['run']['epochs']}" in master_log
+    assert f"nothing to do: the checkpoint is from epoch {config['run']['epochs']} " in master_log
