@@ -309,6 +309,8 @@ def _api_client(kubeconfig: str | None, context: str | None) -> Any:
 def run(args: argparse.Namespace) -> int:
     """Serve job metrics until SIGTERM / SIGINT. Returns the exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # our own line per failed attempt says it all; urllib3 would add its retry warnings to each
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     if not 0 < args.port < 65536:
         print(f"datctl exporter: --port must be in 1..65535, got {args.port}", file=sys.stderr)
         return 2

@@ -87,3 +87,11 @@ def test_yaml_on_off_reach_string_options_as_words(tmp_path):
     path.write_text("perf: {channels_last: on, amp: off}\n")
     cfg = load_config(str(path), ["perf.channels_last=off"])
     assert cfg.perf.channels_last == "off" and cfg.perf.amp == "off"
+
+
+def test_print_config_is_a_config_file_of_the_same_run(tmp_path):
+    proc = train_cli(["--print-config", "--set", "attack.eps=8/255", "--set", "optim.name=lars"])
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "resolved.yaml").write_text(proc.stdout)
+    again = load_config(str(tmp_path / "resolved.yaml"))
+    assert again == load_config(None, ["attack.eps=8/255", "optim.name=lars"])

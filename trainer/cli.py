@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+import yaml
+
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, load_config
 from trainer.data import DataError
@@ -26,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "whenever one exists)")
     parser.add_argument("--no-resume", action="store_true", help="start fresh even if OUTPUT_DIR has a checkpoint")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (defaults, file and --set merged) as YAML and exit")
     return parser.parse_args(argv)
 
 
@@ -50,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from trainer.train import check_model_settings, run
 
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     if args.check:
         try:
             check_model_settings(cfg)
