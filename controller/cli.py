@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from controller import chart, kube, schemas, spec, webhook
+from controller import chart, kube, schemas, spec, webhook, yamlerror
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -56,10 +56,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             problems.append(f"{name}: cannot read: {exc.strerror or exc.__class__.__name__}")
             continue
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-            problem = getattr(exc, "problem", None)
-            problems.append(f"{name}: cannot read: not valid YAML{where}{f': {problem}' if problem else ''}")
+            problems.append(f"{name}: cannot read: {yamlerror.describe(exc)}")
             continue
         for doc in docs:
             if not isinstance(doc, dict) or not isinstance(doc.get("metadata") or {}, dict):

@@ -19,6 +19,8 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
+from controller import yamlerror
+
 OPERATOR_INSTALL = ("install the Kubeflow training operator v1.9: kubectl apply --server-side -k "
                     "\"github.com/kubeflow/trainer.git/manifests/overlays/standalone?ref=v1.9.4\"")
 TRAINER_INSTALL = "install Kubeflow Trainer v2 (https://www.kubeflow.org/docs/components/trainer/)"
@@ -78,11 +80,7 @@ def check_kubeconfig(kubeconfig: str | None, context: str | None) -> None:
         except OSError as exc:
             raise KubeconfigError(f"kubeconfig {path}: cannot read: {exc.strerror}") from None
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-            problem = getattr(exc, "problem", None)
-            raise KubeconfigError(f"kubeconfig {path}: not valid YAML{where}{f': {problem}' if problem else ''}") \
-                from None
+            raise KubeconfigError(f"kubeconfig {path}: {yamlerror.describe(exc)}") from None
         if doc is None:
             continue  # empty: the client says so
         if not isinstance(doc, dict):

@@ -1,7 +1,8 @@
 """Job specs: load, check and render.
 
 A job spec is a values file of charts/dat-training (same keys, same defaults), plus `trainerConfigFile`
-which datctl reads into `trainer` (relative to the spec's folder; --set trainer.* applies on top). Every user mistake becomes one line in SpecError.problems.
+which datctl reads into `trainer` (relative to the spec's folder; --set trainer.* applies on top). Every user
+mistake becomes one line in SpecError.problems.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import jsonschema
 import yaml
 from kubernetes.utils import parse_quantity
 
-from controller import chart, webhook
+from controller import chart, webhook, yamlerror
 from trainer import config as trainer_config
 
 OPERATOR_PORT = 23456  # the training operator's pytorchjob-port
@@ -72,8 +73,7 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
     except FileNotFoundError:
         raise SpecError([f"{path}: job spec not found"]) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise SpecError([f"{path}: not valid YAML{f' (line {mark.line + 1})' if mark else ''}"]) from None
+        raise SpecError([f"{path}: {yamlerror.describe(exc)}"]) from None
     if spec is None:
         spec = {}
     if not isinstance(spec, dict):
@@ -94,9 +94,7 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
         except OSError as exc:
             raise SpecError([f"trainerConfigFile: {config_file}: cannot read {resolved}: {exc.strerror}"]) from None
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            raise SpecError([f"trainerConfigFile: {config_file}: not valid YAML"
-                             f"{f' (line {mark.line + 1})' if mark else ''}"]) from None
+            raise SpecError([f"trainerConfigFile: {config_file}: {yamlerror.describe(exc)}"]) from None
         if not isinstance(from_file, dict):
             raise SpecError([f"trainerConfigFile: {config_file}: a trainer config is a mapping of sections, "
                              f"got {type(from_file).__name__}"])

@@ -129,7 +129,7 @@ def test_every_problem_gets_its_own_line(tmp_path: Path, capsys: pytest.CaptureF
 
 
 @pytest.mark.parametrize("text, line", [
-    ("nodes: [1\n", "not valid YAML (line 2)"),
+    ("nodes: [1\n", "not valid YAML (line 2, column "),
     ("- nodes\n", "a job spec is a mapping of keys, got list"),
 ])
 def test_unreadable_spec(text: str, line: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
