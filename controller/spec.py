@@ -310,31 +310,25 @@ def normalized_trainer(trainer: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def owned_trainer_settings(v: dict[str, Any]) -> dict[tuple[str, str], tuple[Any, str]]:
-    """The trainer settings the chart derives from the job spec (dat-training.trainerConfig):
-    (section, key) -> (value, why)."""
-    owned = {
-        ("run", "output_dir"): (f"{v['checkpoint']['mountPath']}/{v['name']}",
-                                "on the checkpoint volume, checkpoint.mountPath/name, so a restarted pod resumes"),
-        ("metrics", "port"): (v["metrics"]["port"], "the job spec's metrics.port, which the pods and the PodMonitor "
-                                                    "use; set metrics.port instead"),
-    }
-    if v["data"]["source"] != "none":
-        owned[("data", "root")] = (v["data"]["mountPath"], "the data volume, data.mountPath")
-    return owned
+# Trainer settings the chart sets from the job spec (dat-training.trainerConfig), and why.
+CHART_OWNED_TRAINER_SETTINGS = {
+    ("run", "output_dir"): "on the checkpoint volume, checkpoint.mountPath/name, so a restarted pod resumes",
+    ("metrics", "port"): "the job spec's metrics.port, which the pods and the PodMonitor use; set metrics.port instead",
+    ("data", "root"): "the data volume, data.mountPath",
+}
 
 
-def render_warnings(v: dict[str, Any], trainer: dict[str, Any], origin: str) -> list[str]:
-    """One line for each user-given trainer setting the chart replaces, and for checkpoints on an emptyDir.
-    `trainer` is the user's trainer config typed by trainer/config.py (normalized_trainer)."""
+def render_warnings(v: dict[str, Any], given: dict[str, Any], rendered: dict[str, Any], origin: str) -> list[str]:
+    """One line for each user-given trainer setting (`given`, typed by normalized_trainer) that the chart
+    replaced in the config it rendered (`rendered`), and for checkpoints on an emptyDir."""
     out = []
-    for (section, key), (value, why) in owned_trainer_settings(v).items():
-        given = (trainer.get(section) or {}).get(key)
-        if given is None:
+    for (section, key), why in CHART_OWNED_TRAINER_SETTINGS.items():
+        mine, theirs = (given.get(section) or {}).get(key), (rendered.get(section) or {}).get(key)
+        if mine is None or theirs is None:
             continue
-        same = (posixpath.normpath(given) == posixpath.normpath(value)) if isinstance(value, str) else given == value
+        same = posixpath.normpath(mine) == posixpath.normpath(theirs) if isinstance(theirs, str) else mine == theirs
         if not same:
-            out.append(f"{origin}: {section}.{key} {given!r} is replaced by {value!r} ({why})")
+            out.append(f"{origin}: {section}.{key} {mine!r} is replaced by {theirs!r} ({why})")
     if not v["checkpoint"]["claimName"]:
         out.append("checkpoint.claimName is empty: checkpoints go to an emptyDir and are lost with the pod "
                    "(a rescheduled or deleted pod starts over); set checkpoint.claimName to a PVC to keep them")
@@ -361,13 +355,14 @@ def render(job: JobSpec, namespace: str | None = None, api: str | None = None,
         spec["api"] = api
     values = check(spec, job.trainer_origin)
     spec["trainer"] = normalized_trainer(values["trainer"])
-    warnings = render_warnings(values, spec["trainer"], job.trainer_origin)
     namespace = values["namespace"] or namespace or "default"
     rendered = chart.helm_template(spec, release=values["name"], namespace=namespace,
                                    api_versions=(chart.MONITORING_API,) if monitoring_api else ())
     order = {"ConfigMap": 0, "PyTorchJob": 1, "TrainJob": 1, "PodMonitor": 2}
     objects = sorted((obj for source, obj in rendered if source in chart.RUN_TEMPLATES),
                      key=lambda o: order.get(o["kind"], 3))
+    config = yaml.safe_load(next(o for o in objects if o["kind"] == "ConfigMap")["data"]["config.yaml"])
+    warnings = render_warnings(values, spec["trainer"], config, job.trainer_origin)
     result = Rendered(values=values, namespace=namespace, objects=objects, warnings=warnings)
     if result.job["kind"] == "PyTorchJob":
         broken = webhook.check_pytorchjob(result.job)
