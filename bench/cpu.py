@@ -23,7 +23,11 @@ import torch
 from bench import scaling, step_cost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GPU_JSON = os.path.join(ROOT, "bench", "results", "gpu", "gpu.json")
+# The GPU scaling scenario uses the latest local bench/gpu.sh run, else the committed H100 measurement at
+# the published per-GPU batch (2048).
+LOCAL_GPU_JSON = os.path.join(ROOT, "bench", "results", "gpu", "gpu.json")
+MEASURED_GPU_JSON = os.path.join(ROOT, "bench", "measured", "h100-2026-11-27", "batch2048.json")
+GPU_JSON = LOCAL_GPU_JSON if os.path.exists(LOCAL_GPU_JSON) else MEASURED_GPU_JSON
 # PGD-K DAT per image: K attack iterations of ~2F (forward + input gradient) and a 3F training step on
 # each of x_adv and x. Used only where no GPU measurement gives the attack/train split.
 DAT_TRAIN_FLOP_SHARE = lambda k: 6 / (2 * k + 6)  # noqa: E731
