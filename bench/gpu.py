@@ -56,7 +56,7 @@ VARIANTS = {
     "bf16_cl_compile": ("bf16", "on", True, False, False, []),
     "bf16_cl_compile_graph": ("bf16", "on", True, True, False, []),
     # Madry's PGD-10 AT (train.loss=adv: CE(x_adv) only): the 2K + 3 F per image the estimate counts
-    "bf16_cl_compile_graph_adv": ("bf16", "on", True, True, False, ["train.loss=adv"]),
+    "bf16_cl_compile_adv": ("bf16", "on", True, False, False, ["train.loss=adv"]),
 }
 
 
@@ -64,9 +64,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/gpu.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     default_out = os.path.join(ROOT, "bench", "results", "gpu")
-    p.add_argument("--batch", type=int, default=1024, help="images per step (default 1024)")
+    p.add_argument("--batch", type=int, default=4096,
+                   help="images per step (default 4096: 19 GiB on an H100, within 2%% of the 8192 throughput)")
     p.add_argument("--steps", type=int, default=10, help="PGD steps (default 10)")
-    p.add_argument("--iters", type=int, default=20, help="timed steps per variant (default 20)")
+    p.add_argument("--iters", type=int, default=10, help="timed steps per variant (default 10)")
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed steps per variant, compilation happens here (default 3)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")

@@ -21,7 +21,7 @@ def test_smoke_runs_every_variant_or_says_why_not(smoke):
     r, stdout = smoke
     assert r["smoke"] is True and r["device"] == "cpu" and r["attack_steps"] == 2 and r["batch"] == 4
     assert set(r["variants"]) == {"fp32", "bf16", "bf16_cl", "bf16_cl_cudnnbench", "bf16_cl_jointspar",
-                                  "bf16_cl_graph", "bf16_cl_compile", "bf16_cl_compile_graph"}
+                                  "bf16_cl_graph", "bf16_cl_compile", "bf16_cl_compile_graph", "bf16_cl_compile_adv"}
     for name, v in r["variants"].items():
         if "graph" in name:
             assert "CUDA" in v["skipped"]
@@ -34,6 +34,11 @@ def test_smoke_runs_every_variant_or_says_why_not(smoke):
                                                  "cuda_graph_attack": False, "cudnn_benchmark": False,
                                                  "overrides": []}
     assert "jointspar.enabled=true" in r["variants"]["bf16_cl_jointspar"]["settings"]["overrides"]
+    f, adv, dat = r["flops"], r["variants"]["bf16_cl_compile_adv"], r["variants"]["bf16_cl_compile"]
+    assert adv["settings"]["overrides"] == ["train.loss=adv"]  # Madry: one training pass, on x_adv
+    assert adv["model_tflops"] * 1e12 == pytest.approx(
+        adv["images_per_second"] * (2 * f["attack_iteration_per_image"] + f["train_step_per_image"]))
+    assert dat["model_tflops"] * 1e12 == pytest.approx(dat["images_per_second"] * f["dat_step_per_image"])
     assert r["best"] in r["variants"] and stdout.strip().splitlines()[-1].startswith("best: ")
 
 
@@ -60,12 +65,12 @@ def test_smoke_flop_accounting_and_gemm_probe(smoke):
 
 def test_time_budget_skips_variants_instead_of_overrunning(tmp_path):
     proc = subprocess.run(["bash", "bench/gpu.sh", "--smoke", "--variants", "fp32,bf16_cl_compile",
-                           "--budget-seconds", "120", "--out", str(tmp_path)],
+                           "--budget-seconds", "150", "--out", str(tmp_path)],
                           cwd=ROOT, env=torch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "gpu.json").read_text())
     assert r["variants"]["fp32"]["images_per_second"] > 0
-    assert "time budget" in r["variants"]["bf16_cl_compile"]["skipped"]  # 150 s + the 60 s kept for the e2e run
+    assert "time budget" in r["variants"]["bf16_cl_compile"]["skipped"]  # 150 s + the 90 s kept for the e2e run
     assert r["trainer_e2e"]["returncode"] == 0
 
 
@@ -81,3 +86,16 @@ def test_without_a_gpu_it_refuses_instead_of_benchmarking_the_cpu(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("bench/gpu.sh: no CUDA device visible")
     assert not (tmp_path / "gpu.json").exists()
+
+
+def test_e2e_overrides_reach_the_trainer_and_no_e2e_skips_it(tmp_path):
+    run = lambda *extra: subprocess.run(  # noqa: E731
+        ["bash", "bench/gpu.sh", "--smoke", "--variants", "fp32", *extra, "--out", str(tmp_path)],
+        cwd=ROOT, env=torch_env(), capture_output=True, text=True, timeout=300)
+    proc = run("--e2e-set", "run.epochs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    e2e = json.loads((tmp_path / "gpu.json").read_text())["trainer_e2e"]
+    assert e2e["epochs"] == 1 and e2e["command"].endswith("--set run.epochs=1")
+    proc = run("--no-e2e")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trainer_e2e" not in json.loads((tmp_path / "gpu.json").read_text())
