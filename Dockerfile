@@ -14,6 +14,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# torch.compile (perf.compile=auto on GPUs) needs a host C compiler: Triton builds its kernel launchers with
+# it. Newer runtime images ship gcc, older ones do not: install it only where it is missing. Unpinned, as
+# the base image's distribution release fixes its version.
+# hadolint ignore=DL3008
+RUN command -v gcc >/dev/null \
+    || { apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*; }
+
 # Only what the package needs; the base image's torch/torchvision satisfy the pins, so pip keeps them.
 COPY pyproject.toml README.md /tmp/dat-src/
 COPY trainer /tmp/dat-src/trainer
