@@ -361,6 +361,8 @@ def render(job: JobSpec, namespace: str | None = None, api: str | None = None,
     order = {"ConfigMap": 0, "PyTorchJob": 1, "TrainJob": 1, "PodMonitor": 2}
     objects = sorted((obj for source, obj in rendered if source in chart.RUN_TEMPLATES),
                      key=lambda o: order.get(o["kind"], 3))
+    for obj in objects:  # datctl, not a Helm release, applies these: say so (Helm would adopt them otherwise)
+        _relabel_manager(obj, "datctl")
     config = yaml.safe_load(next(o for o in objects if o["kind"] == "ConfigMap")["data"]["config.yaml"])
     warnings = render_warnings(values, spec["trainer"], config, job.trainer_origin)
     result = Rendered(values=values, namespace=namespace, objects=objects, warnings=warnings)
@@ -369,6 +371,21 @@ def render(job: JobSpec, namespace: str | None = None, api: str | None = None,
         if broken:  # the chart broke an operator rule: a bug in the chart, not a user mistake
             raise chart.ChartError(f"the chart rendered a PyTorchJob the operator would refuse: {'; '.join(broken)}")
     return result
+
+
+MANAGED_BY = "app.kubernetes.io/managed-by"
+
+
+def _relabel_manager(node: Any, manager: str) -> None:
+    """Set every app.kubernetes.io/managed-by label the chart rendered (objects, pod templates, selectors)."""
+    if isinstance(node, dict):
+        if isinstance(node.get(MANAGED_BY), str):
+            node[MANAGED_BY] = manager
+        for value in node.values():
+            _relabel_manager(value, manager)
+    elif isinstance(node, list):
+        for value in node:
+            _relabel_manager(value, manager)
 
 
 class _Dumper(yaml.SafeDumper):

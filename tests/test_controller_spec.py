@@ -266,3 +266,14 @@ def test_checkpoints_on_an_empty_dir_are_warned_about(tmp_path: Path, capsys: py
     assert warnings(err) == ["datctl: warning: checkpoint.claimName is empty: checkpoints go to an emptyDir and "
                              "are lost with the pod (a rescheduled or deleted pod starts over); set "
                              "checkpoint.claimName to a PVC to keep them"]
+
+
+@pytest.mark.parametrize("api", ["pytorchjob", "trainjob"])
+def test_objects_datctl_applies_say_datctl_manages_them(api: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """The chart labels its objects managed-by Helm (.Release.Service); datctl applies them without a Helm
+    release, so the label must not claim one."""
+    objects = rendered_objects(capsys, str(write_spec(tmp_path)), "--api", api)
+    assert {kind: o["metadata"]["labels"]["app.kubernetes.io/managed-by"] for kind, o in objects.items()} == \
+        {kind: "datctl" for kind in objects}
+    assert "managed-by: Helm" not in yaml.safe_dump(list(objects.values()))
