@@ -261,11 +261,12 @@ def _trainer_problems(v: dict[str, Any], origin: str) -> list[str]:
         node_counts = range(v["elastic"]["minNodes"], v["elastic"]["maxNodes"] + 1)
     try:
         cfg = trainer_config.config_from_dict(trainer)
-        for nodes in node_counts:
-            trainer_config.validate(cfg, world_size=nodes * nproc, check_paths=False)
-    except trainer_config.ConfigError as exc:
+    except trainer_config.ConfigError as exc:  # a key or type error: the checks below need a typed config
         return [f"{origin}: {exc}"]
-    return []
+    found: dict[str, None] = {}  # every problem once, in order, over all the world sizes the job can run at
+    for nodes in node_counts:
+        found.update(dict.fromkeys(trainer_config.problems(cfg, world_size=nodes * nproc, check_paths=False)))
+    return [f"{origin}: {problem}" for problem in found]
 
 
 def check(spec: dict[str, Any], origin: str = "trainer") -> dict[str, Any]:
@@ -362,7 +363,7 @@ def render(job: JobSpec, namespace: str | None = None, api: str | None = None,
     objects = sorted((obj for source, obj in rendered if source in chart.RUN_TEMPLATES),
                      key=lambda o: order.get(o["kind"], 3))
     for obj in objects:  # datctl, not a Helm release, applies these: say so (Helm would adopt them otherwise)
-        _relabel_manager(obj, "datctl")
+        set_manager_label(obj, "datctl")
     config = yaml.safe_load(next(o for o in objects if o["kind"] == "ConfigMap")["data"]["config.yaml"])
     warnings = render_warnings(values, spec["trainer"], config, job.trainer_origin)
     result = Rendered(values=values, namespace=namespace, objects=objects, warnings=warnings)
@@ -376,16 +377,16 @@ def render(job: JobSpec, namespace: str | None = None, api: str | None = None,
 MANAGED_BY = "app.kubernetes.io/managed-by"
 
 
-def _relabel_manager(node: Any, manager: str) -> None:
+def set_manager_label(node: Any, manager: str) -> None:
     """Set every app.kubernetes.io/managed-by label the chart rendered (objects, pod templates, selectors)."""
     if isinstance(node, dict):
         if isinstance(node.get(MANAGED_BY), str):
             node[MANAGED_BY] = manager
         for value in node.values():
-            _relabel_manager(value, manager)
+            set_manager_label(value, manager)
     elif isinstance(node, list):
         for value in node:
-            _relabel_manager(value, manager)
+            set_manager_label(value, manager)
 
 
 class _Dumper(yaml.SafeDumper):

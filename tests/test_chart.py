@@ -49,6 +49,9 @@ def test_helm_template_and_datctl_render_agree(values: Path, tmp_path: Path) -> 
                if source in chart.RUN_TEMPLATES]
     assert cli.main(["render", str(values), "-o", str(tmp_path)]) == 0
     by_datctl = list(yaml.safe_load_all((tmp_path / f"{name}.yaml").read_text()))
+    assert {o["metadata"]["labels"][spec.MANAGED_BY] for o in by_helm} == {"Helm"}
+    for obj in by_helm:  # the one intended difference: datctl, not a Helm release, manages what it applies
+        spec.set_manager_label(obj, "datctl")
     key = lambda o: (o["kind"], o["metadata"]["name"])  # noqa: E731
     assert sorted(by_helm, key=key) == sorted(by_datctl, key=key)
     assert {o["kind"] for o in by_datctl} >= {"ConfigMap"} and any(o["kind"] in ("PyTorchJob", "TrainJob")
@@ -65,6 +68,8 @@ def test_trainer_config_file_is_the_same_as_inline(tmp_path: Path) -> None:
     by_helm = [obj for source, obj in template("-f", str(inline), "--api-versions", chart.MONITORING_API,
                                                release=values["name"]) if source in chart.RUN_TEMPLATES]
     by_datctl = spec.render(spec.load_spec(spec_path)).objects
+    for obj in by_helm:
+        spec.set_manager_label(obj, "datctl")
     assert sorted(by_helm, key=lambda o: o["kind"]) == sorted(by_datctl, key=lambda o: o["kind"])
 
 

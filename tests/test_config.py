@@ -43,6 +43,13 @@ def test_config_errors_are_one_clear_line(raw, fragment):
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
+def test_every_problem_is_named_on_one_line():
+    with pytest.raises(ConfigError) as info:
+        validate(config_from_dict({"attack": {"steps": 0}, "optim": {"lr": 0, "name": "adam"}}))
+    assert str(info.value) == ("optim.name: 'adam' is not one of lamb, lars, sgd; attack.steps must be >= 1, got 0; "
+                               "optim.lr must be > 0")
+
+
 def test_eps_as_written_in_papers():
     cfg = load_config(None, ["attack.eps=8/255", "eval.eps= 4 / 255"])
     assert cfg.attack.eps == 8 / 255 and cfg.eval.eps == 4 / 255

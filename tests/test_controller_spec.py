@@ -126,6 +126,13 @@ def test_every_problem_gets_its_own_line(tmp_path: Path, capsys: pytest.CaptureF
                                  "trainer/attack/steps": 0})
     code, _, err = render(capsys, str(path))
     assert code == 2 and len(err.splitlines()) == 3, err
+    # and every trainer problem gets its own line, not only the first
+    path = write_spec(tmp_path, {"trainer/attack/steps": 0, "trainer/optim/lr": -1, "trainer/model/name": "vit"})
+    code, _, err = render(capsys, str(path))
+    assert code == 2 and sorted(err.splitlines()) == sorted([
+        "datctl: trainer: model.name: 'vit' is not one of small_cnn, resnet18, preact_resnet18",
+        "datctl: trainer: attack.steps must be >= 1, got 0",
+        "datctl: trainer: optim.lr must be > 0"]), err
 
 
 @pytest.mark.parametrize("text, line", [

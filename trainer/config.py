@@ -274,21 +274,28 @@ CHOICES: dict[str, tuple[str, ...]] = {  # the allowed values of every choice ke
 }
 
 
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
 
 
 def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> None:
-    """Reject inconsistent settings before anything starts."""
+    """Reject inconsistent settings before anything starts: one ConfigError naming every problem."""
+    found = problems(cfg, world_size, check_paths)
+    if found:
+        raise ConfigError("; ".join(found))
+
+
+def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list[str]:
+    """Every inconsistent setting, one message each (datctl prints them one per line)."""
+    found = []
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
-        _choice(key, getattr(getattr(cfg, section), name), allowed)
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            found.append(f"{key}: {value!r} is not one of {', '.join(allowed)}")
     resume = cfg.run.resume
     if resume not in ("auto", "never") and check_paths and not (
             os.path.isfile(resume) or os.path.isfile(os.path.join(resume, "checkpoint-latest.pt"))):
-        raise ConfigError(f"run.resume: checkpoint not found: {resume}"
-                          + (" (the folder has no checkpoint-latest.pt)" if os.path.isdir(resume) else ""))
+        found.append(f"run.resume: checkpoint not found: {resume}"
+                     + (" (the folder has no checkpoint-latest.pt)" if os.path.isdir(resume) else ""))
     checks = [
         (cfg.run.epochs >= 1, "run.epochs must be >= 1"),
         (cfg.dist.timeout_seconds > 0, "dist.timeout_seconds must be > 0"),
@@ -297,7 +304,8 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> None
         (cfg.data.batch_size % world_size == 0,
          f"data.batch_size {cfg.data.batch_size} is not divisible by the world size {world_size}"),
         (cfg.train.micro_batches >= 1, "train.micro_batches must be >= 1"),
-        (cfg.data.batch_size % (world_size * max(1, cfg.train.micro_batches)) == 0,
+        (cfg.data.batch_size % world_size != 0  # said above
+         or cfg.data.batch_size % (world_size * max(1, cfg.train.micro_batches)) == 0,
          f"data.batch_size {cfg.data.batch_size} does not split into {world_size} rank(s) x "
          f"{cfg.train.micro_batches} micro-batches"),
         (cfg.data.unlabeled_max >= 0, "data.unlabeled_max must be >= 0"),
@@ -337,14 +345,16 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> None
         (0 <= cfg.metrics.port <= 65535, "metrics.port must be in [0, 65535]"),
         (cfg.metrics.grace_seconds >= 0, "metrics.grace_seconds must be >= 0"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    found += [message for ok, message in checks if not ok]
     every = cfg.jointspar.sample_every
     if every != "epoch" and not (every.isdigit() and int(every) >= 1):
-        raise ConfigError(f"jointspar.sample_every: expected a positive integer or 'epoch', got {every!r}")
+        found.append(f"jointspar.sample_every: expected a positive integer or 'epoch', got {every!r}")
     if check_paths:
-        _check_data_paths(cfg.data)
+        try:
+            _check_data_paths(cfg.data)
+        except ConfigError as exc:
+            found.append(str(exc))
+    return found
 
 
 def _check_data_paths(data: DataConfig) -> None:
