@@ -27,7 +27,7 @@ class GraphedAttack:
         self.kwargs = dict(eps=cfg.eps, alpha=cfg.alpha or default_alpha(cfg.name, cfg.eps, cfg.steps),
                            steps=cfg.steps, random_start=cfg.random_start, autocast=trainer.autocast)
         self.static_x, self.static_y = x.clone(), y.clone()
-        model, forward = trainer.model, trainer.forward
+        model, forward = trainer.model, trainer.attack_forward
         # Warm up on a side stream (lazy initialisation, autotuning, compilation) before capturing.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

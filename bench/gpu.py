@@ -52,6 +52,7 @@ VARIANTS = {
     "bf16_cl": ("bf16", "on", False, False, False, []),
     "bf16_cl_cudnnbench": ("bf16", "on", False, False, True, []),
     "bf16_cl_jointspar": ("bf16", "on", False, False, False, JOINTSPAR),
+    "bf16_cl_compile_jointspar": ("bf16", "on", True, False, False, JOINTSPAR),  # the attack compiled only
     "bf16_cl_graph": ("bf16", "on", False, True, False, []),
     "bf16_cl_compile": ("bf16", "on", True, False, False, []),
     "bf16_cl_compile_graph": ("bf16", "on", True, True, False, []),
@@ -198,7 +199,7 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> di
     trainer = build_trainer(overrides, local_dist_info(str(device)))
     if compiled:
         mode = None if args.compile_mode == "default" else args.compile_mode
-        trainer.forward = torch.compile(trainer.model, mode=mode, backend=args.compile_backend)
+        trainer.use_compiled(torch.compile(trainer.model, mode=mode, backend=args.compile_backend))
     x, y = first_batch(trainer)
     previous_bench = torch.backends.cudnn.benchmark
     if cudnn_bench:
@@ -213,7 +214,7 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> di
         patch = contextlib.nullcontext()
         if graphed:
             with attack_mode(trainer.model, trainer.cfg.attack.bn_eval):  # compile before capture
-                craft(trainer.cfg.attack.name, trainer.forward, x, y, eps=trainer.cfg.attack.eps, alpha=0.0,
+                craft(trainer.cfg.attack.name, trainer.attack_forward, x, y, eps=trainer.cfg.attack.eps, alpha=0.0,
                       steps=1, autocast=trainer.autocast)
             patch = attack_replaced(GraphedAttack(trainer, x, y))
         with patch:

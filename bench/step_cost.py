@@ -83,5 +83,5 @@ def one_attack_iteration(trainer, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
     """Exactly what Trainer.train_step runs for the attack, with steps=1."""
     cfg = trainer.cfg.attack
     with attack_mode(trainer.model, cfg.bn_eval):
-        return craft("pgd", trainer.forward, x, y, eps=cfg.eps, alpha=attack_settings(trainer)[1], steps=1,
+        return craft("pgd", trainer.attack_forward, x, y, eps=cfg.eps, alpha=attack_settings(trainer)[1], steps=1,
                      random_start=cfg.random_start, autocast=trainer.autocast)

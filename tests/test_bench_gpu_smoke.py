@@ -21,7 +21,8 @@ def test_smoke_runs_every_variant_or_says_why_not(smoke):
     r, stdout = smoke
     assert r["smoke"] is True and r["device"] == "cpu" and r["attack_steps"] == 2 and r["batch"] == 4
     assert set(r["variants"]) == {"fp32", "bf16", "bf16_cl", "bf16_cl_cudnnbench", "bf16_cl_jointspar",
-                                  "bf16_cl_graph", "bf16_cl_compile", "bf16_cl_compile_graph", "bf16_cl_compile_adv"}
+                                  "bf16_cl_graph", "bf16_cl_compile", "bf16_cl_compile_graph", "bf16_cl_compile_adv",
+                                  "bf16_cl_compile_jointspar"}
     for name, v in r["variants"].items():
         if "graph" in name:
             assert "CUDA" in v["skipped"]

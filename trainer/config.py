@@ -121,7 +121,7 @@ class CommConfig:
 class PerfConfig:
     amp: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16; bf16; off
     channels_last: str = "auto"  # auto: as perf.amp; on; off
-    compile: str = "auto"  # torch.compile the model. auto: on with CUDA unless JointSpar is on (train.compile_model)
+    compile: str = "auto"  # torch.compile the model. auto: on with CUDA; with JointSpar the attack only (Trainer.use_compiled)
 
 
 @dataclass
@@ -338,9 +338,6 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
         (0 < cfg.jointspar.p_min <= 1, "jointspar.p_min must be in (0, 1]"),
         (cfg.jointspar.budget > 0, "jointspar.budget must be > 0"),
         (cfg.jointspar.warmup_epochs >= 0, "jointspar.warmup_epochs must be >= 0"),
-        (not (cfg.perf.compile == "on" and cfg.jointspar.enabled),
-         "perf.compile=on with jointspar.enabled: every new active set would recompile the model; "
-         "use perf.compile=auto (off with JointSpar) or off"),
         (cfg.comm.bucket_mb > 0, "comm.bucket_mb must be > 0"),
         (0 <= cfg.metrics.port <= 65535, "metrics.port must be in [0, 65535]"),
         (cfg.metrics.grace_seconds >= 0, "metrics.grace_seconds must be >= 0"),

@@ -51,15 +51,14 @@ def c_compiler() -> str | None:
     return next((path for path in map(shutil.which, ("cc", "gcc", "clang")) if path), None)
 
 
-def compile_model(setting: str, device: torch.device, jointspar: bool, have_compiler: bool = True) -> bool:
+def compile_model(setting: str, device: torch.device, have_compiler: bool = True) -> bool:
     """perf.compile: auto compiles on CUDA, where bench/gpu.sh measured the trainer 1.8x faster end to end on an
-    H100 (about 40 s of compilation in the first epoch), but not with JointSpar, whose per-step requires_grad
-    changes would recompile the model every step, nor on CPUs, where compiling takes minutes, nor without a C
-    compiler. `on` without one is a config error, not a crash in the first step."""
+    H100 (about 40 s of compilation in the first epoch), not on CPUs, where compiling takes minutes, nor
+    without a C compiler. `on` without one is a config error, not a crash in the first step."""
     if setting == "on" and not have_compiler:
         raise ConfigError("perf.compile=on: torch.compile needs a C compiler ($CC, cc, gcc or clang) and none is "
                           "on PATH; install gcc in the image or set perf.compile=off")
-    return setting == "on" or (setting == "auto" and device.type == "cuda" and not jointspar and have_compiler)
+    return setting == "on" or (setting == "auto" and device.type == "cuda" and have_compiler)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -100,11 +99,13 @@ class Trainer:
         self.model = model
         self.params = list(model.parameters())
         have_compiler = c_compiler() is not None
-        self.compiled = compile_model(cfg.perf.compile, self.device, cfg.jointspar.enabled, have_compiler)
+        self.compiled = compile_model(cfg.perf.compile, self.device, have_compiler)
         if not have_compiler and cfg.perf.compile == "auto" and self.device.type == "cuda" and dist_info.is_main:
             log.warning("perf.compile=auto: no C compiler ($CC, cc, gcc or clang) on PATH, so the model runs "
                         "eager (about 1.8x slower on a GPU); install gcc in the image to compile it")
-        self.forward = torch.compile(model) if self.compiled else model
+        self.attack_forward = self.forward = model  # the model as the attack and the training pass call it
+        if self.compiled:
+            self.use_compiled(torch.compile(model))
         self.amp = _resolve_auto(cfg.perf.amp, self.device)
         self.autocast = (functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
                          if self.amp else contextlib.nullcontext)
@@ -118,6 +119,14 @@ class Trainer:
         self.start_epoch, self.best_ra = 1, -1.0
         # device-side running sums of (loss, clean correct, adv correct, images) over the epoch: no host sync per step
         self.totals = torch.zeros(4, device=self.device)
+
+    def use_compiled(self, compiled: torch.nn.Module) -> None:
+        """Run the attack through `compiled` (a torch.compile of self.model), and the training pass too unless
+        JointSpar is on: its active set changes parameters' requires_grad every step, which dynamo guards on,
+        so a compiled training pass would recompile each step. The attack freezes every parameter, so its
+        graph stays the same, and the attack is most of a DAT step."""
+        self.attack_forward = compiled
+        self.forward = self.model if self.cfg.jointspar.enabled else compiled
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -184,7 +193,7 @@ class Trainer:
                 x_adv = None
                 if cfg.train.loss != "clean":
                     with attack_mode(model, cfg.attack.bn_eval):
-                        x_adv = craft(cfg.attack.name, self.forward, xs, ys, eps=cfg.attack.eps,
+                        x_adv = craft(cfg.attack.name, self.attack_forward, xs, ys, eps=cfg.attack.eps,
                                       alpha=cfg.attack.alpha, steps=cfg.attack.steps,
                                       random_start=cfg.attack.random_start, autocast=self.autocast)
             with t.phase("compute"):
@@ -299,7 +308,8 @@ class Trainer:
                   f" jointspar={'on' if self.jointspar else 'off'} params={sum(p.numel() for p in self.params)}"
                   f"\n     device={self.device} backend={backend} bf16={'on' if self.amp else 'off'}"
                   f" channels_last={'on' if self.channels_last else 'off'}"
-                  f" compile={'on' if self.compiled else 'off'} micro_batches={cfg.train.micro_batches}"
+                  f" compile={('attack only' if self.jointspar else 'on') if self.compiled else 'off'}"
+                  f" micro_batches={cfg.train.micro_batches}"
                   f" metrics_port={cfg.metrics.port or 'off'}", flush=True)
             print(table_header(), flush=True)
         exporter = TrainingExporter.start(
