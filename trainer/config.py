@@ -121,7 +121,7 @@ class CommConfig:
 class PerfConfig:
     amp: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16; bf16; off
     channels_last: str = "auto"  # auto: as perf.amp; on; off
-    compile: str = "auto"  # torch.compile the model. auto: on with CUDA; with JointSpar the attack only (Trainer.use_compiled)
+    compile: str = "auto"  # torch.compile; auto: on with CUDA (with JointSpar the attack only: Trainer.use_compiled)
 
 
 @dataclass
@@ -272,8 +272,6 @@ CHOICES: dict[str, tuple[str, ...]] = {  # the allowed values of every choice ke
     "perf.channels_last": ("auto", "on", "off"),
     "perf.compile": ("auto", "on", "off"),
 }
-
-
 
 
 def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> None:
