@@ -22,7 +22,7 @@ def test_smoke_runs_every_variant_or_says_why_not(smoke):
     assert r["smoke"] is True and r["device"] == "cpu" and r["attack_steps"] == 2 and r["batch"] == 4
     assert set(r["variants"]) == {"fp32", "bf16", "bf16_cl", "bf16_cl_cudnnbench", "bf16_cl_jointspar",
                                   "bf16_cl_graph", "bf16_cl_compile", "bf16_cl_compile_graph", "bf16_cl_compile_adv",
-                                  "bf16_cl_compile_jointspar"}
+                                  "bf16_cl_compile_attack", "bf16_cl_compile_jointspar"}
     for name, v in r["variants"].items():
         if "graph" in name:
             assert "CUDA" in v["skipped"]
@@ -30,8 +30,9 @@ def test_smoke_runs_every_variant_or_says_why_not(smoke):
         assert "error" not in v, (name, v.get("traceback"))
         assert v["images_per_second"] > 0 and v["attack_seconds"] > 0 and v["train_seconds"] > 0
         assert v["images"] == 4 and 0 < v["attack_share"] < 1 and v["model_tflops"] > 0 and v["loss_finite"]
-    assert r["variants"]["bf16_cl_compile"]["settings"]["compile"] is True
-    assert r["variants"]["fp32"]["settings"] == {"amp": "off", "channels_last": "off", "compile": False,
+    assert r["variants"]["bf16_cl_compile"]["settings"]["compile"] == "all"
+    assert r["variants"]["bf16_cl_compile_attack"]["settings"]["compile"] == "attack"
+    assert r["variants"]["fp32"]["settings"] == {"amp": "off", "channels_last": "off", "compile": "off",
                                                  "cuda_graph_attack": False, "cudnn_benchmark": False,
                                                  "overrides": []}
     assert "jointspar.enabled=true" in r["variants"]["bf16_cl_jointspar"]["settings"]["overrides"]

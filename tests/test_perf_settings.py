@@ -1,4 +1,5 @@
-"""perf.compile: when the trainer compiles its model, and which passes run compiled with JointSpar."""
+"""perf.compile: which passes the trainer compiles (off | attack | all), and why the training pass stays eager
+by default."""
 from __future__ import annotations
 
 import subprocess
@@ -9,26 +10,29 @@ import torch
 from conftest import PYTHON, ROOT, SYNTHETIC, torch_env
 from trainer.config import ConfigError, config_from_dict, load_config, validate
 from trainer.distributed import DistInfo
-from trainer.train import Trainer, c_compiler, compile_model
+from trainer.models import build_model
+from trainer.train import Trainer, c_compiler, compiled_passes
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 COMPILED = torch._dynamo.eval_frame.OptimizedModule
 
 
 @pytest.mark.parametrize("setting, device, expected", [
-    ("auto", CUDA, True),   # measured 1.8x end to end on an H100
-    ("auto", CPU, False),   # inductor compiles for minutes on a CPU
-    ("on", CPU, True),
-    ("off", CUDA, False),
+    ("auto", CUDA, "attack"),  # the attack measured 2.1x faster compiled on an H100
+    ("auto", CPU, "off"),      # inductor compiles for minutes on a CPU
+    ("attack", CPU, "attack"),
+    ("all", CUDA, "all"),
+    ("off", CUDA, "off"),
 ])
-def test_compile_decision(setting: str, device: torch.device, expected: bool) -> None:
-    assert compile_model(setting, device) is expected
+def test_compiled_passes(setting: str, device: torch.device, expected: str) -> None:
+    assert compiled_passes(setting, device) == expected
 
 
-def test_without_a_c_compiler_auto_runs_eager_and_on_is_a_config_error() -> None:
-    assert compile_model("auto", CUDA, have_compiler=False) is False
-    with pytest.raises(ConfigError, match="perf.compile=on: torch.compile needs a C compiler"):
-        compile_model("on", CUDA, have_compiler=False)
+def test_without_a_c_compiler_auto_runs_eager_and_an_explicit_setting_is_a_config_error() -> None:
+    assert compiled_passes("auto", CUDA, have_compiler=False) == "off"
+    for setting in ("attack", "all"):
+        with pytest.raises(ConfigError, match=f"perf.compile={setting}: torch.compile needs a C compiler"):
+            compiled_passes(setting, CUDA, have_compiler=False)
 
 
 def test_c_compiler_lookup_follows_cc_then_path(monkeypatch, tmp_path) -> None:
@@ -43,12 +47,13 @@ def test_c_compiler_lookup_follows_cc_then_path(monkeypatch, tmp_path) -> None:
     assert c_compiler() == str(fake)
 
 
-def test_boolean_compile_settings_still_work() -> None:
-    """perf.compile used to be a boolean: true/false keep their meaning."""
-    assert load_config(None, ["perf.compile=true"]).perf.compile == "on"
+def test_settings_are_checked() -> None:
     assert load_config(None, ["perf.compile=false"]).perf.compile == "off"
-    with pytest.raises(ConfigError, match="perf.compile: 'fast' is not one of auto, on, off"):
-        validate(config_from_dict({"perf": {"compile": "fast"}}))
+    with pytest.raises(ConfigError, match="perf.compile: 'on' is not one of auto, attack, all, off"):
+        load_config(None, ["perf.compile=true"])
+    with pytest.raises(ConfigError, match="perf.compile=all with jointspar.enabled"):
+        validate(config_from_dict({"perf": {"compile": "all"}, "jointspar": {"enabled": True}}))
+    validate(config_from_dict({"perf": {"compile": "attack"}, "jointspar": {"enabled": True}}))
 
 
 def small_trainer(tmp_path, **sections) -> Trainer:
@@ -64,13 +69,13 @@ def small_trainer(tmp_path, **sections) -> Trainer:
 
 @pytest.mark.parametrize("setting, jointspar, attack_compiled, train_compiled", [
     ("auto", False, False, False),  # on a CPU
-    ("on", False, True, True),
-    ("on", True, True, False),      # JointSpar: the attack only
+    ("attack", False, True, False),
+    ("attack", True, True, False),
+    ("all", False, True, True),
 ])
 def test_which_passes_run_compiled(tmp_path, setting: str, jointspar: bool, attack_compiled: bool,
                                    train_compiled: bool) -> None:
     trainer = small_trainer(tmp_path, perf={"compile": setting}, jointspar={"enabled": jointspar, "budget": 2})
-    assert trainer.compiled is attack_compiled
     assert isinstance(trainer.attack_forward, COMPILED) is attack_compiled
     assert isinstance(trainer.forward, COMPILED) is train_compiled
     assert (trainer.forward is trainer.model) is not train_compiled
@@ -82,8 +87,8 @@ def test_jointspar_with_a_compiled_attack_does_not_recompile_every_step(tmp_path
     torch._dynamo.reset()
     trainer = small_trainer(tmp_path, perf={"compile": "off", "amp": "off", "channels_last": "off"},
                             jointspar={"enabled": True, "budget": 2})
-    trainer.use_compiled(torch.compile(trainer.model, backend="aot_eager"))  # inductor's C++ build is slow here
-    assert trainer.forward is trainer.model
+    # what perf.compile=attack does, with a backend that needs no C++ build (inductor's takes minutes here)
+    trainer.use_compiled(torch.compile(trainer.model, backend="aot_eager"), training_pass=False)
     batches = iter(trainer.batches.epoch(1))
     torch._dynamo.utils.counters.clear()
     try:
@@ -97,10 +102,36 @@ def test_jointspar_with_a_compiled_attack_does_not_recompile_every_step(tmp_path
         torch._dynamo.reset()
 
 
-def test_compile_on_without_a_c_compiler_is_one_line_from_the_cli(tmp_path) -> None:
+def gradient_hook_order(compiled: bool) -> list[str]:
+    """The order in which the parameters' post-accumulate-grad hooks (what launches each all-reduce bucket)
+    and the input's gradient fire in one backward."""
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 3, 8)
+    forward = torch.compile(model, backend="aot_eager") if compiled else model
+    events: list[str] = []
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, name=name: events.append(name))
+    x = torch.rand(4, 3, 16, 16, requires_grad=True)
+    x.register_hook(lambda g: events.append("input"))
+    forward(x).pow(2).sum().backward()
+    torch._dynamo.reset()
+    return events
+
+
+def test_an_eager_training_pass_hands_over_gradients_during_its_backward() -> None:
+    """Why perf.compile=auto leaves the training pass eager: eager, the last layers' gradients are ready (and
+    their all-reduce can start) long before the backward reaches the input; compiled, the whole backward is
+    one node and every gradient arrives after it, so nothing overlaps."""
+    eager, compiled = gradient_hook_order(False), gradient_hook_order(True)
+    last_layer = [n for n in eager if n != "input"][0]
+    assert eager.index(last_layer) < eager.index("input") and eager.index("input") >= len(eager) - 3
+    assert compiled.index("input") < len(compiled) - 3  # the input's gradient comes with, not after, the rest
+
+
+def test_compile_without_a_c_compiler_is_one_line_from_the_cli(tmp_path) -> None:
     env = dict(torch_env(), CC=str(tmp_path / "missing-cc"))
     proc = subprocess.run([PYTHON, "-m", "trainer", *SYNTHETIC, "--set", f"run.output_dir={tmp_path}",
-                           "--set", "perf.compile=on"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           "--set", "perf.compile=attack"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "perf.compile=on: torch.compile needs a C compiler" in proc.stderr.strip().splitlines()[-1]
+    assert "perf.compile=attack: torch.compile needs a C compiler" in proc.stderr.strip().splitlines()[-1]

@@ -121,7 +121,7 @@ class CommConfig:
 class PerfConfig:
     amp: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16; bf16; off
     channels_last: str = "auto"  # auto: as perf.amp; on; off
-    compile: str = "auto"  # torch.compile; auto: on with CUDA (with JointSpar the attack only: Trainer.use_compiled)
+    compile: str = "auto"  # torch.compile: attack | all (+ the training pass) | off; auto: attack with CUDA
 
 
 @dataclass
@@ -270,7 +270,7 @@ CHOICES: dict[str, tuple[str, ...]] = {  # the allowed values of every choice ke
     "jointspar.arms": ("param", "module"),
     "perf.amp": ("auto", "bf16", "off"),
     "perf.channels_last": ("auto", "on", "off"),
-    "perf.compile": ("auto", "on", "off"),
+    "perf.compile": ("auto", "attack", "all", "off"),
 }
 
 
@@ -336,6 +336,9 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
         (0 < cfg.jointspar.p_min <= 1, "jointspar.p_min must be in (0, 1]"),
         (cfg.jointspar.budget > 0, "jointspar.budget must be > 0"),
         (cfg.jointspar.warmup_epochs >= 0, "jointspar.warmup_epochs must be >= 0"),
+        (not (cfg.perf.compile == "all" and cfg.jointspar.enabled),
+         "perf.compile=all with jointspar.enabled: JointSpar's per-step requires_grad changes would recompile the "
+         "training pass every step; use perf.compile=attack (the default on GPUs)"),
         (cfg.comm.bucket_mb > 0, "comm.bucket_mb must be > 0"),
         (0 <= cfg.metrics.port <= 65535, "metrics.port must be in [0, 65535]"),
         (cfg.metrics.grace_seconds >= 0, "metrics.grace_seconds must be >= 0"),

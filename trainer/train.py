@@ -51,14 +51,19 @@ def c_compiler() -> str | None:
     return next((path for path in map(shutil.which, ("cc", "gcc", "clang")) if path), None)
 
 
-def compile_model(setting: str, device: torch.device, have_compiler: bool = True) -> bool:
-    """perf.compile: auto compiles on CUDA, where bench/gpu.sh measured the trainer 1.8x faster end to end on an
-    H100 (about 40 s of compilation in the first epoch), not on CPUs, where compiling takes minutes, nor
-    without a C compiler. `on` without one is a config error, not a crash in the first step."""
-    if setting == "on" and not have_compiler:
-        raise ConfigError("perf.compile=on: torch.compile needs a C compiler ($CC, cc, gcc or clang) and none is "
-                          "on PATH; install gcc in the image or set perf.compile=off")
-    return setting == "on" or (setting == "auto" and device.type == "cuda" and have_compiler)
+def compiled_passes(setting: str, device: torch.device, have_compiler: bool = True) -> str:
+    """perf.compile resolved to off | attack | all. auto compiles the attack on CUDA: bench/gpu.sh measured it
+    2.1x faster on an H100 (the trainer 1.8x end to end), not on CPUs, where compiling takes minutes, nor
+    without a C compiler. The training pass stays eager unless asked (`all`): compiled, its gradients come
+    out of one backward node at the end, so the all-reduce hooks could no longer overlap the backward, and
+    JointSpar's per-step requires_grad changes would recompile it. A missing compiler is a config error
+    for an explicit setting, not a crash in the first step."""
+    if setting in ("attack", "all") and not have_compiler:
+        raise ConfigError(f"perf.compile={setting}: torch.compile needs a C compiler ($CC, cc, gcc or clang) and "
+                          "none is on PATH; install gcc in the image or set perf.compile=off")
+    if setting == "auto":
+        return "attack" if device.type == "cuda" and have_compiler else "off"
+    return setting
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -99,13 +104,16 @@ class Trainer:
         self.model = model
         self.params = list(model.parameters())
         have_compiler = c_compiler() is not None
-        self.compiled = compile_model(cfg.perf.compile, self.device, have_compiler)
-        if not have_compiler and cfg.perf.compile == "auto" and self.device.type == "cuda" and dist_info.is_main:
-            log.warning("perf.compile=auto: no C compiler ($CC, cc, gcc or clang) on PATH, so the model runs "
+        self.compiled = compiled_passes(cfg.perf.compile, self.device, have_compiler)
+        if dist_info.is_main and not have_compiler and cfg.perf.compile == "auto" and self.device.type == "cuda":
+            log.warning("perf.compile=auto: no C compiler ($CC, cc, gcc or clang) on PATH, so the attack runs "
                         "eager (about 1.8x slower on a GPU); install gcc in the image to compile it")
+        if dist_info.is_main and self.compiled == "all" and dist_info.world_size > 1:
+            log.warning("perf.compile=all: a compiled training pass hands over its gradients only at the end of "
+                        "its backward, so the gradient all-reduce no longer overlaps it")
         self.attack_forward = self.forward = model  # the model as the attack and the training pass call it
-        if self.compiled:
-            self.use_compiled(torch.compile(model))
+        if self.compiled != "off":
+            self.use_compiled(torch.compile(model), training_pass=self.compiled == "all")
         self.amp = _resolve_auto(cfg.perf.amp, self.device)
         self.autocast = (functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
                          if self.amp else contextlib.nullcontext)
@@ -120,13 +128,11 @@ class Trainer:
         # device-side running sums of (loss, clean correct, adv correct, images) over the epoch: no host sync per step
         self.totals = torch.zeros(4, device=self.device)
 
-    def use_compiled(self, compiled: torch.nn.Module) -> None:
-        """Run the attack through `compiled` (a torch.compile of self.model), and the training pass too unless
-        JointSpar is on: its active set changes parameters' requires_grad every step, which dynamo guards on,
-        so a compiled training pass would recompile each step. The attack freezes every parameter, so its
-        graph stays the same, and the attack is most of a DAT step."""
+    def use_compiled(self, compiled: torch.nn.Module, training_pass: bool) -> None:
+        """Run the attack through `compiled` (a torch.compile of self.model), and the training pass too if asked.
+        The attack freezes every parameter, so its graph stays the same step after step."""
         self.attack_forward = compiled
-        self.forward = self.model if self.cfg.jointspar.enabled else compiled
+        self.forward = compiled if training_pass else self.model
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -308,7 +314,7 @@ class Trainer:
                   f" jointspar={'on' if self.jointspar else 'off'} params={sum(p.numel() for p in self.params)}"
                   f"\n     device={self.device} backend={backend} bf16={'on' if self.amp else 'off'}"
                   f" channels_last={'on' if self.channels_last else 'off'}"
-                  f" compile={('attack only' if self.jointspar else 'on') if self.compiled else 'off'}"
+                  f" compile={self.compiled}"
                   f" micro_batches={cfg.train.micro_batches}"
                   f" metrics_port={cfg.metrics.port or 'off'}", flush=True)
             print(table_header(), flush=True)
