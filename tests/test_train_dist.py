@@ -157,3 +157,29 @@ def test_a_changed_model_says_what_differs(tmp_path, synthetic_args):
     proc = train_cli([*synthetic_args, "--set", f"run.output_dir={out}", "--set", "model.width=16"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "the model differs from the checkpoint's (0.weight: shape (8, " in proc.stderr
+
+
+def test_a_changed_optimizer_is_refused_before_anything_is_rewritten(tmp_path, synthetic_args):
+    out = tmp_path / "run"
+    common = [*synthetic_args, "--set", f"run.output_dir={out}"]
+    assert train_cli([*common, "--set", "run.epochs=1"]).returncode == 0  # LAMB, the default
+    kept = {name: (out / name).read_bytes() for name in ("checkpoint-latest.pt", "config.yaml", "metrics.jsonl")}
+    for optimizer in ("sgd", "lars"):
+        proc = train_cli([*common, "--set", "run.epochs=2", "--set", f"optim.name={optimizer}"])
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert f"trained with 'lamb', the config says optim.name='{optimizer}'" in proc.stderr
+        assert {name: (out / name).read_bytes() for name in kept} == kept
+
+
+def test_a_resumed_run_uses_this_configs_optimizer_settings(tmp_path, synthetic_args):
+    """config.yaml is what the run used: a changed optim.lr or weight decay applies from the resumed epoch."""
+    out = tmp_path / "run"
+    common = [*synthetic_args, "--set", f"run.output_dir={out}", "--set", "optim.schedule=constant"]
+    assert train_cli([*common, "--set", "run.epochs=1", "--set", "optim.lr=0.01"]).returncode == 0
+    proc = train_cli([*common, "--set", "run.epochs=2", "--set", "optim.lr=0.002", "--set", "optim.weight_decay=0"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "differ from the checkpoint's: lr, weight_decay" in proc.stderr
+    first, second = [r["lr"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert second == pytest.approx(first / 5)
+    groups = checkpoint.load(str(out / "checkpoint-latest.pt"))["optimizer"]["param_groups"]
+    assert {g["weight_decay"] for g in groups} == {0.0}

@@ -146,6 +146,7 @@ class Trainer:
             "best_ra": self.best_ra,
             "seed": self.cfg.run.seed,  # with the epoch, this fixes every RNG stream of the next epoch
             "model_name": self.cfg.model.name,
+            "optimizer_name": self.cfg.optim.name,
             "world_size": self.dist.world_size,
         }
 
@@ -159,6 +160,15 @@ class Trainer:
         differs = _state_differences(state["model"], self.model.state_dict())
         if differs:
             raise checkpoint.CheckpointError(f"{path}: the model differs from the checkpoint's ({differs})")
+        saved_groups = state["optimizer"].get("param_groups", [])
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        saved_name = state.get("optimizer_name")  # older checkpoints: told apart by their settings' names
+        if (saved_name or self.cfg.optim.name) != self.cfg.optim.name or (
+                saved_groups and set(configured[0]) - set(saved_groups[0])):
+            raise checkpoint.CheckpointError(
+                f"{path}: the checkpoint was trained with {repr(saved_name) if saved_name else 'another optimizer'}, "
+                f"the config says optim.name={self.cfg.optim.name!r}; its state cannot carry over (--no-resume "
+                "starts fresh)")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -168,11 +178,22 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0][:200]
             raise checkpoint.CheckpointError(f"{path}: incompatible with this config ({first})") from None
-        # The LR of the next step comes from this run's schedule: the same value when nothing changed, the
-        # extended schedule's when run.epochs grew (the saved LR would be the old schedule's last, often 0).
+        # The hyperparameters are this config's (config.yaml says so), not the checkpoint's: a resumed run may
+        # lower the LR or change the weight decay. The LR of the next step comes from this run's schedule: the
+        # same value when nothing changed, the extended schedule's when run.epochs grew.
+        changed = sorted({k for saved, now in zip(saved_groups, configured) for k in now
+                          if k not in ("lr", "initial_lr", "max_lr_snapshot")  # the LR and timm's copy of it
+                          and saved.get(k) != now[k]}
+                         | ({"lr"} if [g.get("initial_lr") for g in saved_groups] !=
+                            [g["initial_lr"] for g in configured] else set()))
         sched = self.schedule
-        for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-            group["lr"] = base * factor(sched.last_epoch)
+        sched.base_lrs = [g["initial_lr"] for g in configured]
+        for group, now, factor in zip(self.optimizer.param_groups, configured, sched.lr_lambdas):
+            group.update(now)
+            group["lr"] = now["initial_lr"] * factor(sched.last_epoch)
+        if changed and self.dist.is_main:
+            log.info("resumed with this config's optimizer settings, which differ from the checkpoint's: %s",
+                     ", ".join(changed))
         self.start_epoch, self.best_ra = int(state["epoch"]) + 1, float(state["best_ra"])
         self.log.truncate_after(int(state["epoch"]))
 
