@@ -259,13 +259,18 @@ def _trainer_problems(v: dict[str, Any], origin: str) -> list[str]:
     node_counts = [v["nodes"]]
     if v["elastic"]["enabled"]:
         node_counts = range(v["elastic"]["minNodes"], v["elastic"]["maxNodes"] + 1)
-    try:
-        cfg = trainer_config.config_from_dict(trainer)
-    except trainer_config.ConfigError as exc:  # a key or type error: the checks below need a typed config
-        return [f"{origin}: {exc}"]
-    found: dict[str, None] = {}  # every problem once, in order, over all the world sizes the job can run at
+    errors: list[str] = []  # unknown keys and wrong types; the keys that are fine still get checked
+    cfg = trainer_config.config_from_dict(trainer, errors=errors)
+    found = dict.fromkeys(errors)  # every problem once, in order, over all the world sizes the job can run at
     for nodes in node_counts:
         found.update(dict.fromkeys(trainer_config.problems(cfg, world_size=nodes * nproc, check_paths=False)))
+    if not found:  # what `dat-train --check` adds: the checks that need the model (JointSpar's arms)
+        from trainer.train import check_model_settings  # imports torch: only when the rest is fine
+
+        try:
+            check_model_settings(cfg)
+        except trainer_config.ConfigError as exc:
+            found[str(exc)] = None
     return [f"{origin}: {problem}" for problem in found]
 
 

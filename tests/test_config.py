@@ -1,6 +1,9 @@
+import re
+import subprocess
+
 import pytest
 
-from conftest import train_cli
+from conftest import PYTHON, ROOT, torch_env, train_cli
 from trainer.config import ConfigError, config_from_dict, load_config, validate
 
 
@@ -50,6 +53,28 @@ def test_every_problem_is_named_on_one_line():
                                "optim.lr must be > 0")
 
 
+def test_unknown_keys_wrong_types_and_bad_values_are_reported_together(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run: {epochs: 0}\noptim: {nmae: x, lr: -1}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), ["attack.steps=ten", "data.name=cifar10-ext", "data.root=/nonexistent"])
+    message = str(info.value)
+    for part in ("unknown key optim.nmae", "attack.steps: expected int, got 'ten'", "run.epochs must be >= 1",
+                 "optim.lr must be > 0", "no CIFAR-10 in '/nonexistent'", "data.ti500k_path: cifar10-ext needs"):
+        assert part in message, (part, message)
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["run.output_dir="], "run.output_dir must not be empty"),
+    (["data.name=synthetic", "data.synthetic_train_size=64", "data.batch_size=128"],
+     "data.synthetic_train_size 64 is smaller than one global batch (data.batch_size 128)"),
+])
+def test_mistakes_the_run_would_only_find_later(overrides, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        load_config(None, overrides)
+
+
 def test_eps_as_written_in_papers():
     cfg = load_config(None, ["attack.eps=8/255", "eval.eps= 4 / 255"])
     assert cfg.attack.eps == 8 / 255 and cfg.eval.eps == 4 / 255
@@ -73,6 +98,7 @@ def test_bad_override_syntax():
     (["--check", "--set", "model.name=resnet18", "--set", "jointspar.enabled=true", "--set", "jointspar.budget=1000"],
      "jointspar.budget 1000 exceeds the number of arms L = 62"),  # --check builds the model for this
     (["--config", "/nonexistent.yaml"], "config file not found"),
+    (["--check", "--config", "/tmp"], "/tmp: cannot read the config file (Is a directory)"),
     (["--set", "data.name=cifar10", "--set", "data.root=/nonexistent"], "no CIFAR-10"),
 ])
 def test_cli_user_errors_exit_nonzero_without_traceback(args, fragment):
@@ -94,6 +120,19 @@ def test_yaml_on_off_reach_string_options_as_words(tmp_path):
     path.write_text("perf: {channels_last: on, amp: off}\n")
     cfg = load_config(str(path), ["perf.channels_last=off"])
     assert cfg.perf.channels_last == "off" and cfg.perf.amp == "off"
+
+
+def test_print_config_needs_no_data_on_this_machine():
+    proc = train_cli(["--print-config", "--config", "configs/cifar10-ext-resnet18.yaml"])
+    assert proc.returncode == 0, proc.stderr
+    assert "cifar10-ext" in proc.stdout and "ti500k_path" in proc.stdout
+
+
+def test_check_finds_a_missing_c_compiler_for_an_explicit_compile(tmp_path):
+    proc = subprocess.run([PYTHON, "-m", "trainer", "--check", "--set", "perf.compile=attack"], cwd=ROOT,
+                          env=dict(torch_env(), CC=str(tmp_path / "no-cc")), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "perf.compile=attack: torch.compile needs a C compiler" in proc.stderr
 
 
 def test_print_config_is_a_config_file_of_the_same_run(tmp_path):

@@ -126,6 +126,10 @@ def test_every_problem_gets_its_own_line(tmp_path: Path, capsys: pytest.CaptureF
                                  "trainer/attack/steps": 0})
     code, _, err = render(capsys, str(path))
     assert code == 2 and len(err.splitlines()) == 3, err
+    # unknown trainer keys do not hide the other trainer problems
+    path = write_spec(tmp_path, {"trainer/optim/nmae": "x", "trainer/optim/lr": -1})
+    code, _, err = render(capsys, str(path))
+    assert code == 2 and len(err.splitlines()) == 2 and "unknown key optim.nmae" in err and "optim.lr" in err, err
     # and every trainer problem gets its own line, not only the first
     path = write_spec(tmp_path, {"trainer/attack/steps": 0, "trainer/optim/lr": -1, "trainer/model/name": "vit"})
     code, _, err = render(capsys, str(path))
@@ -284,3 +288,13 @@ def test_objects_datctl_applies_say_datctl_manages_them(api: str, tmp_path: Path
     assert {kind: o["metadata"]["labels"]["app.kubernetes.io/managed-by"] for kind, o in objects.items()} == \
         {kind: "datctl" for kind in objects}
     assert "managed-by: Helm" not in yaml.safe_dump(list(objects.values()))
+
+
+def test_the_checks_that_need_the_model_run_too(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """What `dat-train --check` would refuse must not become crash-looping pods: JointSpar's budget against the
+    model's arms."""
+    path = write_spec(tmp_path, {"trainer/model/name": "small_cnn", "trainer/jointspar/enabled": True})
+    code, _, err = render(capsys, str(path))
+    assert code == 2 and err.strip().splitlines() == [
+        "datctl: trainer: jointspar.budget 40 exceeds the number of arms L = 16 (param grouping); "
+        "use a budget <= 16"], err

@@ -49,7 +49,8 @@ def test_c_compiler_lookup_follows_cc_then_path(monkeypatch, tmp_path) -> None:
 
 def test_settings_are_checked() -> None:
     assert load_config(None, ["perf.compile=false"]).perf.compile == "off"
-    with pytest.raises(ConfigError, match="perf.compile: 'on' is not one of auto, attack, all, off"):
+    with pytest.raises(ConfigError, match=r"perf.compile: 'on' \(true/yes read as 'on', false/no as 'off'\) "
+                                          "is not one of auto, attack, all, off"):
         load_config(None, ["perf.compile=true"])
     with pytest.raises(ConfigError, match="perf.compile=all with jointspar.enabled"):
         validate(config_from_dict({"perf": {"compile": "all"}, "jointspar": {"enabled": True}}))

@@ -47,12 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append("run.resume=never")
     world_size = env_world_size()
     try:
-        cfg = load_config(args.config, overrides, world_size=world_size)
+        cfg = load_config(args.config, overrides, world_size=world_size, check_paths=not args.print_config)
     except ConfigError as exc:
         if os.environ.get("RANK", "0") == "0":  # every rank reads the same config: one message is enough
             print(f"dat-train: config error: {exc}", file=sys.stderr)
         return 2
-    from trainer.train import check_model_settings, run
+    import torch
+
+    from trainer.train import c_compiler, check_model_settings, compiled_passes, run
 
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         try:
             check_model_settings(cfg)
+            compiled_passes(cfg.perf.compile, torch.device("cpu"), c_compiler() is not None)  # on this machine
         except ConfigError as exc:
             print(f"dat-train: config error: {exc}", file=sys.stderr)
             return 2

@@ -196,23 +196,31 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
-def _apply(cfg: Config, raw: dict[str, Any], origin: str) -> None:
+def _apply(cfg: Config, raw: dict[str, Any], origin: str, errors: list[str]) -> None:
+    """Set every valid key of `raw` on cfg; one message in `errors` for each unknown or mistyped one."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{origin}: expected a mapping of sections, got {type(raw).__name__}")
+        errors.append(f"{origin}: expected a mapping of sections, got {type(raw).__name__}")
+        return
     sections = {f.name: f for f in fields(Config)}
     for section, values in raw.items():
         if section not in sections:
-            raise ConfigError(f"{origin}: unknown section {section!r} (known: {', '.join(sections)})")
+            errors.append(f"{origin}: unknown section {section!r} (known: {', '.join(sections)})")
+            continue
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise ConfigError(f"{origin}: section {section!r} must be a mapping")
+            errors.append(f"{origin}: section {section!r} must be a mapping")
+            continue
         target = getattr(cfg, section)
         known = {f.name: f for f in fields(target)}
         for key, value in values.items():
             if key not in known:
-                raise ConfigError(f"{origin}: unknown key {section}.{key} (known: {', '.join(known)})")
-            setattr(target, key, _coerce(section, known[key], value))
+                errors.append(f"{origin}: unknown key {section}.{key} (known: {', '.join(known)})")
+                continue
+            try:
+                setattr(target, key, _coerce(section, known[key], value))
+            except ConfigError as exc:
+                errors.append(str(exc))
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -228,11 +236,21 @@ def parse_override(text: str) -> dict[str, Any]:
     return {section: {key: parsed}}
 
 
-def config_from_dict(raw: dict[str, Any] | None, overrides: list[str] = ()) -> Config:
+def config_from_dict(raw: dict[str, Any] | None, overrides: list[str] = (), errors: list[str] | None = None) -> Config:
+    """The config `raw` and the overrides describe. Unknown keys and wrong types are collected in `errors`
+    when given (the keys that are fine still apply), else raised together as one ConfigError."""
+    found: list[str] = []
     cfg = Config()
-    _apply(cfg, raw or {}, "config")
+    _apply(cfg, raw or {}, "config", found)
     for item in overrides:
-        _apply(cfg, parse_override(item), f"--set {item}")
+        try:
+            _apply(cfg, parse_override(item), f"--set {item}", found)
+        except ConfigError as exc:
+            found.append(str(exc))
+    if errors is not None:
+        errors += found
+    elif found:
+        raise ConfigError("; ".join(found))
     return cfg
 
 
@@ -246,12 +264,19 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
                 raw = yaml.safe_load(fh) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except OSError as exc:  # a directory, no permission, ...
+            raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark else ""
             raise ConfigError(f"{path}: not valid YAML{where}") from None
-    cfg = config_from_dict(raw, overrides)
-    validate(cfg, world_size=world_size, check_paths=check_paths)
+    errors: list[str] = []
+    cfg = config_from_dict(raw, overrides, errors)
+    errors += problems(cfg, world_size=world_size, check_paths=check_paths)  # all of them in one go
+    if errors:
+        raise ConfigError("; ".join(errors))
     return cfg
 
 
@@ -288,7 +313,8 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
-            found.append(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+            read_as = " (true/yes read as 'on', false/no as 'off')" if value in ("on", "off") else ""
+            found.append(f"{key}: {value!r}{read_as} is not one of {', '.join(allowed)}")
     resume = cfg.run.resume
     if resume not in ("auto", "never") and check_paths and not (
             os.path.isfile(resume) or os.path.isfile(os.path.join(resume, "checkpoint-latest.pt"))):
@@ -296,6 +322,10 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
                      + (" (the folder has no checkpoint-latest.pt)" if os.path.isdir(resume) else ""))
     checks = [
         (cfg.run.epochs >= 1, "run.epochs must be >= 1"),
+        (cfg.run.output_dir.strip() != "", "run.output_dir must not be empty"),
+        (cfg.data.name != "synthetic" or cfg.data.synthetic_train_size >= cfg.data.batch_size,
+         f"data.synthetic_train_size {cfg.data.synthetic_train_size} is smaller than one global batch "
+         f"(data.batch_size {cfg.data.batch_size})"),
         (cfg.dist.timeout_seconds > 0, "dist.timeout_seconds must be > 0"),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (cfg.data.eval_batch_size >= 1, "data.eval_batch_size must be >= 1"),
@@ -348,26 +378,24 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
     if every != "epoch" and not (every.isdigit() and int(every) >= 1):
         found.append(f"jointspar.sample_every: expected a positive integer or 'epoch', got {every!r}")
     if check_paths:
-        try:
-            _check_data_paths(cfg.data)
-        except ConfigError as exc:
-            found.append(str(exc))
+        found += _data_path_problems(cfg.data)
     return found
 
 
-def _check_data_paths(data: DataConfig) -> None:
+def _data_path_problems(data: DataConfig) -> list[str]:
+    found = []
     if data.name in ("cifar10", "cifar10-ext") and not data.download:
         folder = os.path.join(data.root, "cifar-10-batches-py")
         archive = os.path.join(data.root, "cifar-10-python.tar.gz")
         if not (os.path.isdir(folder) or os.path.isfile(archive)):
-            raise ConfigError(
-                f"data.root: no CIFAR-10 in {data.root!r} (expected cifar-10-batches-py/ or "
-                "cifar-10-python.tar.gz; set data.download=true on a cluster with internet)")
+            found.append(f"data.root: no CIFAR-10 in {data.root!r} (expected cifar-10-batches-py/ or "
+                         "cifar-10-python.tar.gz; set data.download=true on a cluster with internet)")
     if data.name == "cifar10-ext":
         if not data.ti500k_path:
-            raise ConfigError("data.ti500k_path: cifar10-ext needs the TI-500K pickle (or .npz) path")
-        if not os.path.isfile(data.ti500k_path):
-            raise ConfigError(f"data.ti500k_path: file not found: {data.ti500k_path}")
+            found.append("data.ti500k_path: cifar10-ext needs the TI-500K pickle (or .npz) path")
+        elif not os.path.isfile(data.ti500k_path):
+            found.append(f"data.ti500k_path: file not found: {data.ti500k_path}")
+    return found
 
 
 def save_resolved(cfg: Config, path: str) -> None:

@@ -362,8 +362,8 @@ class Trainer:
 
 
 def check_model_settings(cfg: Config) -> None:
-    """The checks that need the model (JointSpar's arms against its budget), for `dat-train --check`:
-    builds the model on the CPU, reads no data."""
+    """The checks that need the model (JointSpar's arms against its budget), for `dat-train --check` and
+    `datctl`: builds the model on the CPU, reads no data."""
     channels = {"digits": 1, "synthetic": cfg.data.synthetic_channels}.get(cfg.data.name, 3)
     model = build_model(cfg.model.name, 10, channels, cfg.model.width)
     if cfg.jointspar.enabled:
