@@ -181,11 +181,9 @@ class Trainer:
         # The hyperparameters are this config's (config.yaml says so), not the checkpoint's: a resumed run may
         # lower the LR or change the weight decay. The LR of the next step comes from this run's schedule: the
         # same value when nothing changed, the extended schedule's when run.epochs grew.
-        changed = sorted({k for saved, now in zip(saved_groups, configured) for k in now
-                          if k not in ("lr", "initial_lr", "max_lr_snapshot")  # the LR and timm's copy of it
-                          and saved.get(k) != now[k]}
-                         | ({"lr"} if [g.get("initial_lr") for g in saved_groups] !=
-                            [g["initial_lr"] for g in configured] else set()))
+        changed = sorted({"lr" if k == "initial_lr" else k  # initial_lr: the configured LR; lr: the schedule's
+                          for saved, now in zip(saved_groups, configured) for k, v in now.items()
+                          if k not in ("lr", "max_lr_snapshot") and saved.get(k) != v})  # + timm's copy of lr
         sched = self.schedule
         sched.base_lrs = [g["initial_lr"] for g in configured]
         for group, now, factor in zip(self.optimizer.param_groups, configured, sched.lr_lambdas):
