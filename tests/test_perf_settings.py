@@ -136,3 +136,22 @@ def test_compile_without_a_c_compiler_is_one_line_from_the_cli(tmp_path) -> None
                           timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "perf.compile=attack: torch.compile needs a C compiler" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_the_compiled_attack_crafts_the_same_examples(tmp_path) -> None:
+    """perf.compile=attack with inductor, as on a GPU (here its CPU backend): the same adversarial examples as
+    the eager attack, up to the odd sign flip of a near-zero input gradient."""
+    from trainer.attacks import attack_mode, craft
+
+    trainer = small_trainer(tmp_path, perf={"compile": "attack", "amp": "off", "channels_last": "off"})
+    x, y = next(iter(trainer.batches.epoch(1)))
+    crafted = []
+    for forward in (trainer.model, trainer.attack_forward):
+        torch.manual_seed(0)  # the same random start
+        with attack_mode(trainer.model):
+            crafted.append(craft("pgd", forward, x, y, eps=0.1, alpha=0.03, steps=3))
+    eager, compiled = crafted
+    assert (compiled - x).abs().max() <= 0.1 + 1e-6 and compiled.min() >= 0 and compiled.max() <= 1
+    assert torch.isclose(compiled, eager, atol=1e-5).float().mean() > 0.99
+    assert not torch.equal(eager, x)
+    torch._dynamo.reset()

@@ -183,3 +183,17 @@ def test_a_resumed_run_uses_this_configs_optimizer_settings(tmp_path, synthetic_
     assert second == pytest.approx(first / 5)
     groups = checkpoint.load(str(out / "checkpoint-latest.pt"))["optimizer"]["param_groups"]
     assert {g["weight_decay"] for g in groups} == {0.0}
+
+
+def test_two_ranks_with_a_compiled_attack_and_jointspar(tmp_path, synthetic_args):
+    """perf.compile=attack (inductor's CPU backend here) under torchrun with JointSpar: the attack compiled,
+    the training pass eager, both ranks in step."""
+    out = tmp_path / "run"
+    proc = torchrun(["-m", "trainer", *synthetic_args, "--set", f"run.output_dir={out}", "--set", "run.epochs=2",
+                     "--set", "perf.compile=attack", "--set", "optim.name=lars", "--set", "jointspar.enabled=true",
+                     "--set", "jointspar.budget=4"], timeout=600)
+    assert "compile=attack" in proc.stdout and "jointspar=on" in proc.stdout
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(r["train_loss"] == r["train_loss"] and r["comm_bytes"] < r["dense_comm_bytes"] for r in records)
+    assert (out / "checkpoint-latest.pt").exists()
