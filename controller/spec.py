@@ -253,6 +253,18 @@ def _mount_problems(v: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _counts_are_sound(v: dict[str, Any]) -> bool:
+    """Whether the node and process counts the trainer's checks use are well-typed (schema problems elsewhere
+    in the spec then do not keep the trainer's own problems from being reported in the same round)."""
+    def count(value: Any, least: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    elastic = v.get("elastic")
+    return (count(v.get("nodes"), 1) and count(v.get("gpusPerNode"), 0) and count(v.get("nprocPerNode"), 0)
+            and isinstance(elastic, dict) and isinstance(elastic.get("enabled"), bool)
+            and (not elastic["enabled"] or (count(elastic.get("minNodes"), 1) and count(elastic.get("maxNodes"), 1))))
+
+
 def _trainer_problems(v: dict[str, Any], origin: str) -> list[str]:
     trainer = v["trainer"]
     nproc = nproc_per_node(v)
@@ -277,9 +289,11 @@ def _trainer_problems(v: dict[str, Any], origin: str) -> list[str]:
 def check(spec: dict[str, Any], origin: str = "trainer") -> dict[str, Any]:
     """The spec merged with the chart defaults; raises SpecError listing every problem found."""
     problems = schema_problems(spec)
-    if problems:  # the rules below assume well-typed values
-        raise SpecError(problems)
     v = _merge(chart.chart_values(), spec)
+    if problems:  # the cross-field rules assume well-typed values; the trainer's checks need only the counts
+        if isinstance(v.get("trainer"), dict) and _counts_are_sound(v):
+            problems += _trainer_problems(v, origin)
+        raise SpecError(problems)
     if not v["name"]:
         problems.append("name: required (the job name; pods are <name>-master-0, <name>-worker-<i>)")
     elif len(longest_pod_name(v)) > 63:

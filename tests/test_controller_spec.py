@@ -126,6 +126,17 @@ def test_every_problem_gets_its_own_line(tmp_path: Path, capsys: pytest.CaptureF
                                  "trainer/attack/steps": 0})
     code, _, err = render(capsys, str(path))
     assert code == 2 and len(err.splitlines()) == 3, err
+    # schema problems elsewhere in the spec do not hide the trainer's (one round, not two)
+    path = write_spec(tmp_path, {"typoKey": 1, "resources/limits/cpu": "3x", "trainer/optim/lr": -1,
+                                 "trainer/data/batch_size": 33})
+    code, _, err = render(capsys, str(path))
+    assert code == 2 and len(err.splitlines()) == 4, err
+    assert "typoKey: unknown key" in err and "'3x' is not a valid quantity" in err
+    assert "trainer: optim.lr must be > 0" in err and "data.batch_size 33 is not divisible by the world size 2" in err
+    # ... unless the counts those need are broken themselves
+    path = write_spec(tmp_path, {"nodes": "two", "trainer/optim/lr": -1})
+    code, _, err = render(capsys, str(path))
+    assert code == 2 and err.splitlines() == ["datctl: nodes: expected integer, got 'two'"], err
     # unknown trainer keys do not hide the other trainer problems
     path = write_spec(tmp_path, {"trainer/optim/nmae": "x", "trainer/optim/lr": -1})
     code, _, err = render(capsys, str(path))
