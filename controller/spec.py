@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import json
 import posixpath
+import re
 from pathlib import Path
 from typing import Any
 
@@ -254,8 +255,7 @@ def _mount_problems(v: dict[str, Any]) -> list[str]:
 
 
 def _counts_are_sound(v: dict[str, Any]) -> bool:
-    """Whether the node and process counts the trainer's checks use are well-typed (schema problems elsewhere
-    in the spec then do not keep the trainer's own problems from being reported in the same round)."""
+    """Whether the node and process counts are well-typed enough to derive the job's world sizes from."""
     def count(value: Any, least: int) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
@@ -265,25 +265,47 @@ def _counts_are_sound(v: dict[str, Any]) -> bool:
             and (not elastic["enabled"] or (count(elastic.get("minNodes"), 1) and count(elastic.get("maxNodes"), 1))))
 
 
-def _trainer_problems(v: dict[str, Any], origin: str) -> list[str]:
-    trainer = v["trainer"]
-    nproc = nproc_per_node(v)
-    node_counts = [v["nodes"]]
+def world_sizes(v: dict[str, Any]) -> list[int]:
+    """Every world size the job can run at (an elastic job: each node count in its range); [1] when the counts
+    are broken themselves (reported on their own), so the trainer's other checks still run."""
+    if not _counts_are_sound(v):
+        return [1]
+    nodes = [v["nodes"]]
     if v["elastic"]["enabled"]:
-        node_counts = range(v["elastic"]["minNodes"], v["elastic"]["maxNodes"] + 1)
+        nodes = list(range(v["elastic"]["minNodes"], v["elastic"]["maxNodes"] + 1)) or nodes
+    return [n * nproc_per_node(v) for n in nodes]
+
+
+def _trainer_problems(trainer: dict[str, Any], sizes: list[int], origin: str) -> list[str]:
     errors: list[str] = []  # unknown keys and wrong types; the keys that are fine still get checked
     cfg = trainer_config.config_from_dict(trainer, errors=errors)
     found = dict.fromkeys(errors)  # every problem once, in order, over all the world sizes the job can run at
-    for nodes in node_counts:
-        found.update(dict.fromkeys(trainer_config.problems(cfg, world_size=nodes * nproc, check_paths=False)))
-    if not found:  # what `dat-train --check` adds: the checks that need the model (JointSpar's arms)
-        from trainer.train import check_model_settings  # imports torch: only when the rest is fine
+    for size in sizes:
+        found.update(dict.fromkeys(trainer_config.problems(cfg, world_size=size, check_paths=False)))
+    from trainer.train import check_model_settings  # imports torch
 
-        try:
-            check_model_settings(cfg)
-        except trainer_config.ConfigError as exc:
-            found[str(exc)] = None
-    return [f"{origin}: {problem}" for problem in found]
+    try:  # what `dat-train --check` adds: the checks that need the model (JointSpar's arms)
+        check_model_settings(cfg)
+    except trainer_config.ConfigError as exc:
+        found[str(exc)] = None
+    except (ValueError, KeyError):  # a model setting the checks above have reported already
+        pass
+    return [f"{origin}: {problem}" for problem in _collapse_world_sizes(list(found))]
+
+
+def _collapse_world_sizes(problems: list[str], show: int = 3) -> list[str]:
+    """An elastic range can fail the same rule at many world sizes: show a few, then count the rest."""
+    out, seen = [], {}
+    for problem in problems:
+        if "world size" not in problem and "rank(s)" not in problem:
+            out.append(problem)
+            continue
+        shape = re.sub(r"\d+", "N", problem)
+        seen[shape] = seen.get(shape, 0) + 1
+        if seen[shape] <= show:
+            out.append(problem)
+    out += [f"... and {n - show} more world sizes like: {shape}" for shape, n in seen.items() if n > show]
+    return out
 
 
 def check(spec: dict[str, Any], origin: str = "trainer") -> dict[str, Any]:
@@ -291,8 +313,8 @@ def check(spec: dict[str, Any], origin: str = "trainer") -> dict[str, Any]:
     problems = schema_problems(spec)
     v = _merge(chart.chart_values(), spec)
     if problems:  # the cross-field rules assume well-typed values; the trainer's checks need only the counts
-        if isinstance(v.get("trainer"), dict) and _counts_are_sound(v):
-            problems += _trainer_problems(v, origin)
+        if isinstance(v.get("trainer"), dict):
+            problems += _trainer_problems(v["trainer"], world_sizes(v), origin)
         raise SpecError(problems)
     if not v["name"]:
         problems.append("name: required (the job name; pods are <name>-master-0, <name>-worker-<i>)")
@@ -308,7 +330,7 @@ def check(spec: dict[str, Any], origin: str = "trainer") -> dict[str, Any]:
     problems += _data_problems(v, v["trainer"])
     problems += _scheduling_problems(v)
     problems += _mount_problems(v)
-    problems += _trainer_problems(v, origin)
+    problems += _trainer_problems(v["trainer"], world_sizes(v), origin)
     if problems:
         raise SpecError(problems)
     return v

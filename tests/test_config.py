@@ -128,11 +128,15 @@ def test_print_config_needs_no_data_on_this_machine():
     assert "cifar10-ext" in proc.stdout and "ti500k_path" in proc.stdout
 
 
-def test_check_finds_a_missing_c_compiler_for_an_explicit_compile(tmp_path):
-    proc = subprocess.run([PYTHON, "-m", "trainer", "--check", "--set", "perf.compile=attack"], cwd=ROOT,
+def test_check_reports_config_model_and_machine_problems_together(tmp_path):
+    proc = subprocess.run([PYTHON, "-m", "trainer", "--check", "--set", "perf.compile=attack", "--set", "optim.lr=0",
+                           "--set", "jointspar.enabled=true", "--set", "model.width=30000"], cwd=ROOT,
                           env=dict(torch_env(), CC=str(tmp_path / "no-cc")), capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 2 and "perf.compile=attack: torch.compile needs a C compiler" in proc.stderr
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    for part in ("optim.lr must be > 0", "jointspar.budget 40 exceeds the number of arms L = 16",
+                 "perf.compile=attack: torch.compile needs a C compiler"):  # a 30000-wide model: shapes only
+        assert part in proc.stderr, (part, proc.stderr)
 
 
 def test_print_config_is_a_config_file_of_the_same_run(tmp_path):

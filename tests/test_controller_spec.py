@@ -133,10 +133,24 @@ def test_every_problem_gets_its_own_line(tmp_path: Path, capsys: pytest.CaptureF
     assert code == 2 and len(err.splitlines()) == 4, err
     assert "typoKey: unknown key" in err and "'3x' is not a valid quantity" in err
     assert "trainer: optim.lr must be > 0" in err and "data.batch_size 33 is not divisible by the world size 2" in err
-    # ... unless the counts those need are broken themselves
+    # ... not even when the counts the world size comes from are broken themselves
     path = write_spec(tmp_path, {"nodes": "two", "trainer/optim/lr": -1})
     code, _, err = render(capsys, str(path))
-    assert code == 2 and err.splitlines() == ["datctl: nodes: expected integer, got 'two'"], err
+    assert code == 2 and err.splitlines() == ["datctl: nodes: expected integer, got 'two'",
+                                              "datctl: trainer: optim.lr must be > 0"], err
+    # an empty elastic range is reported, and the trainer is still checked at the job's node count
+    path = write_spec(tmp_path, {"elastic": {"enabled": True, "minNodes": 4, "maxNodes": 2},
+                                 "trainer/optim/lr": -1})
+    code, _, err = render(capsys, str(path))
+    assert code == 2 and "outside minNodes..maxNodes (4..2)" in err and "trainer: optim.lr must be > 0" in err
+    # a wide elastic range that fails at many world sizes: three shown, the rest counted
+    path = write_spec(tmp_path, {"elastic": {"enabled": True, "minNodes": 1, "maxNodes": 40},
+                                 "trainer/data/batch_size": 64})
+    code, _, err = render(capsys, str(path))
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 4, err  # 34 of the 40 node counts do not divide 64: 3 shown + a count
+    assert lines[-1] == ("datctl: trainer: ... and 31 more world sizes like: data.batch_size N is not divisible "
+                         "by the world size N"), err
     # unknown trainer keys do not hide the other trainer problems
     path = write_spec(tmp_path, {"trainer/optim/nmae": "x", "trainer/optim/lr": -1})
     code, _, err = render(capsys, str(path))

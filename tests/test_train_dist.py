@@ -178,7 +178,7 @@ def test_a_resumed_run_uses_this_configs_optimizer_settings(tmp_path, synthetic_
     assert train_cli([*common, "--set", "run.epochs=1", "--set", "optim.lr=0.01"]).returncode == 0
     proc = train_cli([*common, "--set", "run.epochs=2", "--set", "optim.lr=0.002", "--set", "optim.weight_decay=0"])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "differ from the checkpoint's: lr, weight_decay" in proc.stderr
+    assert "differ from the checkpoint's: optim.lr, optim.weight_decay" in proc.stderr
     first, second = [r["lr"] for r in read_jsonl(out / "metrics.jsonl")]
     assert second == pytest.approx(first / 5)
     groups = checkpoint.load(str(out / "checkpoint-latest.pt"))["optimizer"]["param_groups"]
@@ -197,3 +197,24 @@ def test_two_ranks_with_a_compiled_attack_and_jointspar(tmp_path, synthetic_args
     assert [r["epoch"] for r in records] == [1, 2]
     assert all(r["train_loss"] == r["train_loss"] and r["comm_bytes"] < r["dense_comm_bytes"] for r in records)
     assert (out / "checkpoint-latest.pt").exists()
+
+
+def test_resume_names_schedule_changes_and_survives_a_newer_optimizer_library(tmp_path, synthetic_args):
+    """A newer timm may add settings to the optimizer's param groups: a checkpoint that names its optimizer
+    still resumes. Changes to the schedule are named like any other optimizer setting. And a run with
+    nothing left to do leaves config.yaml describing the checkpoint."""
+    out = tmp_path / "run"
+    common = [*synthetic_args, "--set", f"run.output_dir={out}"]
+    assert train_cli([*common, "--set", "run.epochs=1"]).returncode == 0
+    ckpt = out / "checkpoint-latest.pt"
+    state = checkpoint.load(str(ckpt))
+    for group in state["optimizer"]["param_groups"]:  # as if saved by an older timm
+        group.pop("caution", None), group.pop("corrected_weight_decay", None)
+    checkpoint.save_atomic(state, str(ckpt))
+    config_before = (out / "config.yaml").read_bytes()
+    idle = train_cli([*common, "--set", "run.epochs=1", "--set", "optim.lr=0.5"])
+    assert idle.returncode == 0 and "nothing to do" in idle.stdout
+    assert (out / "config.yaml").read_bytes() == config_before
+    proc = train_cli([*common, "--set", "run.epochs=2", "--set", "optim.schedule=multistep"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "differ from the checkpoint's: optim.schedule" in proc.stderr

@@ -46,26 +46,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_resume:
         overrides.append("run.resume=never")
     world_size = env_world_size()
+    errors: list[str] = []
+    cfg = None
     try:
-        cfg = load_config(args.config, overrides, world_size=world_size, check_paths=not args.print_config)
-    except ConfigError as exc:
+        cfg = load_config(args.config, overrides, world_size=world_size, check_paths=not args.print_config,
+                          errors=errors)
+    except ConfigError as exc:  # the file itself: unreadable, not YAML
+        errors.append(str(exc))
+    if args.check and cfg is not None:
+        errors += _model_and_machine_problems(cfg)  # what --check adds: the model's arms, a C compiler here
+    if errors:
         if os.environ.get("RANK", "0") == "0":  # every rank reads the same config: one message is enough
-            print(f"dat-train: config error: {exc}", file=sys.stderr)
+            print(f"dat-train: config error: {'; '.join(errors)}", file=sys.stderr)
         return 2
-    import torch
-
-    from trainer.train import c_compiler, check_model_settings, compiled_passes, run
+    from trainer.train import run
 
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     if args.check:
-        try:
-            check_model_settings(cfg)
-            compiled_passes(cfg.perf.compile, torch.device("cpu"), c_compiler() is not None)  # on this machine
-        except ConfigError as exc:
-            print(f"dat-train: config error: {exc}", file=sys.stderr)
-            return 2
         print("config OK")
         return 0
 
@@ -87,6 +86,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         teardown()
     return 0
+
+
+def _model_and_machine_problems(cfg) -> list[str]:
+    import torch
+
+    from trainer.train import c_compiler, check_model_settings, compiled_passes
+
+    found = []
+    for check in (lambda: check_model_settings(cfg),
+                  lambda: compiled_passes(cfg.perf.compile, torch.device("cpu"), c_compiler() is not None)):
+        try:
+            check()
+        except ConfigError as exc:
+            found.append(str(exc))
+        except (ValueError, KeyError):  # a model name or setting the config checks have reported already
+            pass
+    return found
 
 
 if __name__ == "__main__":

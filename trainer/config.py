@@ -255,8 +255,9 @@ def config_from_dict(raw: dict[str, Any] | None, overrides: list[str] = (), erro
 
 
 def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1,
-                check_paths: bool = True) -> Config:
-    """Read, override and validate a config. Raises ConfigError on any user mistake."""
+                check_paths: bool = True, errors: list[str] | None = None) -> Config:
+    """Read, override and validate a config. Raises ConfigError naming every user mistake, or, given
+    `errors`, appends them there (for callers that add checks of their own) and returns the config."""
     raw: dict[str, Any] = {}
     if path:
         try:
@@ -272,11 +273,13 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
             mark = getattr(exc, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark else ""
             raise ConfigError(f"{path}: not valid YAML{where}") from None
-    errors: list[str] = []
-    cfg = config_from_dict(raw, overrides, errors)
-    errors += problems(cfg, world_size=world_size, check_paths=check_paths)  # all of them in one go
-    if errors:
-        raise ConfigError("; ".join(errors))
+    found: list[str] = []
+    cfg = config_from_dict(raw, overrides, found)
+    found += problems(cfg, world_size=world_size, check_paths=check_paths)  # all of them in one go
+    if errors is not None:
+        errors += found
+    elif found:
+        raise ConfigError("; ".join(found))
     return cfg
 
 

@@ -147,6 +147,7 @@ class Trainer:
             "seed": self.cfg.run.seed,  # with the epoch, this fixes every RNG stream of the next epoch
             "model_name": self.cfg.model.name,
             "optimizer_name": self.cfg.optim.name,
+            "optim": self.cfg.to_dict()["optim"],  # plain values: a resumed run names what its config changed
             "world_size": self.dist.world_size,
         }
 
@@ -163,8 +164,9 @@ class Trainer:
         saved_groups = state["optimizer"].get("param_groups", [])
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         saved_name = state.get("optimizer_name")  # older checkpoints: told apart by their settings' names
-        if (saved_name or self.cfg.optim.name) != self.cfg.optim.name or (
-                saved_groups and set(configured[0]) - set(saved_groups[0])):
+        other = (saved_name != self.cfg.optim.name) if saved_name else bool(
+            saved_groups and set(configured[0]) - set(saved_groups[0]))
+        if other:
             raise checkpoint.CheckpointError(
                 f"{path}: the checkpoint was trained with {repr(saved_name) if saved_name else 'another optimizer'}, "
                 f"the config says optim.name={self.cfg.optim.name!r}; its state cannot carry over (--no-resume "
@@ -181,9 +183,13 @@ class Trainer:
         # The hyperparameters are this config's (config.yaml says so), not the checkpoint's: a resumed run may
         # lower the LR or change the weight decay. The LR of the next step comes from this run's schedule: the
         # same value when nothing changed, the extended schedule's when run.epochs grew.
-        changed = sorted({"lr" if k == "initial_lr" else k  # initial_lr: the configured LR; lr: the schedule's
-                          for saved, now in zip(saved_groups, configured) for k, v in now.items()
-                          if k not in ("lr", "max_lr_snapshot") and saved.get(k) != v})  # + timm's copy of lr
+        if "optim" in state:  # the optimizer config it was trained with: name what changed as config keys
+            now_optim = self.cfg.to_dict()["optim"]
+            changed = [f"optim.{k}" for k, v in now_optim.items() if state["optim"].get(k, v) != v]
+        else:  # older checkpoints: compare the optimizer's settings
+            changed = sorted({"lr" if k == "initial_lr" else k  # initial_lr: the configured LR; lr: the schedule's
+                              for saved, now in zip(saved_groups, configured) for k, v in now.items()
+                              if k not in ("lr", "max_lr_snapshot") and saved.get(k) != v})  # + timm's copy of lr
         sched = self.schedule
         sched.base_lrs = [g["initial_lr"] for g in configured]
         for group, now, factor in zip(self.optimizer.param_groups, configured, sched.lr_lambdas):
@@ -361,11 +367,13 @@ class Trainer:
 
 def check_model_settings(cfg: Config) -> None:
     """The checks that need the model (JointSpar's arms against its budget), for `dat-train --check` and
-    `datctl`: builds the model on the CPU, reads no data."""
+    `datctl`: builds the model's shapes on the meta device, reads no data."""
+    if not cfg.jointspar.enabled:
+        return
     channels = {"digits": 1, "synthetic": cfg.data.synthetic_channels}.get(cfg.data.name, 3)
-    model = build_model(cfg.model.name, 10, channels, cfg.model.width)
-    if cfg.jointspar.enabled:
-        JointSpar(cfg.jointspar, model, seed=cfg.run.seed)
+    with torch.device("meta"):  # shapes only: no memory, however wide the model
+        model = build_model(cfg.model.name, 10, channels, cfg.model.width)
+    JointSpar(cfg.jointspar, model, seed=cfg.run.seed)
 
 
 def run(cfg: Config, dist_info: DistInfo) -> dict | None:
@@ -382,12 +390,12 @@ def run(cfg: Config, dist_info: DistInfo) -> dict | None:
             print(f"resumed from {resume_from} (saved after epoch {trainer.start_epoch - 1})", flush=True)
     else:
         trainer.log.truncate_after(0)  # a fresh run starts a fresh metrics.jsonl
-    if dist_info.is_main:
-        save_resolved(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
-    if trainer.start_epoch > cfg.run.epochs:
+    if trainer.start_epoch > cfg.run.epochs:  # config.yaml keeps describing the checkpoint's run
         if dist_info.is_main:
             print(f"nothing to do: the checkpoint is from epoch {trainer.start_epoch - 1} and run.epochs is "
                   f"{cfg.run.epochs} (raise run.epochs to train on)")
         return None
+    if dist_info.is_main:
+        save_resolved(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
     return trainer.fit()
 
