@@ -282,14 +282,9 @@ def _trainer_problems(trainer: dict[str, Any], sizes: list[int], origin: str) ->
     found = dict.fromkeys(errors)  # every problem once, in order, over all the world sizes the job can run at
     for size in sizes:
         found.update(dict.fromkeys(trainer_config.problems(cfg, world_size=size, check_paths=False)))
-    from trainer.train import check_model_settings  # imports torch
+    from trainer.train import model_problems  # imports torch
 
-    try:  # what `dat-train --check` adds: the checks that need the model (JointSpar's arms)
-        check_model_settings(cfg)
-    except trainer_config.ConfigError as exc:
-        found[str(exc)] = None
-    except (ValueError, KeyError):  # a model setting the checks above have reported already
-        pass
+    found.update(dict.fromkeys(model_problems(cfg)))  # what `dat-train --check` adds: JointSpar's arms
     return [f"{origin}: {problem}" for problem in _collapse_world_sizes(list(found))]
 
 

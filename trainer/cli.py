@@ -91,17 +91,13 @@ def main(argv: list[str] | None = None) -> int:
 def _model_and_machine_problems(cfg) -> list[str]:
     import torch
 
-    from trainer.train import c_compiler, check_model_settings, compiled_passes
+    from trainer.train import c_compiler, compiled_passes, model_problems
 
-    found = []
-    for check in (lambda: check_model_settings(cfg),
-                  lambda: compiled_passes(cfg.perf.compile, torch.device("cpu"), c_compiler() is not None)):
-        try:
-            check()
-        except ConfigError as exc:
-            found.append(str(exc))
-        except (ValueError, KeyError):  # a model name or setting the config checks have reported already
-            pass
+    found = model_problems(cfg)
+    try:
+        compiled_passes(cfg.perf.compile, torch.device("cpu"), c_compiler() is not None)  # on this machine
+    except ConfigError as exc:
+        found.append(str(exc))
     return found
 
 

@@ -365,15 +365,21 @@ class Trainer:
         return record
 
 
-def check_model_settings(cfg: Config) -> None:
+def model_problems(cfg: Config) -> list[str]:
     """The checks that need the model (JointSpar's arms against its budget), for `dat-train --check` and
     `datctl`: builds the model's shapes on the meta device, reads no data."""
     if not cfg.jointspar.enabled:
-        return
+        return []
     channels = {"digits": 1, "synthetic": cfg.data.synthetic_channels}.get(cfg.data.name, 3)
-    with torch.device("meta"):  # shapes only: no memory, however wide the model
-        model = build_model(cfg.model.name, 10, channels, cfg.model.width)
-    JointSpar(cfg.jointspar, model, seed=cfg.run.seed)
+    try:
+        with torch.device("meta"):  # shapes only: no memory, however wide the model
+            model = build_model(cfg.model.name, 10, channels, cfg.model.width)
+        JointSpar(cfg.jointspar, model, seed=cfg.run.seed)
+    except ConfigError as exc:
+        return [str(exc)]
+    except (ValueError, KeyError):  # a model setting the config checks report themselves
+        pass
+    return []
 
 
 def run(cfg: Config, dist_info: DistInfo) -> dict | None:
