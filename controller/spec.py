@@ -142,17 +142,34 @@ def _describe(error: jsonschema.ValidationError) -> list[str]:
     return [f"{where}: {error.message}"]
 
 
+def _schema_errors(spec: dict[str, Any]) -> list[jsonschema.ValidationError]:
+    schema = chart.values_schema()
+    schema["properties"]["trainer"] = {"type": "object"}  # trainer/config.py words the trainer's problems
+    validator = jsonschema.Draft7Validator(schema)
+    return sorted(validator.iter_errors(spec), key=lambda e: list(map(str, e.absolute_path)))
+
+
 def schema_problems(spec: dict[str, Any]) -> list[str]:
     """values.schema.json problems, except inside `trainer` (trainer/config.py words those)."""
-    schema = chart.values_schema()
-    schema["properties"]["trainer"] = {"type": "object"}
-    validator = jsonschema.Draft7Validator(schema)
     problems: list[str] = []
-    for error in sorted(validator.iter_errors(spec), key=lambda e: list(map(str, e.absolute_path))):
+    for error in _schema_errors(spec):
         for line in _describe(error):
             if line not in problems:
                 problems.append(line)
     return problems
+
+
+def _broken_keys(spec: dict[str, Any]) -> set[str]:
+    """The top-level keys whose values break the schema ("" when the spec as a whole does, e.g. not a map).
+    An unknown top-level key breaks nothing the rules read."""
+    broken = set()
+    for error in _schema_errors(spec):
+        path = list(error.absolute_path)
+        if path:
+            broken.add(str(path[0]))
+        elif error.validator != "additionalProperties":
+            broken.add("")
+    return broken
 
 
 # ---- cross-field rules ------------------------------------------------------------------------------------
@@ -303,29 +320,52 @@ def _collapse_world_sizes(problems: list[str], show: int = 3) -> list[str]:
     return out
 
 
+def _name_problems(v: dict[str, Any]) -> list[str]:
+    if not v["name"]:
+        return ["name: required (the job name; pods are <name>-master-0, <name>-worker-<i>)"]
+    if len(longest_pod_name(v)) > 63:
+        return [f"name: {v['name']!r} is too long for {v['nodes']} nodes: pod name "
+                f"{longest_pod_name(v)!r} has {len(longest_pod_name(v))} characters (max 63)"]
+    return []
+
+
+def _process_problems(v: dict[str, Any]) -> list[str]:
+    if v["gpusPerNode"] > 0 and v["nprocPerNode"] not in (0, v["gpusPerNode"]):
+        return [f"nprocPerNode: {v['nprocPerNode']} does not match gpusPerNode {v['gpusPerNode']} "
+                "(each torchrun process needs its own GPU)"]
+    return []
+
+
+def _port_problems(v: dict[str, Any]) -> list[str]:
+    if v["metrics"]["port"] in (OPERATOR_PORT, RDZV_PORT):
+        return [f"metrics.port: {v['metrics']['port']} is taken by the operator / torchrun rendezvous"]
+    return []
+
+
+# Each cross-field rule with the top-level keys it reads: it runs when those are well-typed, so a schema
+# problem in one part of a spec does not hide the rules about the others (one round of fixes, not two).
+CROSS_FIELD_RULES = (
+    (_name_problems, ("name", "nodes", "api", "elastic")),
+    (_process_problems, ("gpusPerNode", "nprocPerNode")),
+    (_port_problems, ("metrics",)),
+    (_resource_problems, ("resources", "shm")),
+    (lambda v: _data_problems(v, v["trainer"]), ("data", "api", "trainer")),
+    (_scheduling_problems, ("nodes", "elastic", "scheduling", "api")),
+    (_mount_problems, ("checkpoint", "data")),
+)
+
+
 def check(spec: dict[str, Any], origin: str = "trainer") -> dict[str, Any]:
     """The spec merged with the chart defaults; raises SpecError listing every problem found."""
     problems = schema_problems(spec)
+    broken = _broken_keys(spec) if problems else set()
     v = _merge(chart.chart_values(), spec)
-    if problems:  # the cross-field rules assume well-typed values; the trainer's checks need only the counts
-        if isinstance(v.get("trainer"), dict):
-            problems += _trainer_problems(v["trainer"], world_sizes(v), origin)
-        raise SpecError(problems)
-    if not v["name"]:
-        problems.append("name: required (the job name; pods are <name>-master-0, <name>-worker-<i>)")
-    elif len(longest_pod_name(v)) > 63:
-        problems.append(f"name: {v['name']!r} is too long for {v['nodes']} nodes: pod name "
-                        f"{longest_pod_name(v)!r} has {len(longest_pod_name(v))} characters (max 63)")
-    if v["gpusPerNode"] > 0 and v["nprocPerNode"] not in (0, v["gpusPerNode"]):
-        problems.append(f"nprocPerNode: {v['nprocPerNode']} does not match gpusPerNode {v['gpusPerNode']} "
-                        "(each torchrun process needs its own GPU)")
-    if v["metrics"]["port"] in (OPERATOR_PORT, RDZV_PORT):
-        problems.append(f"metrics.port: {v['metrics']['port']} is taken by the operator / torchrun rendezvous")
-    problems += _resource_problems(v)
-    problems += _data_problems(v, v["trainer"])
-    problems += _scheduling_problems(v)
-    problems += _mount_problems(v)
-    problems += _trainer_problems(v["trainer"], world_sizes(v), origin)
+    if "" not in broken:
+        for rule, reads in CROSS_FIELD_RULES:
+            if not broken.intersection(reads):
+                problems += rule(v)
+    if isinstance(v.get("trainer"), dict):  # the trainer's checks need only the node and process counts
+        problems += _trainer_problems(v["trainer"], world_sizes(v), origin)
     if problems:
         raise SpecError(problems)
     return v

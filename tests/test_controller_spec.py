@@ -133,6 +133,16 @@ def test_every_problem_gets_its_own_line(tmp_path: Path, capsys: pytest.CaptureF
     assert code == 2 and len(err.splitlines()) == 4, err
     assert "typoKey: unknown key" in err and "'3x' is not a valid quantity" in err
     assert "trainer: optim.lr must be > 0" in err and "data.batch_size 33 is not divisible by the world size 2" in err
+    # nor the cross-field rules about other parts of the spec; a rule that reads a broken value waits for it
+    path = write_spec(tmp_path, {"resources/limits/memory": "lots", "shm/sizeLimit": "64Gi",
+                                 "gpusPerNode": 1, "nprocPerNode": 2, "metrics/port": 29400,
+                                 "checkpoint/mountPath": "/tmp/ckpt"})
+    code, _, err = render(capsys, str(path))
+    assert code == 2 and sorted(err.splitlines()) == sorted([
+        "datctl: resources.limits.memory: 'lots' is not a valid quantity (e.g. 500m, 2, 16Gi)",
+        "datctl: nprocPerNode: 2 does not match gpusPerNode 1 (each torchrun process needs its own GPU)",
+        "datctl: metrics.port: 29400 is taken by the operator / torchrun rendezvous",
+        "datctl: checkpoint.mountPath: /tmp/ckpt collides with the pod's /tmp mount"]), err
     # ... not even when the counts the world size comes from are broken themselves
     path = write_spec(tmp_path, {"nodes": "two", "trainer/optim/lr": -1})
     code, _, err = render(capsys, str(path))
@@ -193,7 +203,9 @@ def test_no_traceback_from_the_real_command(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "controller.cli", "render", str(path)], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr == "datctl: resources.limits.memory: 'lots' is not a valid quantity (e.g. 500m, 2, 16Gi)\n"
+    assert proc.stderr == ("datctl: resources.limits.memory: 'lots' is not a valid quantity (e.g. 500m, 2, 16Gi)\n"
+                           "datctl: nprocPerNode: 1 does not match gpusPerNode 2 (each torchrun process needs its "
+                           "own GPU)\n")
 
 
 def rendered_objects(capsys: pytest.CaptureFixture, *argv: str) -> dict[str, dict]:
