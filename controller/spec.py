@@ -297,8 +297,9 @@ def _trainer_problems(trainer: dict[str, Any], sizes: list[int], origin: str) ->
     errors: list[str] = []  # unknown keys and wrong types; the keys that are fine still get checked
     cfg = trainer_config.config_from_dict(trainer, errors=errors)
     found = dict.fromkeys(errors)  # every problem once, in order, over all the world sizes the job can run at
-    for size in sizes:
-        found.update(dict.fromkeys(trainer_config.problems(cfg, world_size=size, check_paths=False)))
+    found.update(dict.fromkeys(trainer_config.problems(cfg, world_size=sizes[0], check_paths=False)))
+    for size in sizes[1:]:  # an elastic range: only the world-size rules differ from one size to the next
+        found.update(dict.fromkeys(trainer_config.world_size_problems(cfg, size)))
     from trainer.train import model_problems  # imports torch
 
     found.update(dict.fromkeys(model_problems(cfg)))  # what `dat-train --check` adds: JointSpar's arms

@@ -332,13 +332,7 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
         (cfg.dist.timeout_seconds > 0, "dist.timeout_seconds must be > 0"),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (cfg.data.eval_batch_size >= 1, "data.eval_batch_size must be >= 1"),
-        (cfg.data.batch_size % world_size == 0,
-         f"data.batch_size {cfg.data.batch_size} is not divisible by the world size {world_size}"),
         (cfg.train.micro_batches >= 1, "train.micro_batches must be >= 1"),
-        (cfg.data.batch_size % world_size != 0  # said above
-         or cfg.data.batch_size % (world_size * max(1, cfg.train.micro_batches)) == 0,
-         f"data.batch_size {cfg.data.batch_size} does not split into {world_size} rank(s) x "
-         f"{cfg.train.micro_batches} micro-batches"),
         (cfg.data.unlabeled_max >= 0, "data.unlabeled_max must be >= 0"),
         (cfg.data.synthetic_train_size >= 1 and cfg.data.synthetic_test_size >= 1,
          "data.synthetic_train_size and data.synthetic_test_size must be >= 1"),
@@ -377,12 +371,23 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
         (cfg.metrics.grace_seconds >= 0, "metrics.grace_seconds must be >= 0"),
     ]
     found += [message for ok, message in checks if not ok]
+    found += world_size_problems(cfg, world_size)
     every = cfg.jointspar.sample_every
     if every != "epoch" and not (every.isdigit() and int(every) >= 1):
         found.append(f"jointspar.sample_every: expected a positive integer or 'epoch', got {every!r}")
     if check_paths:
         found += _data_path_problems(cfg.data)
     return found
+
+
+def world_size_problems(cfg: Config, world_size: int) -> list[str]:
+    """The rules that depend on the world size (datctl checks them at every size an elastic job can run at)."""
+    batch, micro = cfg.data.batch_size, max(1, cfg.train.micro_batches)
+    if batch % world_size:
+        return [f"data.batch_size {batch} is not divisible by the world size {world_size}"]
+    if batch % (world_size * micro):
+        return [f"data.batch_size {batch} does not split into {world_size} rank(s) x {micro} micro-batches"]
+    return []
 
 
 def _data_path_problems(data: DataConfig) -> list[str]:
