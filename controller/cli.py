@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from controller import chart, kube, schemas, spec, webhook, yamlerror
+from controller import chart, kube, schemas, spec, webhook
+from trainer.yamlfile import describe_yaml_error, load_yaml_all
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -51,12 +52,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     jobs = {"PyTorchJob": 0, "TrainJob": 0}
     for name in args.files:
         try:
-            docs = [d for d in yaml.safe_load_all(Path(name).read_text()) if d]
+            docs = [d for d in load_yaml_all(Path(name).read_text()) if d]
         except OSError as exc:
             problems.append(f"{name}: cannot read: {exc.strerror or exc.__class__.__name__}")
             continue
         except yaml.YAMLError as exc:
-            problems.append(f"{name}: cannot read: {yamlerror.describe(exc)}")
+            problems.append(f"{name}: cannot read: {describe_yaml_error(exc)}")
             continue
         for doc in docs:
             if not isinstance(doc, dict) or not isinstance(doc.get("metadata") or {}, dict):

@@ -19,7 +19,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller import yamlerror
+from trainer.yamlfile import describe_yaml_error
 
 OPERATOR_INSTALL = ("install the Kubeflow training operator v1.9: kubectl apply --server-side -k "
                     "\"github.com/kubeflow/trainer.git/manifests/overlays/standalone?ref=v1.9.4\"")
@@ -80,7 +80,7 @@ def check_kubeconfig(kubeconfig: str | None, context: str | None) -> None:
         except OSError as exc:
             raise KubeconfigError(f"kubeconfig {path}: cannot read: {exc.strerror}") from None
         except yaml.YAMLError as exc:
-            raise KubeconfigError(f"kubeconfig {path}: {yamlerror.describe(exc)}") from None
+            raise KubeconfigError(f"kubeconfig {path}: {describe_yaml_error(exc)}") from None
         if doc is None:
             continue  # empty: the client says so
         if not isinstance(doc, dict):

@@ -18,8 +18,9 @@ import jsonschema
 import yaml
 from kubernetes.utils import parse_quantity
 
-from controller import chart, webhook, yamlerror
+from controller import chart, webhook
 from trainer import config as trainer_config
+from trainer.yamlfile import describe_yaml_error, load_yaml
 
 OPERATOR_PORT = 23456  # the training operator's pytorchjob-port
 RDZV_PORT = 29400  # torchrun's c10d rendezvous port
@@ -70,11 +71,11 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
     """Read a job spec, apply --set overrides and read trainerConfigFile into `trainer`."""
     path = Path(path)
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = load_yaml(path.read_text())
     except FileNotFoundError:
         raise SpecError([f"{path}: job spec not found"]) from None
     except yaml.YAMLError as exc:
-        raise SpecError([f"{path}: {yamlerror.describe(exc)}"]) from None
+        raise SpecError([f"{path}: {describe_yaml_error(exc)}"]) from None
     if spec is None:
         spec = {}
     if not isinstance(spec, dict):
@@ -88,14 +89,14 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
             raise SpecError(["trainerConfigFile: set either trainer or trainerConfigFile, not both"])
         resolved = (path.parent / config_file).resolve()  # relative to the job spec's folder
         try:
-            from_file = yaml.safe_load(resolved.read_text()) or {}
+            from_file = load_yaml(resolved.read_text()) or {}
         except FileNotFoundError:
             raise SpecError([f"trainerConfigFile: {config_file}: file not found: {resolved} (a relative path is "
                              "resolved against the job spec's folder)"]) from None
         except OSError as exc:
             raise SpecError([f"trainerConfigFile: {config_file}: cannot read {resolved}: {exc.strerror}"]) from None
         except yaml.YAMLError as exc:
-            raise SpecError([f"trainerConfigFile: {config_file}: {yamlerror.describe(exc)}"]) from None
+            raise SpecError([f"trainerConfigFile: {config_file}: {describe_yaml_error(exc)}"]) from None
         if not isinstance(from_file, dict):
             raise SpecError([f"trainerConfigFile: {config_file}: a trainer config is a mapping of sections, "
                              f"got {type(from_file).__name__}"])

@@ -39,6 +39,13 @@ def test_yaml_and_overrides(tmp_path):
     ({"data": {"name": "cifar10", "root": "/nonexistent"}}, "no CIFAR-10 in '/nonexistent'"),
     ({"data": {"name": "cifar10-ext", "download": True}}, "data.ti500k_path"),
     ({"run": {"resume": "/nonexistent.pt"}}, "checkpoint not found"),
+    ({"optim": {"lr": float("inf")}}, "optim.lr: must be a finite number, got inf"),
+    ({"optim": {"warmup_epochs": "inf"}}, "optim.warmup_epochs: must be a finite number, got 'inf'"),
+    ({"metrics": {"grace_seconds": "-inf"}}, "metrics.grace_seconds: must be a finite number"),
+    ({"optim": {"betas": [0.9, float("inf")]}}, "optim.betas: must be a finite number, got inf"),
+    ({"optim": {"betas": {0.9: 1, 0.99: 2}}}, "optim.betas: expected tuple[float, float], got {0.9: 1, 0.99: 2}"),
+    ({"train": {"micro_batches": float("inf")}}, "train.micro_batches: expected int, got inf"),
+    ({"run": {"output_dir": None}}, "run.output_dir: expected str, got None"),  # `output_dir:` left empty
 ])
 def test_config_errors_are_one_clear_line(raw, fragment):
     with pytest.raises(ConfigError) as info:
@@ -113,6 +120,14 @@ def test_invalid_yaml_file(tmp_path):
     bad.write_text("attack: {eps: [\n")
     proc = train_cli(["--config", str(bad)])
     assert proc.returncode == 2 and "not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_key_given_twice_is_an_error_not_last_wins(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("run:\n  epochs: 1\n  epochs: 2\n")
+    proc = train_cli(["--config", str(twice), "--check"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{twice}: not valid YAML (line 3, column 3): key 'epochs' is given twice in one mapping" in proc.stderr
 
 
 def test_yaml_on_off_reach_string_options_as_words(tmp_path):

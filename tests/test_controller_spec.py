@@ -177,6 +177,7 @@ def test_every_problem_gets_its_own_line(tmp_path: Path, capsys: pytest.CaptureF
 @pytest.mark.parametrize("text, line", [
     ("nodes: [1\n", "not valid YAML (line 2, column "),
     ("- nodes\n", "a job spec is a mapping of keys, got list"),
+    ("nodes: 1\nname: a\nnodes: 2\n", "not valid YAML (line 3, column 1): key 'nodes' is given twice in one mapping"),
 ])
 def test_unreadable_spec(text: str, line: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, _, err = render(capsys, str(write_spec(tmp_path, text=text)))

@@ -7,11 +7,14 @@ with one line that names the offending key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
+
+from trainer.yamlfile import describe_yaml_error, load_yaml
 
 
 class ConfigError(ValueError):
@@ -169,31 +172,38 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
                 raise ValueError
             return int(value)
         if kind == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, str) and "/" in value:  # eps as it is written in papers: 8/255
-                numerator, denominator = value.split("/")
-                return float(numerator) / float(denominator)
-            return float(value)
+            return _finite(key, value)
         if kind == "str":
             if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
                 return "on" if value else "off"
-            if isinstance(value, (dict, list)):
+            if value is None or isinstance(value, (dict, list)):  # `key:` with nothing after it is null
                 raise ValueError
             return str(value)
-        if kind.startswith("tuple"):
+        if kind.startswith(("tuple", "list")):
             if isinstance(value, str):
                 value = yaml.safe_load(value)
-            return tuple(float(v) for v in value)
-        if kind.startswith("list"):
-            if isinstance(value, str):
-                value = yaml.safe_load(value)
-            if not isinstance(value, list):
+            if not isinstance(value, (list, tuple)):
                 raise ValueError
-            return [float(v) for v in value]
-    except (TypeError, ValueError, ZeroDivisionError):
+            numbers = [_finite(key, v) for v in value]
+            return tuple(numbers) if kind.startswith("tuple") else numbers
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError, yaml.YAMLError):
         raise ConfigError(f"{key}: expected {kind}, got {value!r}") from None
     return value
+
+
+def _finite(key: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, str) and "/" in value:  # eps as it is written in papers: 8/255
+        numerator, denominator = value.split("/")
+        number = float(numerator) / float(denominator)
+    else:
+        number = float(value)
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    return number
 
 
 def _apply(cfg: Config, raw: dict[str, Any], origin: str, errors: list[str]) -> None:
@@ -262,7 +272,7 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
     if path:
         try:
             with open(path) as fh:
-                raw = yaml.safe_load(fh) or {}
+                raw = load_yaml(fh) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except OSError as exc:  # a directory, no permission, ...
@@ -270,9 +280,7 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not a text file") from None
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark else ""
-            raise ConfigError(f"{path}: not valid YAML{where}") from None
+            raise ConfigError(f"{path}: {describe_yaml_error(exc)}") from None
     found: list[str] = []
     cfg = config_from_dict(raw, overrides, found)
     found += problems(cfg, world_size=world_size, check_paths=check_paths)  # all of them in one go

@@ -1,0 +1,44 @@
+"""YAML files that people write: a key given twice is an error (as in helm and kubectl), and a parse error
+becomes the one line a user can act on."""
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping, as helm and kubectl do, instead of
+    silently keeping the last value."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # unhashable keys: left to SafeLoader, which refuses them
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
+def load_yaml(text: Any) -> Any:
+    """yaml.safe_load for files people write: a duplicate key is a yaml.YAMLError, not a silent last-wins."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def load_yaml_all(text: Any) -> list[Any]:
+    return list(yaml.load_all(text, Loader=_UniqueKeyLoader))  # noqa: S506 (a SafeLoader subclass)
+
+
+def describe_yaml_error(exc: yaml.YAMLError) -> str:
+    """'not valid YAML (line L, column C): PROBLEM', as far as the parser says."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    problem = getattr(exc, "problem", None)
+    return f"not valid YAML{where}{f': {problem}' if problem else ''}"
