@@ -1,4 +1,5 @@
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -14,18 +15,27 @@ def test_round_trip(tmp_path):
     assert loaded["epoch"] == 3 and torch.equal(loaded["model"]["w"], state["model"]["w"])
 
 
-def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error, reason", [
+    (OSError(28, "No space left on device"), "(No space left on device)"),
+    # what torch's zip writer raises when the disk fills up
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 254208 vs 254096"),
+     "(the disk is full, "),
+])
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, error, reason):
     path = tmp_path / "c.pt"
     checkpoint.save_atomic({"epoch": 1, "model": {}}, str(path))
     good = path.read_bytes()
 
     def broken_save(obj, fh):
         fh.write(b"partial")
-        raise OSError("disk full")
+        raise error
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
-        checkpoint.save_atomic({"epoch": 2, "model": {}}, str(path))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10, 10, 0))
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.save_atomic({"epoch": 2, "model": {"w": torch.zeros(4)}}, str(path))
+    assert str(info.value).startswith(f"cannot write checkpoint {path} {reason}"), info.value
+    assert str(info.value).endswith("; the previous one is kept")
     assert path.read_bytes() == good and list(tmp_path.iterdir()) == [path]
 
 

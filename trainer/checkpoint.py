@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import zipfile
 
 import torch
@@ -24,9 +25,28 @@ def save_atomic(state: dict, path: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError from its zip writer
+        folder = os.path.dirname(path) or "."
+        free = shutil.disk_usage(folder).free
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
+            f"the disk is full, {free / 2**20:.0f} MiB free" if free < 2 * _size_hint(state) else
+            str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__)
+        kept = "the previous one is kept" if os.path.exists(path) else "there is no earlier one"
+        raise CheckpointError(f"cannot write checkpoint {path} ({reason}); {kept}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _size_hint(state: object) -> int:
+    """Bytes of the tensors in a checkpoint state (about its size on disk)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_size_hint(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_size_hint(v) for v in state)
+    return 0
 
 
 def load(path: str, map_location: str | torch.device = "cpu") -> dict:

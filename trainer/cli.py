@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -13,6 +14,7 @@ from trainer.config import ConfigError, load_config
 from trainer.data import DataError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # every rank reads the same config: one message is enough
             print(f"dat-train: config error: {'; '.join(errors)}", file=sys.stderr)
         return 2
-    from trainer.train import run
+    from trainer.train import TrainingDiverged, run
 
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
@@ -75,11 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
+    prefix = f"[rank {info.rank}] " if info.world_size > 1 else ""
     try:
         run(cfg, info)
-    except USER_ERRORS as exc:
-        prefix = f"[rank {info.rank}] " if info.world_size > 1 else ""
+    except USER_ERRORS + (TrainingDiverged,) as exc:
         print(f"dat-train: {prefix}{exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a volume turned read-only: what the run was writing
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        print(f"dat-train: {prefix}cannot write {exc.filename or cfg.run.output_dir}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -95,7 +95,13 @@ def _read_cifar_batches(root: str, download: bool) -> tuple[ImageSet, ImageSet]:
     if not os.path.isdir(folder):
         if not os.path.isfile(archive) and download:
             from torchvision.datasets.utils import download_url
-            download_url(CIFAR10_URL, root, md5=CIFAR10_MD5)
+            try:
+                download_url(CIFAR10_URL, root, md5=CIFAR10_MD5)
+            except (OSError, RuntimeError) as exc:  # no network, a proxy, a failed checksum, a full disk
+                reason = str(getattr(exc, "reason", "") or exc).strip().splitlines()
+                raise DataError(f"data.download: cannot fetch {CIFAR10_URL} into {root!r} "
+                                f"({reason[0][:160] if reason else type(exc).__name__}); put "
+                                "cifar-10-python.tar.gz there yourself") from None
         if not os.path.isfile(archive):
             raise DataError(f"no CIFAR-10 in {root!r}: expected cifar-10-batches-py/ or cifar-10-python.tar.gz")
         return _read_cifar_archive(archive)
@@ -151,6 +157,8 @@ def _cifar_sets(train_parts, test_part) -> tuple[ImageSet, ImageSet]:
 
 def load_ti500k(path: str, limit: int = 0) -> ImageSet:
     """The TI-500K pseudo-labelled set: a pickle (or .npz) with `data` (N,32,32,3 uint8) and `extrapolated_targets`."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: TI-500K file not found")
     if path.endswith(".npz"):
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -179,9 +187,13 @@ def load_ti500k(path: str, limit: int = 0) -> ImageSet:
 
 
 def convert_ti500k(src: str, dst: str) -> None:
-    """One-time conversion of the TI-500K pickle to .npz (loads without any unpickling afterwards)."""
+    """One-time conversion of the TI-500K pickle to .npz (loads without any unpickling afterwards).
+    Also a command: python -m trainer.data SRC DST."""
     s = load_ti500k(src)
-    np.savez(dst, data=s.images.permute(0, 2, 3, 1).numpy(), extrapolated_targets=s.labels.numpy())
+    try:
+        np.savez(dst, data=s.images.permute(0, 2, 3, 1).numpy(), extrapolated_targets=s.labels.numpy())
+    except OSError as exc:
+        raise DataError(f"{dst}: cannot write ({exc.strerror or exc})") from None
 
 
 def _digits() -> Dataset:
@@ -280,3 +292,18 @@ def eval_batches(data: ImageSet, batch: int, rank: int, world_size: int, device:
     for i in range(0, len(idx), batch):
         sel = idx[i:i + batch]
         yield data.images[sel].to(device).float().div_(255), data.labels[sel].to(device)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3:
+        print("usage: python -m trainer.data TI500K.pickle OUT.npz  (converts the TI-500K pickle once)",
+              file=sys.stderr)
+        sys.exit(2)
+    try:
+        convert_ti500k(sys.argv[1], sys.argv[2])
+    except DataError as exc:
+        print(f"trainer.data: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {sys.argv[2]}")

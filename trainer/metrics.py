@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from collections import defaultdict
 from typing import Iterator
 
 import torch
+
+log = logging.getLogger("trainer")
 
 PHASES = ("data", "attack", "compute", "comm", "optimizer", "eval")
 
@@ -60,8 +63,18 @@ class MetricsLog:
         """On resume, drop records of epochs after the checkpoint (they will be trained again)."""
         if not self.enabled or not os.path.exists(self.path):
             return
-        with open(self.path) as fh:
-            kept = [line for line in fh if line.strip() and json.loads(line).get("epoch", 0) <= epoch]
+        kept, broken = [], 0
+        with open(self.path, errors="replace") as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except ValueError:  # e.g. a line cut short when the run was killed
+                    record = None
+                    broken += 1
+                if isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] <= epoch:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        if broken:
+            log.warning("%s: dropped %d unreadable line(s)", self.path, broken)
         tmp = self.path + ".tmp"
         with open(tmp, "w") as fh:
             fh.writelines(kept)

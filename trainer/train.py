@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import logging
+import math
 import os
 import shutil
+import tempfile
 import time
 
 import torch
@@ -26,6 +29,10 @@ from trainer.observability import TrainingExporter
 from trainer.optim import build_optimizer, build_schedule
 
 log = logging.getLogger("trainer")
+
+
+class TrainingDiverged(ValueError):
+    """The training loss became inf or NaN: stop before a checkpoint of the broken model is written."""
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -86,6 +93,8 @@ class Trainer:
     def __init__(self, cfg: Config, dist_info: DistInfo) -> None:
         self.cfg, self.dist = cfg, dist_info
         self.device = dist_info.device
+        if self.device.type == "cpu":  # denormal floats make CPU kernels 10-40x slower in some epochs
+            torch.set_flush_denormal(True)
         torch.manual_seed(cfg.run.seed)
         data = load_dataset(cfg.data, seed=cfg.run.seed)
         self.test_set = data.test
@@ -149,10 +158,13 @@ class Trainer:
             "optimizer_name": self.cfg.optim.name,
             "optim": self.cfg.to_dict()["optim"],  # plain values: a resumed run names what its config changed
             "world_size": self.dist.world_size,
+            "batch_size": self.cfg.data.batch_size,
         }
 
     def resume(self, path: str) -> None:
         state = checkpoint.load(path, map_location=self.device)
+        if state.get("model_name") is None:
+            raise checkpoint.CheckpointError(f"{path}: not a dat-train checkpoint (it does not name its model)")
         if state.get("model_name") != self.cfg.model.name:
             raise checkpoint.CheckpointError(
                 f"{path}: checkpoint is for model {state.get('model_name')!r}, config says {self.cfg.model.name!r}")
@@ -191,25 +203,32 @@ class Trainer:
                               for saved, now in zip(saved_groups, configured) for k, v in now.items()
                               if k not in ("lr", "max_lr_snapshot") and saved.get(k) != v})  # + timm's copy of lr
         sched = self.schedule
+        sched.last_epoch = int(state["epoch"]) * len(self.batches)  # by epochs done: the batch size may differ
         sched.base_lrs = [g["initial_lr"] for g in configured]
         for group, now, factor in zip(self.optimizer.param_groups, configured, sched.lr_lambdas):
             group.update(now)
             group["lr"] = now["initial_lr"] * factor(sched.last_epoch)
+        for key, saved, now in (("data.batch_size", state.get("batch_size"), self.cfg.data.batch_size),
+                                ("run.seed", state.get("seed"), self.cfg.run.seed)):
+            if saved is not None and saved != now:
+                changed.append(f"{key} ({saved} -> {now})")
         if changed and self.dist.is_main:
-            log.info("resumed with this config's optimizer settings, which differ from the checkpoint's: %s",
-                     ", ".join(changed))
+            log.info("resumed with this config's settings, which differ from the checkpoint's: %s "
+                     "(the LR schedule continues from epoch %d)", ", ".join(changed), int(state["epoch"]))
         self.start_epoch, self.best_ra = int(state["epoch"]) + 1, float(state["best_ra"])
         self.log.truncate_after(int(state["epoch"]))
 
     def save(self, epoch: int, robust_acc: float | None) -> None:
         if not self.dist.is_main:
             return
-        state = self.state_dict(epoch)
         out = self.cfg.run.output_dir
-        if robust_acc is not None and robust_acc > self.best_ra:
-            self.best_ra = state["best_ra"] = robust_acc
+        better = robust_acc is not None and robust_acc > self.best_ra
+        if better:
+            self.best_ra = robust_acc
+        state = self.state_dict(epoch)
+        checkpoint.save_atomic(state, os.path.join(out, checkpoint.LATEST))  # first: what a restart resumes from
+        if better:
             checkpoint.save_atomic(state, os.path.join(out, checkpoint.BEST))
-        checkpoint.save_atomic(state, os.path.join(out, checkpoint.LATEST))
 
     # ------------------------------------------------------------------ training
 
@@ -354,6 +373,12 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, cfg.run.epochs + 1):
                 record = self.train_epoch(epoch)
+                if not math.isfinite(record["train_loss"]):
+                    kept = checkpoint.find_resume(cfg.run.output_dir, "auto") or "none yet"
+                    raise TrainingDiverged(
+                        f"epoch {epoch}: the training loss is {record['train_loss']} (diverged), so no checkpoint "
+                        f"of it is written (last good checkpoint: {kept}); lower optim.lr or lengthen "
+                        "optim.warmup_epochs")
                 self.save(epoch, record["test_robust_acc"])
                 self.log.append(record)
                 exporter.observe_epoch(record)
@@ -382,20 +407,43 @@ def model_problems(cfg: Config) -> list[str]:
     return []
 
 
+def set_aside_earlier_run(output_dir: str) -> str | None:
+    """A fresh start in a folder that holds an earlier run moves that run's checkpoints and logs into
+    OUTPUT_DIR/previous-<UTC time>/ (nothing is deleted), so that a restart cannot resume the earlier run."""
+    names = [n for n in (checkpoint.LATEST, checkpoint.BEST, "metrics.jsonl", "config.yaml")
+             if os.path.isfile(os.path.join(output_dir, n)) and os.path.getsize(os.path.join(output_dir, n))]
+    if not any(n != "config.yaml" for n in names):
+        return None
+    folder = os.path.join(output_dir, time.strftime("previous-%Y%m%d-%H%M%S", time.gmtime()))
+    os.makedirs(folder, exist_ok=True)
+    for name in names:
+        os.replace(os.path.join(output_dir, name), os.path.join(folder, name))
+    log.warning("starting fresh: moved the earlier run's %s to %s", ", ".join(names), folder)
+    return folder
+
+
 def run(cfg: Config, dist_info: DistInfo) -> dict | None:
     """Train as configured; resume from OUTPUT_DIR (or run.resume) when a checkpoint is there."""
+    out = cfg.run.output_dir
     try:
-        os.makedirs(cfg.run.output_dir, exist_ok=True)
+        os.makedirs(out, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"run.output_dir: cannot create {cfg.run.output_dir} ({exc.strerror or exc})") from None
+        raise ConfigError(f"run.output_dir: cannot create {out} ({exc.strerror or exc})") from None
+    try:
+        tempfile.TemporaryFile(dir=out).close()  # writable, before any work is done
+    except OSError as exc:
+        raise ConfigError(f"run.output_dir: cannot write to {out} ({exc.strerror or exc})") from None
     trainer = Trainer(cfg, dist_info)
-    resume_from = checkpoint.find_resume(cfg.run.output_dir, cfg.run.resume)
+    resume_from = checkpoint.find_resume(out, cfg.run.resume)
+    if dist_info.is_main:
+        for stale in glob.glob(os.path.join(out, "*.tmp-*")):  # left by a run killed while saving
+            os.remove(stale)
     if resume_from:
         trainer.resume(resume_from)
         if dist_info.is_main:
             print(f"resumed from {resume_from} (saved after epoch {trainer.start_epoch - 1})", flush=True)
-    else:
-        trainer.log.truncate_after(0)  # a fresh run starts a fresh metrics.jsonl
+    elif dist_info.is_main:
+        set_aside_earlier_run(out)  # before anything is written: a restart must not resume the earlier run
     if trainer.start_epoch > cfg.run.epochs:  # config.yaml keeps describing the checkpoint's run
         if dist_info.is_main:
             print(f"nothing to do: the checkpoint is from epoch {trainer.start_epoch - 1} and run.epochs is "

@@ -1,0 +1,67 @@
+"""What a run leaves in run.output_dir when it starts over, diverges, is killed while saving or resumes
+with another batch size: no earlier run is lost or wrongly resumed, no broken model is saved."""
+import json
+
+import pytest
+
+from conftest import read_jsonl, train_cli
+from trainer import checkpoint
+from trainer.metrics import MetricsLog
+
+
+def test_a_fresh_start_sets_the_earlier_run_aside(tmp_path, synthetic_args):
+    """--no-resume in a folder with a finished run: the earlier run's files move to previous-*/ before
+    anything else happens, so a restart of the new run (killed before its first save) cannot resume the
+    earlier one. Partial files of a killed save are removed."""
+    out = tmp_path / "run"
+    common = [*synthetic_args, "--set", f"run.output_dir={out}", "--set", "run.epochs=1"]
+    assert train_cli([*common, "--set", "run.seed=0"]).returncode == 0
+    earlier = {name: (out / name).read_bytes() for name in ("checkpoint-latest.pt", "metrics.jsonl", "config.yaml")}
+    (out / "checkpoint-latest.pt.tmp-4242").write_bytes(b"half a checkpoint")
+    proc = train_cli([*common, "--set", "run.seed=7", "--no-resume"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (previous,) = out.glob("previous-*")
+    assert "starting fresh: moved the earlier run's checkpoint-latest.pt" in proc.stderr
+    assert {name: (previous / name).read_bytes() for name in earlier} == earlier
+    assert not list(out.glob("*.tmp-*"))
+    assert checkpoint.load(str(out / "checkpoint-latest.pt"))["seed"] == 7
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
+
+
+def test_a_diverged_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_args):
+    out = tmp_path / "run"
+    common = [*synthetic_args, "--set", f"run.output_dir={out}", "--set", "optim.name=sgd",
+              "--set", "optim.schedule=constant", "--set", "optim.warmup_epochs=0"]
+    assert train_cli([*common, "--set", "run.epochs=1"]).returncode == 0
+    good = (out / "checkpoint-latest.pt").read_bytes()
+    proc = train_cli([*common, "--set", "run.epochs=2", "--set", "optim.lr=1e30"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "epoch 2: the training loss is " in proc.stderr and "(diverged)" in proc.stderr
+    assert (out / "checkpoint-latest.pt").read_bytes() == good
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
+
+
+def test_resume_with_another_batch_size_continues_the_schedule_by_epochs(tmp_path, synthetic_args):
+    """Warm-up over 4 epochs, 2 done at batch 32 (8 steps/epoch); resumed at batch 16 (16 steps/epoch) the
+    schedule stands at step 2 x 16, not at the checkpoint's step count 16."""
+    out = tmp_path / "run"
+    common = [*synthetic_args, "--set", f"run.output_dir={out}", "--set", "optim.schedule=constant",
+              "--set", "optim.warmup_epochs=4", "--set", "optim.lr_scaling=none", "--set", "optim.lr=0.01"]
+    assert train_cli([*common, "--set", "run.epochs=2"]).returncode == 0
+    proc = train_cli([*common, "--set", "run.epochs=3", "--set", "data.batch_size=16"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "data.batch_size (32 -> 16)" in proc.stderr and "the LR schedule continues from epoch 2" in proc.stderr
+    third = read_jsonl(out / "metrics.jsonl")[2]
+    assert third["epoch"] == 3 and third["lr"] == pytest.approx(0.01 * (2 * 16 + 1) / (4 * 16))
+
+
+def test_a_cut_off_metrics_line_is_dropped_on_resume(tmp_path):
+    log = MetricsLog(str(tmp_path), enabled=True)
+    for epoch in (1, 2, 3):
+        log.append({"epoch": epoch, "train_loss": 1.0 / epoch})
+    with open(log.path, "a") as fh:
+        fh.write('{"epoch": 4, "train_lo')  # the run was killed while writing
+    log.truncate_after(2)
+    assert [json.loads(line)["epoch"] for line in open(log.path)] == [1, 2]
+    log.append({"epoch": 3})
+    assert [r["epoch"] for r in read_jsonl(log.path)] == [1, 2, 3]
