@@ -97,21 +97,27 @@ def parse_rendered(text: str) -> list[tuple[str, dict]]:
 
 # ---- values.schema.json: the `trainer` section mirrors trainer/config.py ----------------------------------
 
+# A number, or a string trainer.config reads as one: helm --set passes 0.001 as a string, and papers write
+# eps as a fraction, e.g. "8/255" (trainer.config divides it out).
+_NUMBER = {"anyOf": [{"type": "number"}, {"type": "string", "pattern": (
+    r"^\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$|^\s*[0-9.]+\s*/\s*[0-9.]+\s*$")}]}
+
+
 def _field_schema(tp: Any) -> dict[str, Any]:
     origin = typing.get_origin(tp)
     if tp is bool:
         return {"type": "boolean"}
     if tp is int:
         return {"type": "integer"}
-    if tp is float:  # or a fraction as papers write eps, e.g. "8/255" (trainer.config divides it out)
-        return {"anyOf": [{"type": "number"}, {"type": "string", "pattern": r"^\s*[0-9.]+\s*/\s*[0-9.]+\s*$"}]}
+    if tp is float:
+        return _NUMBER
     if tp is str:  # trainer.config coerces scalars to str (e.g. jointspar.sample_every: 10)
         return {"type": ["string", "number", "boolean"]}
     if origin is tuple:
         args = typing.get_args(tp)
-        return {"type": "array", "items": {"type": "number"}, "minItems": len(args), "maxItems": len(args)}
+        return {"type": "array", "items": _NUMBER, "minItems": len(args), "maxItems": len(args)}
     if origin is list:
-        return {"type": "array", "items": {"type": "number"}}
+        return {"type": "array", "items": _NUMBER}
     raise TypeError(f"no JSON schema for trainer config type {tp!r}")
 
 

@@ -37,9 +37,13 @@ def cmd_render(args: argparse.Namespace) -> int:
     text = spec.to_yaml(rendered.objects)
     if args.output:
         out_dir = Path(args.output)
-        out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{rendered.values['name']}.yaml"
-        path.write_text(text)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        except OSError as exc:
+            return _fail(f"-o {args.output}: cannot write {path} ({exc.strerror or exc}; -o takes a folder)",
+                         EXIT_USAGE)
         print(f"wrote {path} ({', '.join(o['kind'] for o in rendered.objects)})", file=sys.stderr)
     else:
         sys.stdout.write(text)
@@ -55,6 +59,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             docs = [d for d in load_yaml_all(Path(name).read_text()) if d]
         except OSError as exc:
             problems.append(f"{name}: cannot read: {exc.strerror or exc.__class__.__name__}")
+            continue
+        except UnicodeDecodeError:
+            problems.append(f"{name}: cannot read: not a text file")
             continue
         except yaml.YAMLError as exc:
             problems.append(f"{name}: cannot read: {describe_yaml_error(exc)}")
@@ -160,6 +167,18 @@ def cmd_exporter(argv: list[str]) -> int:
     return exporter.run(parser.parse_args(argv))
 
 
+def _seconds(least: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+        if not (least <= value < float("inf")):
+            raise argparse.ArgumentTypeError(f"must be at least {least:g} seconds, got {text}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="datctl", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -209,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
         cluster_args(p)
         p.set_defaults(func=func)
         if name == "watch":
-            p.add_argument("--interval", type=float, default=10.0, help="seconds between polls")
-            p.add_argument("--timeout", type=float, default=0.0, help="give up after this many seconds (0: never)")
+            p.add_argument("--interval", type=_seconds(least=0.0), default=10.0, help="seconds between polls")
+            p.add_argument("--timeout", type=_seconds(least=0.0), default=0.0,
+                           help="give up after this many seconds (0: never)")
         if name == "logs":
             p.add_argument("--replica", help="master-0, worker-<i> (TrainJob: node-<i>); default: the first pod")
             p.add_argument("-f", "--follow", action="store_true")

@@ -79,6 +79,8 @@ def check_kubeconfig(kubeconfig: str | None, context: str | None) -> None:
             doc = yaml.safe_load(path.read_text())
         except OSError as exc:
             raise KubeconfigError(f"kubeconfig {path}: cannot read: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise KubeconfigError(f"kubeconfig {path}: not a text file") from None
         except yaml.YAMLError as exc:
             raise KubeconfigError(f"kubeconfig {path}: {describe_yaml_error(exc)}") from None
         if doc is None:
@@ -125,9 +127,10 @@ class Cluster:
         except (config.ConfigException, OSError) as exc:
             env = os.environ.get("KUBECONFIG")
             if not kubeconfig and env and not any(Path(n).expanduser().is_file() for n in env.split(os.pathsep) if n):
-                raise ClusterError(f"no usable Kubernetes config: KUBECONFIG={env} names no existing file; "
-                                   "fix KUBECONFIG or pass --kubeconfig") from None
-            raise ClusterError(f"no usable Kubernetes config ({exc}); set KUBECONFIG or pass --kubeconfig") from None
+                raise KubeconfigError(f"no usable Kubernetes config: KUBECONFIG={env} names no existing file; "
+                                      "fix KUBECONFIG or pass --kubeconfig") from None
+            raise KubeconfigError(f"no usable Kubernetes config ({exc}); set KUBECONFIG or pass "
+                                  "--kubeconfig") from None
         configuration.retries = urllib3.Retry(total=2, connect=2, read=0, backoff_factor=0.2, status=0)
         self.host = configuration.host
         self.namespace = namespace or default_namespace

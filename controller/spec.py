@@ -49,22 +49,56 @@ def _merge(base: Any, override: Any) -> Any:
     return copy.deepcopy(override)
 
 
+def _helm_scalar(text: str) -> Any:
+    """A --set value typed as helm types it: true/false/null, base-10 integers without a leading zero, else the
+    string itself (so image.tag=1.10 stays "1.10" and env.MODE=0755 stays "0755")."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "null":
+        return None
+    if re.fullmatch(r"-?(0|[1-9][0-9]*)", text):
+        return int(text)
+    return text
+
+
+def _split_unescaped(text: str, sep: str) -> list[str]:
+    """Split at `sep` outside {...} lists, where not escaped as '\\' + sep (helm's --set syntax)."""
+    parts, current, depth, i = [], "", 0, 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\" and i + 1 < len(text) and text[i + 1] == sep:
+            current += sep
+            i += 2
+            continue
+        depth += (char == "{") - (char == "}")
+        if char == sep and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+        i += 1
+    return parts + [current]
+
+
 def _set_path(spec: dict, item: str) -> None:
-    """--set a.b.c=value (value parsed as YAML; '\\.' for a dot inside a key)."""
-    if "=" not in item:
-        raise SpecError([f"--set {item}: expected key.path=value"])
-    path, raw = item.split("=", 1)
-    keys = [k.replace("\0", ".") for k in path.replace("\\.", "\0").split(".")]
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    node = spec
-    for key in keys[:-1]:
-        if not isinstance(node.get(key), dict):
-            node[key] = {}
-        node = node[key]
-    node[keys[-1]] = value
+    """--set a.b.c=value[,x.y=value...] as helm reads it: '\\.' for a dot inside a key, '\\,' for a comma in a
+    value, {a,b} for a list; values typed by _helm_scalar."""
+    for assignment in _split_unescaped(item, ","):
+        if "=" not in assignment:
+            raise SpecError([f"--set {item}: expected key.path=value"])
+        path, raw = assignment.split("=", 1)
+        keys = [k.replace("\0", ".") for k in path.replace("\\.", "\0").split(".")]
+        if raw.startswith("{") and raw.endswith("}"):
+            value: Any = [_helm_scalar(v) for v in _split_unescaped(raw[1:-1], ",")] if raw[1:-1] else []
+        else:
+            value = _helm_scalar(raw)
+        node = spec
+        for key in keys[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[keys[-1]] = value
 
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
@@ -74,6 +108,10 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
         spec = load_yaml(path.read_text())
     except FileNotFoundError:
         raise SpecError([f"{path}: job spec not found"]) from None
+    except OSError as exc:  # a folder, no permission
+        raise SpecError([f"{path}: cannot read the job spec ({exc.strerror or exc})"]) from None
+    except UnicodeDecodeError:
+        raise SpecError([f"{path}: not a text file"]) from None
     except yaml.YAMLError as exc:
         raise SpecError([f"{path}: {describe_yaml_error(exc)}"]) from None
     if spec is None:
@@ -95,6 +133,8 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
                              "resolved against the job spec's folder)"]) from None
         except OSError as exc:
             raise SpecError([f"trainerConfigFile: {config_file}: cannot read {resolved}: {exc.strerror}"]) from None
+        except UnicodeDecodeError:
+            raise SpecError([f"trainerConfigFile: {config_file}: {resolved} is not a text file"]) from None
         except yaml.YAMLError as exc:
             raise SpecError([f"trainerConfigFile: {config_file}: {describe_yaml_error(exc)}"]) from None
         if not isinstance(from_file, dict):
@@ -143,10 +183,16 @@ def _describe(error: jsonschema.ValidationError) -> list[str]:
     return [f"{where}: {error.message}"]
 
 
+# An integer is an int: 3.0 passes JSON schema's "integer" but would reach the trainer's checks as a float.
+_Validator = jsonschema.validators.extend(jsonschema.Draft7Validator, type_checker=(
+    jsonschema.Draft7Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))))
+
+
 def _schema_errors(spec: dict[str, Any]) -> list[jsonschema.ValidationError]:
     schema = chart.values_schema()
     schema["properties"]["trainer"] = {"type": "object"}  # trainer/config.py words the trainer's problems
-    validator = jsonschema.Draft7Validator(schema)
+    validator = _Validator(schema)
     return sorted(validator.iter_errors(spec), key=lambda e: list(map(str, e.absolute_path)))
 
 
@@ -250,8 +296,9 @@ def _scheduling_problems(v: dict[str, Any]) -> list[str]:
             problems.append("scheduling: kueueQueue and volcano.enabled cannot be combined (pick one scheduler)")
         if v["api"] == "trainjob":
             problems.append("scheduling.volcano.enabled: not supported with api trainjob (use kueueQueue)")
-        if volcano["minAvailable"] > (elastic["maxNodes"] if elastic["enabled"] else nodes):
-            problems.append(f"scheduling.volcano.minAvailable: {volcano['minAvailable']} exceeds the number of pods")
+        if volcano["minAvailable"] > nodes:  # the pods the job creates: an elastic job starts with `nodes`
+            problems.append(f"scheduling.volcano.minAvailable: {volcano['minAvailable']} exceeds the {nodes} pods the "
+                            "job creates (the gang would never be scheduled)")
     return problems
 
 
@@ -338,6 +385,24 @@ def _process_problems(v: dict[str, Any]) -> list[str]:
     return []
 
 
+def _gpu_problems(v: dict[str, Any]) -> list[str]:
+    if v["gpusPerNode"] > 0:
+        return []
+    problems = []
+    if v["nodePool"].get("accelerator"):
+        problems.append(f"nodePool.accelerator: {v['nodePool']['accelerator']!r} with gpusPerNode 0 would place CPU-only "
+                        "pods on GPU nodes without the GPU toleration (they stay Pending); set gpusPerNode or drop it")
+    backend = (v["trainer"].get("dist") or {}).get("backend") if isinstance(v["trainer"].get("dist"), dict) else None
+    if backend == "nccl":
+        problems.append("trainer.dist.backend: nccl needs GPUs and gpusPerNode is 0 (use auto or gloo)")
+    return problems
+
+
+def _label_problems(v: dict[str, Any]) -> list[str]:
+    owned = [k for k in v["podLabels"] if k.startswith("app.kubernetes.io/") or k == "training.kubeflow.org/job-name"]
+    return [f"podLabels.{key}: set by the chart (its selectors and the PodMonitor use it)" for key in owned]
+
+
 def _port_problems(v: dict[str, Any]) -> list[str]:
     if v["metrics"]["port"] in (OPERATOR_PORT, RDZV_PORT):
         return [f"metrics.port: {v['metrics']['port']} is taken by the operator / torchrun rendezvous"]
@@ -350,6 +415,8 @@ CROSS_FIELD_RULES = (
     (_name_problems, ("name", "nodes", "api", "elastic")),
     (_process_problems, ("gpusPerNode", "nprocPerNode")),
     (_port_problems, ("metrics",)),
+    (_gpu_problems, ("gpusPerNode", "nodePool", "trainer")),
+    (_label_problems, ("podLabels",)),
     (_resource_problems, ("resources", "shm")),
     (lambda v: _data_problems(v, v["trainer"]), ("data", "api", "trainer")),
     (_scheduling_problems, ("nodes", "elastic", "scheduling", "api")),
@@ -359,9 +426,9 @@ CROSS_FIELD_RULES = (
 
 def check(spec: dict[str, Any], origin: str = "trainer") -> dict[str, Any]:
     """The spec merged with the chart defaults; raises SpecError listing every problem found."""
-    problems = schema_problems(spec)
-    broken = _broken_keys(spec) if problems else set()
-    v = _merge(chart.chart_values(), spec)
+    v = _merge(chart.chart_values(), spec)  # checked as helm checks it: merged with the chart's defaults
+    problems = schema_problems(v)
+    broken = _broken_keys(v) if problems else set()
     if "" not in broken:
         for rule, reads in CROSS_FIELD_RULES:
             if not broken.intersection(reads):
@@ -397,6 +464,11 @@ CHART_OWNED_TRAINER_SETTINGS = {
 }
 
 
+# PyTorchJob settings a TrainJob has no place for: its TrainingRuntime sets them.
+TRAINJOB_IGNORED = ("restartPolicy", "runPolicy.backoffLimit", "runPolicy.cleanPodPolicy",
+                    "runPolicy.ttlSecondsAfterFinished", "scheduling.priorityClassName", "image.pullPolicy")
+
+
 def render_warnings(v: dict[str, Any], given: dict[str, Any], rendered: dict[str, Any], origin: str) -> list[str]:
     """One line for each user-given trainer setting (`given`, typed by normalized_trainer) that the chart
     replaced in the config it rendered (`rendered`), and for checkpoints on an emptyDir."""
@@ -408,6 +480,14 @@ def render_warnings(v: dict[str, Any], given: dict[str, Any], rendered: dict[str
         same = posixpath.normpath(mine) == posixpath.normpath(theirs) if isinstance(theirs, str) else mine == theirs
         if not same:
             out.append(f"{origin}: {section}.{key} {mine!r} is replaced by {theirs!r} ({why})")
+    if v["api"] == "trainjob":
+        defaults = chart.chart_values()
+        for path in TRAINJOB_IGNORED:
+            mine, default = v, defaults
+            for key in path.split("."):
+                mine, default = (mine or {}).get(key), (default or {}).get(key)
+            if mine != default:
+                out.append(f"{path}: {mine!r} is not applied with api trainjob (its TrainingRuntime decides it)")
     if not v["checkpoint"]["claimName"]:
         out.append("checkpoint.claimName is empty: checkpoints go to an emptyDir and are lost with the pod "
                    "(a rescheduled or deleted pod starts over); set checkpoint.claimName to a PVC to keep them")
@@ -435,6 +515,8 @@ def render(job: JobSpec, namespace: str | None = None, api: str | None = None,
     values = check(spec, job.trainer_origin)
     spec["trainer"] = normalized_trainer(values["trainer"])
     namespace = values["namespace"] or namespace or "default"
+    if len(namespace) > 63 or not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", namespace):
+        raise SpecError([f"-n {namespace}: not a namespace name (lower-case letters, digits and '-', at most 63)"])
     rendered = chart.helm_template(spec, release=values["name"], namespace=namespace,
                                    api_versions=(chart.MONITORING_API,) if monitoring_api else ())
     order = {"ConfigMap": 0, "PyTorchJob": 1, "TrainJob": 1, "PodMonitor": 2}

@@ -115,6 +115,8 @@ def check_pytorchjob(job: dict[str, Any]) -> list[str]:
     if not replicas:
         return problems + ["spec.pytorchReplicaSpecs: must be specified"]
     elastic = spec.get("elasticPolicy")
+    if elastic is not None and not isinstance(elastic, dict):
+        return problems + [f"spec.elasticPolicy: must be a mapping, got {type(elastic).__name__}"]
     if elastic is not None and elastic.get("nProcPerNode") is not None and spec.get("nprocPerNode") is not None:
         problems.append("spec.elasticPolicy.nProcPerNode: must not be used with spec.nprocPerNode")
     if elastic is not None and "Worker" not in replicas:
@@ -139,7 +141,11 @@ def check_pytorchjob(job: dict[str, Any]) -> list[str]:
         if rtype == "Worker" and count < 1:
             problems.append(f"{where}.replicas: must be at least 1, got {count}")
         if rtype == "Worker" and elastic is not None:
-            count = max(count, elastic.get("maxReplicas") or 0)  # the operator may scale up to maxReplicas
+            most = elastic.get("maxReplicas") if isinstance(elastic, dict) else None
+            if most is not None and (not isinstance(most, int) or isinstance(most, bool)):
+                problems.append(f"spec.elasticPolicy.maxReplicas: must be an integer, got {most!r}")
+                most = None
+            count = max(count, most or 0)  # the operator may scale up to maxReplicas
         pod_names.append(f"{name}-{rtype.lower()}-{max(count - 1, 0)}")
         problems += _pod_problems(where, rspec.get("template"), nproc)
     longest = max(pod_names, key=len, default="")

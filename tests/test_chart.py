@@ -266,3 +266,25 @@ def test_float_keys_take_fractions_as_papers_write_them() -> None:
     assert config_from_dict(yaml.safe_load(config["data"]["config.yaml"])).attack.eps == 8 / 255
     proc = helm("template", "run", str(CHART), "--set-string", "trainer.attack.eps=8x", check=False)
     assert proc.returncode != 0 and "/trainer/attack/eps" in proc.stderr
+
+
+def test_set_reads_values_as_helm_does(capsys: pytest.CaptureFixture) -> None:
+    """datctl render --set and helm template --set give the same pod env, image and trainer config: versions
+    and octal-looking strings stay strings, big integers stay integers, a trainer float may be --set."""
+    sets = ["image.tag=1.10", "env.MODE=0755", "nccl.NCCL_BUFFSIZE=4194304,nccl.NCCL_DEBUG=INFO",
+            "trainer.optim.lr=0.001", "trainer.optim.betas={0.8,0.99}"]
+    flags = [arg for item in sets for arg in ("--set", item)]
+    assert cli.main(["render", str(SMOKE), *flags]) == 0
+    ours = {doc["kind"]: doc for doc in yaml.safe_load_all(capsys.readouterr().out)}
+    theirs = {obj["kind"]: obj for _, obj in template("-f", str(SMOKE), *flags, release="dat-smoke")
+              if obj["kind"] != "ConfigMap" or "config.yaml" in obj.get("data", {})}
+
+    def container(objects: dict) -> dict:
+        return objects["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+
+    for objects in (ours, theirs):
+        env = {e["name"]: e.get("value") for e in container(objects)["env"]}
+        assert env["MODE"] == "0755" and env["NCCL_BUFFSIZE"] == "4194304" and env["NCCL_DEBUG"] == "INFO"
+        assert container(objects)["image"].endswith(":1.10")
+        optim = yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])["optim"]
+        assert float(optim["lr"]) == 0.001 and [float(b) for b in optim["betas"]] == [0.8, 0.99]

@@ -201,7 +201,7 @@ def test_no_kubeconfig(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatc
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
     code = cli.main(["status", "dat-smoke"])
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith("datctl: no usable Kubernetes config") and len(err.splitlines()) == 1
+    assert code == 2 and err.startswith("datctl: no usable Kubernetes config") and len(err.splitlines()) == 1
 
 
 def test_recorded_jobs_match_the_crd() -> None:

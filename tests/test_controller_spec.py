@@ -84,7 +84,25 @@ MISTAKES = {
     "kueue-and-volcano": ({"scheduling/kueueQueue": "q", "scheduling/volcano/enabled": True},
                           "scheduling: kueueQueue and volcano.enabled cannot be combined"),
     "gang-too-big": ({"scheduling/volcano/enabled": True, "scheduling/volcano/minAvailable": 3},
-                     "scheduling.volcano.minAvailable: 3 exceeds the number of pods"),
+                     "scheduling.volcano.minAvailable: 3 exceeds the 2 pods the job creates"),
+    "elastic-gang-too-big": ({"scheduling/volcano/enabled": True, "scheduling/volcano/minAvailable": 3,
+                              "elastic/enabled": True, "elastic/minNodes": 1, "elastic/maxNodes": 4,
+                              "trainer/data/batch_size": 12},
+                             "scheduling.volcano.minAvailable: 3 exceeds the 2 pods the job creates"),
+    "whole-float-nodes": ({"nodes": 3.0}, "nodes: expected integer, got 3.0"),
+    "accelerator-without-gpus": ({"nodePool/provider": "gke", "nodePool/accelerator": "nvidia-l4"},
+                                 "nodePool.accelerator: 'nvidia-l4' with gpusPerNode 0 would place CPU-only pods"),
+    "nccl-without-gpus": ({"trainer/dist/backend": "nccl"}, "trainer.dist.backend: nccl needs GPUs and gpusPerNode"),
+    "chart-label-in-pod-labels": ({"podLabels/app.kubernetes.io~component": "x"},
+                                  "podLabels.app.kubernetes.io/component: set by the chart"),
+    "bad-label-value": ({"podLabels/team": "ml team"}, "podLabels.team: 'ml team' is invalid: a label value"),
+    "bad-kueue-queue": ({"scheduling/kueueQueue": "my queue!"},
+                        "scheduling.kueueQueue: 'my queue!' is invalid: the Kueue LocalQueue (a label value)"),
+    "bad-service-account": ({"serviceAccountName": "Bad_SA"},
+                            "serviceAccountName: 'Bad_SA' is invalid: a ServiceAccount name"),
+    "bad-resource-name": ({"resources/requests/foo": "1"}, "resources.requests: 'foo' does not match"),
+    "mount-path-comment": ({"checkpoint/mountPath": "/ckpt #x"}, "checkpoint.mountPath: '/ckpt #x' is invalid"),
+    "bad-claim-name": ({"checkpoint/claimName": "a: b"}, "checkpoint.claimName: 'a: b' is invalid: a PersistentVol"),
     "mount-collision": ({"checkpoint/mountPath": "/tmp/ckpt"},
                         "checkpoint.mountPath: /tmp/ckpt collides with the pod's /tmp mount"),
     "mount-twice": ({"data/source": "download", "trainer/data/name": "cifar10", "data/mountPath": "/checkpoints"},
@@ -281,7 +299,7 @@ def test_missing_chart_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("DAT_CHART", str(tmp_path / "nochart"))
     code, out, err = render(capsys, str(ROOT / "manifests" / "specs" / "dat-smoke.yaml"))
     assert code == 2 and out == ""
-    assert err == (f"datctl: chart not found: {tmp_path / 'nochart' / 'values.schema.json'} does not exist "
+    assert err == (f"datctl: chart not found: {tmp_path / 'nochart' / 'values.yaml'} does not exist "
                    f"(DAT_CHART={tmp_path / 'nochart'}; set DAT_CHART to the dat-training chart folder)\n")
 
 
@@ -336,3 +354,38 @@ def test_the_checks_that_need_the_model_run_too(tmp_path: Path, capsys: pytest.C
     assert code == 2 and err.strip().splitlines() == [
         "datctl: trainer: jointspar.budget 40 exceeds the number of arms L = 16 (param grouping); "
         "use a budget <= 16"], err
+
+
+def test_unreadable_inputs_and_bad_flags_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00nodes: 1\n")
+    spec_file = write_spec(tmp_path)
+    for argv, line in (
+            (["render", str(tmp_path)], f"datctl: {tmp_path}: cannot read the job spec (Is a directory)"),
+            (["render", str(binary)], f"datctl: {binary}: not a text file"),
+            (["render", str(spec_file), "-o", str(spec_file)], f"datctl: -o {spec_file}: cannot write "),
+            (["render", str(spec_file), "-n", "Bad_NS"], "datctl: -n Bad_NS: not a namespace name"),
+            (["validate", str(binary)], f"datctl: {binary}: cannot read: not a text file")):
+        code = cli.main(argv)
+        errors = [e for e in capsys.readouterr().err.splitlines() if not e.startswith("datctl: warning: ")]
+        assert code == 2 and len(errors) == 1 and errors[0].startswith(line), (argv, errors)
+    job = tmp_path / "job-manifest.yaml"
+    job.write_text(yaml.safe_dump({"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": "j"},
+                                   "spec": {"elasticPolicy": {"maxReplicas": "x"}, "pytorchReplicaSpecs": {
+                                       "Worker": {"replicas": 1, "template": {"spec": {"containers": [
+                                           {"name": "pytorch", "image": "i"}]}}}}}}))
+    assert cli.main(["validate", str(job)]) == 2
+    assert "spec.elasticPolicy.maxReplicas: must be an integer, got 'x'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["watch", "j", "--interval", "-1"])
+    assert exit_info.value.code == 2 and "--interval: must be at least 0 seconds, got -1" in capsys.readouterr().err
+
+
+def test_trainjob_says_which_settings_it_does_not_apply(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_spec(tmp_path, {"api": "trainjob", "restartPolicy": "Never", "image/pullPolicy": "Never"})
+    code, _, err = render(capsys, str(path))
+    assert code == 0, err
+    assert "warning: restartPolicy: 'Never' is not applied with api trainjob" in err
+    assert "warning: image.pullPolicy: 'Never' is not applied with api trainjob" in err
+    assert "warning: runPolicy.backoffLimit: 2 is not applied" in err  # the smoke spec's 2, not the chart's 3
+    assert "ttlSecondsAfterFinished: 3600" in err and "cleanPodPolicy" not in err  # only what differs from the chart

@@ -199,11 +199,11 @@ Scratch directories live on the writable /tmp volume; the root filesystem is rea
       fieldPath: metadata.namespace
 {{- range $key, $value := .Values.nccl }}
 - name: {{ $key }}
-  value: {{ $value | toString | quote }}
+  value: {{ include "dat-training.envValue" $value }}
 {{- end }}
 {{- range $key, $value := .Values.env }}
 - name: {{ $key }}
-  value: {{ $value | toString | quote }}
+  value: {{ include "dat-training.envValue" $value }}
 {{- end }}
 {{- end }}
 
@@ -216,10 +216,10 @@ Scratch directories live on the writable /tmp volume; the root filesystem is rea
 - name: tmp
   mountPath: /tmp
 - name: checkpoints
-  mountPath: {{ .Values.checkpoint.mountPath }}
+  mountPath: {{ .Values.checkpoint.mountPath | quote }}
 {{- if ne .Values.data.source "none" }}
 - name: data
-  mountPath: {{ .Values.data.mountPath }}
+  mountPath: {{ .Values.data.mountPath | quote }}
   readOnly: true
 {{- end }}
 {{- end }}
@@ -277,7 +277,7 @@ data.source=download: fetch the CIFAR-10 archive (md5-checked) before torchrun s
     {{- include "dat-training.containerSecurityContext" . | nindent 4 }}
   volumeMounts:
     - name: data
-      mountPath: {{ .Values.data.mountPath }}
+      mountPath: {{ .Values.data.mountPath | quote }}
     - name: tmp
       mountPath: /tmp
 {{- end }}
@@ -387,4 +387,14 @@ monitoring.coreos.com/v1.
 {{- define "dat-training.exporterMonitorEnabled" -}}
 {{- $mode := toString .Values.metrics.podMonitor }}
 {{- if or (eq $mode "true") (and (eq $mode "auto") (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1")) }}true{{ end }}
+{{- end }}
+
+{{/* An env value as a quoted string. Helm reads YAML numbers as float64, which print as 4.194304e+06: whole
+numbers are printed as integers. */}}
+{{- define "dat-training.envValue" -}}
+{{- if and (kindIs "float64" .) (eq (floor .) .) -}}
+{{ int64 . | toString | quote }}
+{{- else -}}
+{{ toString . | quote }}
+{{- end -}}
 {{- end }}
