@@ -18,7 +18,7 @@ import jsonschema
 import yaml
 from kubernetes.utils import parse_quantity
 
-from controller import chart, webhook
+from controller import chart, schemas, webhook
 from trainer import config as trainer_config
 from trainer.yamlfile import describe_yaml_error, load_yaml
 
@@ -527,11 +527,29 @@ def render(job: JobSpec, namespace: str | None = None, api: str | None = None,
     config = yaml.safe_load(next(o for o in objects if o["kind"] == "ConfigMap")["data"]["config.yaml"])
     warnings = render_warnings(values, spec["trainer"], config, job.trainer_origin)
     result = Rendered(values=values, namespace=namespace, objects=objects, warnings=warnings)
+    result.warnings += _crd_problems(result.job, values)
     if result.job["kind"] == "PyTorchJob":
         broken = webhook.check_pytorchjob(result.job)
         if broken:  # the chart broke an operator rule: a bug in the chart, not a user mistake
             raise chart.ChartError(f"the chart rendered a PyTorchJob the operator would refuse: {'; '.join(broken)}")
     return result
+
+
+def _crd_problems(job: dict[str, Any], values: dict[str, Any]) -> list[str]:
+    """The job against its CRD's schema, where the schema is at hand (schemas.schema_dir()): catches what the
+    chart passes through unchecked, e.g. a typo inside nodePool.affinity. An error where it comes from the
+    spec's free-form sections, else a warning (the chart's own output: a chart bug or a newer CRD)."""
+    try:
+        found = schemas.crd_problems(job)
+    except schemas.SchemaMissing:
+        return []
+    if not found:
+        return []
+    if values["nodePool"].get("affinity") and any(".affinity" in line for line in found):
+        lines = [re.sub(r"pytorchReplicaSpecs\.\w+\.", "pytorchReplicaSpecs.*.", line) for line in found
+                 if ".affinity" in line]  # the same problem in the Master's and the Workers' pods: once
+        raise SpecError([f"nodePool.affinity: the {job['kind']} CRD refuses it: {line}" for line in dict.fromkeys(lines)])
+    return [f"the rendered {job['kind']} breaks its CRD schema: {line}" for line in found]
 
 
 MANAGED_BY = "app.kubernetes.io/managed-by"

@@ -90,6 +90,9 @@ MISTAKES = {
                               "trainer/data/batch_size": 12},
                              "scheduling.volcano.minAvailable: 3 exceeds the 2 pods the job creates"),
     "whole-float-nodes": ({"nodes": 3.0}, "nodes: expected integer, got 3.0"),
+    "affinity-typo": ({"nodePool/affinity": {"nodeAffinty": {}}},
+                      "nodePool.affinity: the PyTorchJob CRD refuses it: spec.pytorchReplicaSpecs.*.template.spec."
+                      "affinity: Additional properties are not allowed ('nodeAffinty' was unexpected)"),
     "accelerator-without-gpus": ({"nodePool/provider": "gke", "nodePool/accelerator": "nvidia-l4"},
                                  "nodePool.accelerator: 'nvidia-l4' with gpusPerNode 0 would place CPU-only pods"),
     "nccl-without-gpus": ({"trainer/dist/backend": "nccl"}, "trainer.dist.backend: nccl needs GPUs and gpusPerNode"),
