@@ -184,8 +184,8 @@ class Cluster:
                          kind.group, kind.version, self.namespace, kind.plural, name)
 
     def submit(self, objects: list[dict[str, Any]], kind: Kind, out: IO[str] | None = None) -> dict[str, Any]:
-        """Create the ConfigMap, the job and the PodMonitor (when given). A server-side dry run of the job first catches a
-        missing CRD, RBAC and the operator's webhook before anything is created; the ConfigMap and PodMonitor
+        """Create the ConfigMap, the job and the PodMonitor (when given). Server-side dry runs of the job and the
+        PodMonitor first catch a missing CRD, RBAC, the operator's webhook and admission before anything is created; the ConfigMap and PodMonitor
         get the job as owner, so deleting the job removes them."""
         out = out or sys.stdout
         job = next(o for o in objects if o["kind"] == kind.kind)
@@ -196,6 +196,9 @@ class Cluster:
                   dry_run="All")
         configmaps = [o for o in objects if o["kind"] == "ConfigMap"]
         monitors = [o for o in objects if o["kind"] == PODMONITOR.kind]
+        for monitor in monitors:  # a PodMonitor the cluster refuses must not leave a job running unwatched
+            self.call(PODMONITOR, f"PodMonitor {ns}/{name} (dry run)", self.custom.create_namespaced_custom_object,
+                      PODMONITOR.group, PODMONITOR.version, ns, PODMONITOR.plural, monitor, dry_run="All")
         for cm in configmaps:
             self.call(None, f"ConfigMap {ns}/{cm['metadata']['name']}", self.core.create_namespaced_config_map,
                       ns, cm)

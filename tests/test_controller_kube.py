@@ -46,9 +46,10 @@ def test_submit_creates_everything_owned_by_the_job(tmp_path: Path, capsys: pyte
     assert out.splitlines()[:3] == ["configmap/dat-smoke-config created", "pytorchjob/dat-smoke created",
                                     "podmonitor/dat-smoke created"]
     assert "datctl watch dat-smoke -n team-a" in out
-    dry_run, configmap, job, patch, monitor = server.requests[1:]
+    dry_run, monitor_dry_run, configmap, job, patch, monitor = server.requests[1:]
     objects = rendered()
     assert dry_run["query"] == {"dryRun": "All"} and dry_run["body"] == objects["PyTorchJob"]
+    assert monitor_dry_run["query"] == {"dryRun": "All"} and monitor_dry_run["body"] == objects["PodMonitor"]
     assert configmap["body"] == objects["ConfigMap"] and job["body"] == objects["PyTorchJob"]
     owner = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "name": "dat-smoke",
              "uid": "5b7f3c1e-2d4a-4f7e-9c61-0a8e1d2f3b44", "controller": True, "blockOwnerDeletion": False}
@@ -57,6 +58,13 @@ def test_submit_creates_everything_owned_by_the_job(tmp_path: Path, capsys: pyte
     assert monitor["body"]["metadata"]["ownerReferences"] == [owner]
     assert monitor["body"]["spec"] == objects["PodMonitor"]["spec"]
     assert all(r["headers"].get("authorization") == "Bearer recorded-token" for r in server.requests)
+
+
+def test_a_refused_podmonitor_creates_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err, server = datctl(capsys, "submit-podmonitor-refused", tmp_path, "submit", SMOKE)
+    assert code == 1 and out == ""
+    assert without_warnings(err).startswith("datctl: PodMonitor team-a/dat-smoke (dry run): ")
+    assert [r["method"] for r in server.requests] == ["GET", "POST", "POST"]  # two dry runs, nothing created
 
 
 def test_submit_without_the_podmonitor_crd(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
