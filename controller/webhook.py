@@ -54,6 +54,11 @@ def _one_line(exc: ValueError) -> str:
 
 
 def _pod_problems(where: str, template: dict[str, Any] | None, nproc: str | None) -> list[str]:
+    pod_spec = (template or {}).get("spec") if isinstance(template, dict) else None
+    for key in ("containers", "initContainers", "volumes"):  # the model's own message for these is obscure
+        value = pod_spec.get(key) if isinstance(pod_spec, dict) else None
+        if value is not None and not isinstance(value, list):
+            return [f"{where}.template.spec.{key}: must be a list, got {type(value).__name__}"]
     try:
         tmpl = pod_template(template or {})
     except (ValueError, TypeError, AttributeError) as exc:  # the model refuses the structure
@@ -115,8 +120,6 @@ def check_pytorchjob(job: dict[str, Any]) -> list[str]:
     if not replicas:
         return problems + ["spec.pytorchReplicaSpecs: must be specified"]
     elastic = spec.get("elasticPolicy")
-    if elastic is not None and not isinstance(elastic, dict):
-        return problems + [f"spec.elasticPolicy: must be a mapping, got {type(elastic).__name__}"]
     if elastic is not None and elastic.get("nProcPerNode") is not None and spec.get("nprocPerNode") is not None:
         problems.append("spec.elasticPolicy.nProcPerNode: must not be used with spec.nprocPerNode")
     if elastic is not None and "Worker" not in replicas:
@@ -141,7 +144,7 @@ def check_pytorchjob(job: dict[str, Any]) -> list[str]:
         if rtype == "Worker" and count < 1:
             problems.append(f"{where}.replicas: must be at least 1, got {count}")
         if rtype == "Worker" and elastic is not None:
-            most = elastic.get("maxReplicas") if isinstance(elastic, dict) else None
+            most = elastic.get("maxReplicas")
             if most is not None and (not isinstance(most, int) or isinstance(most, bool)):
                 problems.append(f"spec.elasticPolicy.maxReplicas: must be an integer, got {most!r}")
                 most = None
