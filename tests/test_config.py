@@ -2,6 +2,7 @@ import re
 import subprocess
 
 import pytest
+import yaml
 
 from conftest import PYTHON, ROOT, torch_env, train_cli
 from trainer.config import ConfigError, config_from_dict, load_config, validate
@@ -39,10 +40,11 @@ def test_yaml_and_overrides(tmp_path):
     ({"data": {"name": "cifar10", "root": "/nonexistent"}}, "no CIFAR-10 in '/nonexistent'"),
     ({"data": {"name": "cifar10-ext", "download": True}}, "data.ti500k_path"),
     ({"run": {"resume": "/nonexistent.pt"}}, "checkpoint not found"),
-    ({"optim": {"lr": float("inf")}}, "optim.lr: must be a finite number, got inf"),
-    ({"optim": {"warmup_epochs": "inf"}}, "optim.warmup_epochs: must be a finite number, got 'inf'"),
+    ({"optim": {"lr": float("inf")}}, "optim.lr: must be a finite number (at most 3.4e+38 in size), got inf"),
+    ({"optim": {"warmup_epochs": "inf"}}, "optim.warmup_epochs: must be a finite number (at most 3.4e+38 in size), got 'inf'"),
     ({"metrics": {"grace_seconds": "-inf"}}, "metrics.grace_seconds: must be a finite number"),
-    ({"optim": {"betas": [0.9, float("inf")]}}, "optim.betas: must be a finite number, got inf"),
+    ({"optim": {"lr": 1e39}}, "optim.lr: must be a finite number (at most 3.4e+38 in size), got 1e+39"),
+    ({"optim": {"betas": [0.9, float("inf")]}}, "optim.betas: must be a finite number (at most 3.4e+38 in size), got inf"),
     ({"optim": {"betas": {0.9: 1, 0.99: 2}}}, "optim.betas: expected tuple[float, float], got {0.9: 1, 0.99: 2}"),
     ({"train": {"micro_batches": float("inf")}}, "train.micro_batches: expected int, got inf"),
     ({"run": {"output_dir": None}}, "run.output_dir: expected str, got None"),  # `output_dir:` left empty
@@ -123,6 +125,10 @@ def test_invalid_yaml_file(tmp_path):
 
 
 def test_a_key_given_twice_is_an_error_not_last_wins(tmp_path):
+    merged = tmp_path / "merged.yaml"  # YAML merge keys still work: a key may override a merged one
+    merged.write_text("attack: &threat {eps: 0.1, steps: 3}\neval:\n  <<: *threat\n  steps: 5\n  every: 1\n")
+    proc = train_cli(["--config", str(merged), "--print-config"])
+    assert proc.returncode == 0 and yaml.safe_load(proc.stdout)["eval"]["steps"] == 5, proc.stderr
     twice = tmp_path / "twice.yaml"
     twice.write_text("run:\n  epochs: 1\n  epochs: 2\n")
     proc = train_cli(["--config", str(twice), "--check"])

@@ -1,13 +1,15 @@
 import io
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import train_cli
+from conftest import ROOT, train_cli
 from trainer.config import DataConfig
 from trainer.data import DataError, TrainBatches, augment_crop_flip, convert_ti500k, load_dataset, load_ti500k
 
@@ -73,6 +75,19 @@ def test_ti500k_npz_conversion_round_trip(tmp_path):
     convert_ti500k(str(tmp_path / "ti.pickle"), str(tmp_path / "ti.npz"))
     s = load_ti500k(str(tmp_path / "ti.npz"), limit=5)
     assert len(s) == 5 and np.array_equal(s.images[0].permute(1, 2, 0).numpy(), obj["data"][0])
+
+
+def test_ti500k_conversion_command_says_what_is_wrong(tmp_path):
+    _write_ti500k(tmp_path / "ti.pickle")
+    for src, dst, line in (("missing.pickle", "ti.npz", "missing.pickle: TI-500K file not found"),
+                           ("ti.pickle", "ti_out", "ti_out: the destination must be a .npz file name"),
+                           ("ti.pickle", ".", ".: the destination must be a .npz file name")):
+        proc = subprocess.run([sys.executable, "-m", "trainer.data", src, dst], cwd=tmp_path, capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 2 and proc.stderr == f"trainer.data: {line}\n", proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "trainer.data", "ti.pickle", "ti.npz"], cwd=tmp_path,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0 and proc.stdout == "wrote ti.npz\n" and len(load_ti500k(str(tmp_path / "ti.npz"))) > 0
 
 
 def test_ti500k_refuses_a_pickle_that_would_execute_code(tmp_path):

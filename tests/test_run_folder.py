@@ -28,6 +28,34 @@ def test_a_fresh_start_sets_the_earlier_run_aside(tmp_path, synthetic_args):
     assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
 
 
+def test_resuming_the_earlier_run_sets_the_current_one_aside(tmp_path, synthetic_args):
+    """The way back from an accidental fresh start: --resume previous-*/ moves the current run aside too."""
+    out = tmp_path / "run"
+    common = [*synthetic_args, "--set", f"run.output_dir={out}", "--set", "run.epochs=1"]
+    assert train_cli([*common, "--set", "run.seed=1"]).returncode == 0
+    assert train_cli([*common, "--set", "run.seed=2", "--no-resume"]).returncode == 0
+    (first,) = out.glob("previous-*")
+    second = (out / "checkpoint-latest.pt").read_bytes()
+    proc = train_cli([*common, "--set", "run.seed=1", "--resume", str(first), "--set", "run.epochs=2"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    aside = [p for p in out.glob("previous-*") if p != first]
+    assert len(aside) == 1 and (aside[0] / "checkpoint-latest.pt").read_bytes() == second
+    assert checkpoint.load(str(out / "checkpoint-latest.pt"))["epoch"] == 2
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    assert read_jsonl(out / "metrics.jsonl")[0] == read_jsonl(first / "metrics.jsonl")[0]  # run 1's epoch 1
+
+
+def test_fresh_starts_in_the_same_second_get_folders_of_their_own(tmp_path):
+    from trainer.train import set_aside_earlier_run
+
+    folders = []
+    for run in ("run1", "run2", "run3"):
+        (tmp_path / "metrics.jsonl").write_text(run)
+        folders.append(set_aside_earlier_run(str(tmp_path)))
+    assert len(set(folders)) == 3
+    assert [open(f"{folder}/metrics.jsonl").read() for folder in folders] == ["run1", "run2", "run3"]
+
+
 def test_a_diverged_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_args):
     out = tmp_path / "run"
     common = [*synthetic_args, "--set", f"run.output_dir={out}", "--set", "optim.name=sgd",
@@ -36,7 +64,8 @@ def test_a_diverged_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     good = (out / "checkpoint-latest.pt").read_bytes()
     proc = train_cli([*common, "--set", "run.epochs=2", "--set", "optim.lr=1e30"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "epoch 2: the training loss is " in proc.stderr and "(diverged)" in proc.stderr
+    assert "epoch 2: the " in proc.stderr and "(diverged)" in proc.stderr
+    assert "add --no-resume if that checkpoint is already broken" in proc.stderr
     assert (out / "checkpoint-latest.pt").read_bytes() == good
     assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
 

@@ -193,6 +193,9 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _finite(key: str, value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError
@@ -201,8 +204,8 @@ def _finite(key: str, value: Any) -> float:
         number = float(numerator) / float(denominator)
     else:
         number = float(value)
-    if not math.isfinite(number):
-        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    if not math.isfinite(number) or abs(number) > FLOAT32_MAX:  # tensors hold these as float32
+        raise ConfigError(f"{key}: must be a finite number (at most {FLOAT32_MAX:.3g} in size), got {value!r}")
     return number
 
 

@@ -189,6 +189,8 @@ def load_ti500k(path: str, limit: int = 0) -> ImageSet:
 def convert_ti500k(src: str, dst: str) -> None:
     """One-time conversion of the TI-500K pickle to .npz (loads without any unpickling afterwards).
     Also a command: python -m trainer.data SRC DST."""
+    if not dst.endswith(".npz") or os.path.isdir(dst):
+        raise DataError(f"{dst}: the destination must be a .npz file name")
     s = load_ti500k(src)
     try:
         np.savez(dst, data=s.images.permute(0, 2, 3, 1).numpy(), extrapolated_targets=s.labels.numpy())

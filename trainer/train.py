@@ -373,14 +373,17 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, cfg.run.epochs + 1):
                 record = self.train_epoch(epoch)
-                if not math.isfinite(record["train_loss"]):
-                    kept = checkpoint.find_resume(cfg.run.output_dir, "auto") or "none yet"
+                finite_weights = bool(torch.stack([p.detach().isfinite().all() for p in self.params]).all())
+                if not (math.isfinite(record["train_loss"]) and finite_weights):
+                    what = (f"the training loss is {record['train_loss']}" if finite_weights else
+                            "the weights hold inf or NaN")
+                    kept = checkpoint.find_resume(cfg.run.output_dir, "auto")
                     raise TrainingDiverged(
-                        f"epoch {epoch}: the training loss is {record['train_loss']} (diverged), so no checkpoint "
-                        f"of it is written (last good checkpoint: {kept}); lower optim.lr or lengthen "
-                        "optim.warmup_epochs")
+                        f"epoch {epoch}: {what} (diverged), so no checkpoint of it is written (latest checkpoint: "
+                        f"{kept or 'none yet'}); lower optim.lr or lengthen optim.warmup_epochs"
+                        + (", and add --no-resume if that checkpoint is already broken" if kept else ""))
+                self.log.append(record)  # before the checkpoints: a resume drops what they do not cover
                 self.save(epoch, record["test_robust_acc"])
-                self.log.append(record)
                 exporter.observe_epoch(record)
                 if self.dist.is_main:
                     print(table_row(record), flush=True)
@@ -408,14 +411,22 @@ def model_problems(cfg: Config) -> list[str]:
 
 
 def set_aside_earlier_run(output_dir: str) -> str | None:
-    """A fresh start in a folder that holds an earlier run moves that run's checkpoints and logs into
-    OUTPUT_DIR/previous-<UTC time>/ (nothing is deleted), so that a restart cannot resume the earlier run."""
+    """A fresh start (or a resume from another folder's checkpoint) in a folder that holds an earlier run moves
+    that run's checkpoints and logs into OUTPUT_DIR/previous-<UTC time>/ (nothing is deleted), so that a
+    restart cannot resume the earlier run and its files are not overwritten."""
     names = [n for n in (checkpoint.LATEST, checkpoint.BEST, "metrics.jsonl", "config.yaml")
              if os.path.isfile(os.path.join(output_dir, n)) and os.path.getsize(os.path.join(output_dir, n))]
     if not any(n != "config.yaml" for n in names):
         return None
-    folder = os.path.join(output_dir, time.strftime("previous-%Y%m%d-%H%M%S", time.gmtime()))
-    os.makedirs(folder, exist_ok=True)
+    stem = os.path.join(output_dir, time.strftime("previous-%Y%m%d-%H%M%S", time.gmtime()))
+    folder, n = stem, 1
+    while True:  # a new folder each time: two fresh starts in one second must not mix or overwrite
+        try:
+            os.makedirs(folder)
+            break
+        except FileExistsError:
+            n += 1
+            folder = f"{stem}-{n}"
     for name in names:
         os.replace(os.path.join(output_dir, name), os.path.join(folder, name))
     log.warning("starting fresh: moved the earlier run's %s to %s", ", ".join(names), folder)
@@ -436,14 +447,18 @@ def run(cfg: Config, dist_info: DistInfo) -> dict | None:
     trainer = Trainer(cfg, dist_info)
     resume_from = checkpoint.find_resume(out, cfg.run.resume)
     if dist_info.is_main:
-        for stale in glob.glob(os.path.join(out, "*.tmp-*")):  # left by a run killed while saving
+        for stale in glob.glob(os.path.join(out, "checkpoint-*.pt.tmp-[0-9]*")):  # a run killed while saving
             os.remove(stale)
+        elsewhere = resume_from and os.path.realpath(os.path.dirname(resume_from)) != os.path.realpath(out)
+        if not resume_from or elsewhere:  # before anything is written: this folder's run is not the one resumed
+            set_aside_earlier_run(out)
+        earlier_log = os.path.join(os.path.dirname(resume_from or ""), "metrics.jsonl")
+        if elsewhere and os.path.isfile(earlier_log):  # the resumed run's epochs so far, to continue its log
+            shutil.copyfile(earlier_log, os.path.join(out, "metrics.jsonl"))
     if resume_from:
         trainer.resume(resume_from)
         if dist_info.is_main:
             print(f"resumed from {resume_from} (saved after epoch {trainer.start_epoch - 1})", flush=True)
-    elif dist_info.is_main:
-        set_aside_earlier_run(out)  # before anything is written: a restart must not resume the earlier run
     if trainer.start_epoch > cfg.run.epochs:  # config.yaml keeps describing the checkpoint's run
         if dist_info.is_main:
             print(f"nothing to do: the checkpoint is from epoch {trainer.start_epoch - 1} and run.epochs is "
