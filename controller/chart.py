@@ -71,8 +71,10 @@ def values_schema() -> dict[str, Any]:
 def helm_template(values: dict[str, Any], release: str, namespace: str,
                   api_versions: tuple[str, ...] = (MONITORING_API,)) -> list[tuple[str, dict]]:
     """`helm template` with these values: (template file name, object) for each rendered object."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="datctl-values-") as fh:
-        yaml.safe_dump(values, fh, sort_keys=False)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="datctl-values-") as fh:
+        # JSON (which helm reads as YAML): every string stays a string; YAML 1.1 output would leave e.g. 1e3 or
+        # 0x10 unquoted, which helm's YAML reads as numbers
+        json.dump(values, fh, default=str)
         fh.flush()
         cmd = [helm_binary(), "template", release, str(chart_dir()), "--namespace", namespace, "-f", fh.name]
         for api in api_versions:

@@ -40,65 +40,105 @@ class SpecError(Exception):
 
 
 def _merge(base: Any, override: Any) -> Any:
-    """Helm's values merge: maps merge key by key, everything else is replaced."""
+    """Helm's values merge: maps merge key by key, everything else is replaced, and null removes a key."""
     if isinstance(base, dict) and isinstance(override, dict):
         out = dict(base)
         for key, value in override.items():
-            out[key] = _merge(base.get(key), value) if key in base else value
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = _merge(base.get(key), value) if key in base else copy.deepcopy(value)
         return out
     return copy.deepcopy(override)
 
 
 def _helm_scalar(text: str) -> Any:
-    """A --set value typed as helm types it: true/false/null, base-10 integers without a leading zero, else the
-    string itself (so image.tag=1.10 stays "1.10" and env.MODE=0755 stays "0755")."""
+    """A --set value typed as helm types it: true/false/null, base-10 integers that do not start with 0, else
+    the string itself (so image.tag=1.10 stays "1.10" and env.MODE=0755 stays "0755")."""
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
     if lowered == "null":
         return None
-    if re.fullmatch(r"-?(0|[1-9][0-9]*)", text):
+    if text == "0" or (text[:1] != "0" and re.fullmatch(r"[+-]?[0-9]+", text) and -2**63 <= int(text) < 2**63):
         return int(text)
     return text
 
 
-def _split_unescaped(text: str, sep: str) -> list[str]:
-    """Split at `sep` outside {...} lists, where not escaped as '\\' + sep (helm's --set syntax)."""
-    parts, current, depth, i = [], "", 0, 0
-    while i < len(text):
-        char = text[i]
-        if char == "\\" and i + 1 < len(text) and text[i + 1] == sep:
-            current += sep
-            i += 2
-            continue
-        depth += (char == "{") - (char == "}")
-        if char == sep and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
+def _parse_set(item: str) -> list[tuple[list[str | int], Any]]:
+    """helm's --set syntax: a.b=v[,c=v...]; '\\' escapes the next character ('\\.' a dot in a key, '\\,' a comma in
+    a value); {x,y} a list; name[i] a list index. Hand-written because helm's parser (Go) is not a library here."""
+    out, i = [], 0
+    while i < len(item):
+        path: list[str | int] = []
+        key = ""
+        while i < len(item) and item[i] not in "=,":
+            char = item[i]
+            if char == "\\" and i + 1 < len(item):
+                key += item[i + 1]
+                i += 2
+                continue
+            if char == ".":
+                path.append(key)
+                key = ""
+            elif char == "[" and "]" in item[i:]:
+                close = item.index("]", i)
+                if not item[i + 1:close].isdigit():
+                    raise SpecError([f"--set {item}: list index {item[i + 1:close]!r} is not a number"])
+                path += [key, int(item[i + 1:close])]
+                key = ""
+                i = close + 1
+                if i < len(item) and item[i] == ".":
+                    i += 1
+                continue
+            else:
+                key += char
+            i += 1
+        if key:
+            path.append(key)
+        if i >= len(item) or item[i] != "=" or not path:
+            raise SpecError([f"--set {item}: expected key.path=value"])
         i += 1
-    return parts + [current]
+        if item[i:i + 1] == "{":  # a list, up to the first }
+            close = item.find("}", i)
+            if close < 0:
+                raise SpecError([f"--set {item}: a list {{...}} is not closed"])
+            inner = item[i + 1:close]
+            value: Any = [_helm_scalar(v) for v in inner.split(",")] if inner else []
+            i = close + 1
+        else:
+            raw = ""
+            while i < len(item) and item[i] != ",":
+                if item[i] == "\\" and i + 1 < len(item):
+                    i += 1
+                raw += item[i]
+                i += 1
+            value = _helm_scalar(raw)
+        out.append((path, value))
+        if i < len(item) and item[i] == ",":
+            i += 1
+        elif i < len(item):
+            raise SpecError([f"--set {item}: expected ',' after a list"])
+    return out
 
 
 def _set_path(spec: dict, item: str) -> None:
-    """--set a.b.c=value[,x.y=value...] as helm reads it: '\\.' for a dot inside a key, '\\,' for a comma in a
-    value, {a,b} for a list; values typed by _helm_scalar."""
-    for assignment in _split_unescaped(item, ","):
-        if "=" not in assignment:
-            raise SpecError([f"--set {item}: expected key.path=value"])
-        path, raw = assignment.split("=", 1)
-        keys = [k.replace("\0", ".") for k in path.replace("\\.", "\0").split(".")]
-        if raw.startswith("{") and raw.endswith("}"):
-            value: Any = [_helm_scalar(v) for v in _split_unescaped(raw[1:-1], ",")] if raw[1:-1] else []
-        else:
-            value = _helm_scalar(raw)
-        node = spec
-        for key in keys[:-1]:
-            if not isinstance(node.get(key), dict):
-                node[key] = {}
+    """Apply one --set argument, as helm does."""
+    for path, value in _parse_set(item):
+        node: Any = spec
+        for key, nxt in zip(path, path[1:]):
+            empty: Any = [] if isinstance(nxt, int) else {}
+            if isinstance(key, int):
+                node.extend([None] * (key + 1 - len(node)))
+                if not isinstance(node[key], type(empty)):
+                    node[key] = empty
+            elif not isinstance(node.get(key), type(empty)):
+                node[key] = empty
             node = node[key]
-        node[keys[-1]] = value
+        last = path[-1]
+        if isinstance(last, int):
+            node.extend([None] * (last + 1 - len(node)))
+        node[last] = value
 
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
@@ -206,6 +246,20 @@ def schema_problems(spec: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _emptied_keys(defaults: dict[str, Any], values: dict[str, Any]) -> set[str]:
+    """The top-level keys under which a null removed one of the chart's defaults: the rules that read them
+    do not run (helm renders such a spec as it is)."""
+    def missing(base: Any, merged: Any) -> bool:
+        if not isinstance(base, dict):
+            return False
+        if not isinstance(merged, dict):
+            return True
+        return any(key not in merged or missing(value, merged[key]) for key, value in base.items())
+
+    return {key for key, value in defaults.items() if key != "trainer" and
+            (key not in values or missing(value, values[key]))}
+
+
 def _broken_keys(spec: dict[str, Any]) -> set[str]:
     """The top-level keys whose values break the schema ("" when the spec as a whole does, e.g. not a map).
     An unknown top-level key breaks nothing the rules read."""
@@ -241,7 +295,24 @@ def _quantity(value: Any) -> Any:
     return parse_quantity(value) if value is not None else None
 
 
+def _bad_quantities(v: dict[str, Any]) -> list[str]:
+    """The quantities the schema's pattern lets through but Kubernetes cannot parse (e.g. 1e1.5)."""
+    found = {f"resources.{section}.{key}": value
+             for section in ("requests", "limits") for key, value in (v["resources"].get(section) or {}).items()}
+    found["shm.sizeLimit"] = v["shm"].get("sizeLimit")
+    bad = []
+    for where, value in found.items():
+        try:
+            _quantity(value)
+        except ValueError:
+            bad.append(f"{where}: {value!r} is not a valid quantity (e.g. 500m, 2, 16Gi)")
+    return bad
+
+
 def _resource_problems(v: dict[str, Any]) -> list[str]:
+    bad = _bad_quantities(v)
+    if bad:
+        return bad
     problems = []
     requests = v["resources"].get("requests") or {}
     limits = v["resources"].get("limits") or {}
@@ -398,9 +469,12 @@ def _gpu_problems(v: dict[str, Any]) -> list[str]:
     return problems
 
 
+CHART_POD_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component")
+
+
 def _label_problems(v: dict[str, Any]) -> list[str]:
-    owned = [k for k in v["podLabels"] if k.startswith("app.kubernetes.io/") or k == "training.kubeflow.org/job-name"]
-    return [f"podLabels.{key}: set by the chart (its selectors and the PodMonitor use it)" for key in owned]
+    return [f"podLabels.{key}: set by the chart (its selectors and the PodMonitor use it)"
+            for key in map(str, v["podLabels"]) if key in CHART_POD_LABELS]
 
 
 def _port_problems(v: dict[str, Any]) -> list[str]:
@@ -426,9 +500,10 @@ CROSS_FIELD_RULES = (
 
 def check(spec: dict[str, Any], origin: str = "trainer") -> dict[str, Any]:
     """The spec merged with the chart defaults; raises SpecError listing every problem found."""
-    v = _merge(chart.chart_values(), spec)  # checked as helm checks it: merged with the chart's defaults
+    defaults = chart.chart_values()
+    v = _merge(defaults, spec)  # checked as helm checks it: merged with the chart's defaults
     problems = schema_problems(v)
-    broken = _broken_keys(v) if problems else set()
+    broken = (_broken_keys(v) if problems else set()) | _emptied_keys(defaults, v)
     if "" not in broken:
         for rule, reads in CROSS_FIELD_RULES:
             if not broken.intersection(reads):
@@ -486,7 +561,7 @@ def render_warnings(v: dict[str, Any], given: dict[str, Any], rendered: dict[str
             mine, default = v, defaults
             for key in path.split("."):
                 mine, default = (mine or {}).get(key), (default or {}).get(key)
-            if mine != default:
+            if mine is not None and mine != default:
                 out.append(f"{path}: {mine!r} is not applied with api trainjob (its TrainingRuntime decides it)")
     if not v["checkpoint"]["claimName"]:
         out.append("checkpoint.claimName is empty: checkpoints go to an emptyDir and are lost with the pod "
@@ -506,6 +581,16 @@ class Rendered:
         return next(o for o in self.objects if o["kind"] in ("PyTorchJob", "TrainJob"))
 
 
+def _env_text(value: Any) -> Any:
+    """An env value as helm's chart prints it (dat-training.envValue): bools as true/false, whole numbers as
+    integers."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return str(int(value))
+    return str(value) if isinstance(value, (int, float)) else value
+
+
 def render(job: JobSpec, namespace: str | None = None, api: str | None = None,
            monitoring_api: bool = True) -> Rendered:
     """Check a loaded spec and render it with the chart (as `helm template` would for the same values)."""
@@ -514,6 +599,9 @@ def render(job: JobSpec, namespace: str | None = None, api: str | None = None,
         spec["api"] = api
     values = check(spec, job.trainer_origin)
     spec["trainer"] = normalized_trainer(values["trainer"])
+    for section in ("env", "nccl"):  # as strings: helm reads numbers as float64 (12345678901234567 would change)
+        if isinstance(spec.get(section), dict):
+            spec[section] = {key: _env_text(value) for key, value in spec[section].items()}
     namespace = values["namespace"] or namespace or "default"
     if len(namespace) > 63 or not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", namespace):
         raise SpecError([f"-n {namespace}: not a namespace name (lower-case letters, digits and '-', at most 63)"])

@@ -272,7 +272,8 @@ def test_set_reads_values_as_helm_does(capsys: pytest.CaptureFixture) -> None:
     """datctl render --set and helm template --set give the same pod env, image and trainer config: versions
     and octal-looking strings stay strings, big integers stay integers, a trainer float may be --set."""
     sets = ["image.tag=1.10", "env.MODE=0755", "nccl.NCCL_BUFFSIZE=4194304,nccl.NCCL_DEBUG=INFO",
-            "trainer.optim.lr=0.001", "trainer.optim.betas={0.8,0.99}"]
+            "trainer.optim.lr=0.001", "trainer.optim.betas={0.8,0.99}", "env.ID=12345678901234567,env.R=1e3",
+            "env.A=x}y,imagePullSecrets[0].name=regcred", "resources.limits.memory=null", "env.WIN=C:\\temp"]
     flags = [arg for item in sets for arg in ("--set", item)]
     assert cli.main(["render", str(SMOKE), *flags]) == 0
     ours = {doc["kind"]: doc for doc in yaml.safe_load_all(capsys.readouterr().out)}
@@ -285,6 +286,10 @@ def test_set_reads_values_as_helm_does(capsys: pytest.CaptureFixture) -> None:
     for objects in (ours, theirs):
         env = {e["name"]: e.get("value") for e in container(objects)["env"]}
         assert env["MODE"] == "0755" and env["NCCL_BUFFSIZE"] == "4194304" and env["NCCL_DEBUG"] == "INFO"
+        assert env["ID"] == "12345678901234567" and env["R"] == "1e3" and env["A"] == "x}y" and env["WIN"] == "C:temp"
+        pod = objects["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+        assert "memory" not in container(objects)["resources"].get("limits", {})  # null removes the default
         assert container(objects)["image"].endswith(":1.10")
         optim = yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])["optim"]
         assert float(optim["lr"]) == 0.001 and [float(b) for b in optim["betas"]] == [0.8, 0.99]

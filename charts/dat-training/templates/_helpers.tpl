@@ -390,9 +390,9 @@ monitoring.coreos.com/v1.
 {{- end }}
 
 {{/* An env value as a quoted string. Helm reads YAML numbers as float64, which print as 4.194304e+06: whole
-numbers are printed as integers. */}}
+numbers that fit in an int64 are printed as integers. */}}
 {{- define "dat-training.envValue" -}}
-{{- if and (kindIs "float64" .) (eq (floor .) .) -}}
+{{- if and (kindIs "float64" .) (eq (floor .) .) (lt . 9.0e18) (gt . -9.0e18) -}}
 {{ int64 . | toString | quote }}
 {{- else -}}
 {{ toString . | quote }}
