@@ -106,7 +106,7 @@ MISTAKES = {
     "bad-service-account": ({"serviceAccountName": "Bad_SA"},
                             "serviceAccountName: 'Bad_SA' is invalid: a ServiceAccount name"),
     "bad-resource-name": ({"resources/requests/foo": "1"}, "resources.requests: 'foo' does not match"),
-    "mount-path-comment": ({"checkpoint/mountPath": "/ckpt #x"}, "checkpoint.mountPath: '/ckpt #x' is invalid"),
+    "mount-path-quote": ({"checkpoint/mountPath": '/ckpt"x'}, "checkpoint.mountPath: '/ckpt\"x' is invalid"),
     "bad-claim-name": ({"checkpoint/claimName": "a: b"}, "checkpoint.claimName: 'a: b' is invalid: a PersistentVol"),
     "mount-collision": ({"checkpoint/mountPath": "/tmp/ckpt"},
                         "checkpoint.mountPath: /tmp/ckpt collides with the pod's /tmp mount"),
