@@ -36,6 +36,9 @@ def test_resuming_the_earlier_run_sets_the_current_one_aside(tmp_path, synthetic
     assert train_cli([*common, "--set", "run.seed=2", "--no-resume"]).returncode == 0
     (first,) = out.glob("previous-*")
     second = (out / "checkpoint-latest.pt").read_bytes()
+    refused = train_cli([*common, "--resume", str(first), "--set", "model.width=16", "--set", "run.epochs=2"])
+    assert refused.returncode == 2 and "the model differs from the checkpoint's" in refused.stderr
+    assert list(out.glob("previous-*")) == [first] and (out / "checkpoint-latest.pt").read_bytes() == second
     proc = train_cli([*common, "--set", "run.seed=1", "--resume", str(first), "--set", "run.epochs=2"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     aside = [p for p in out.glob("previous-*") if p != first]

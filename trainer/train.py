@@ -216,7 +216,6 @@ class Trainer:
             log.info("resumed with this config's settings, which differ from the checkpoint's: %s "
                      "(the LR schedule continues from epoch %d)", ", ".join(changed), int(state["epoch"]))
         self.start_epoch, self.best_ra = int(state["epoch"]) + 1, float(state["best_ra"])
-        self.log.truncate_after(int(state["epoch"]))
 
     def save(self, epoch: int, robust_acc: float | None) -> None:
         if not self.dist.is_main:
@@ -446,17 +445,8 @@ def run(cfg: Config, dist_info: DistInfo) -> dict | None:
         raise ConfigError(f"run.output_dir: cannot write to {out} ({exc.strerror or exc})") from None
     trainer = Trainer(cfg, dist_info)
     resume_from = checkpoint.find_resume(out, cfg.run.resume)
-    if dist_info.is_main:
-        for stale in glob.glob(os.path.join(out, "checkpoint-*.pt.tmp-[0-9]*")):  # a run killed while saving
-            os.remove(stale)
-        elsewhere = resume_from and os.path.realpath(os.path.dirname(resume_from)) != os.path.realpath(out)
-        if not resume_from or elsewhere:  # before anything is written: this folder's run is not the one resumed
-            set_aside_earlier_run(out)
-        earlier_log = os.path.join(os.path.dirname(resume_from or ""), "metrics.jsonl")
-        if elsewhere and os.path.isfile(earlier_log):  # the resumed run's epochs so far, to continue its log
-            shutil.copyfile(earlier_log, os.path.join(out, "metrics.jsonl"))
     if resume_from:
-        trainer.resume(resume_from)
+        trainer.resume(resume_from)  # checks and loads; writes nothing, so a refused checkpoint changes nothing
         if dist_info.is_main:
             print(f"resumed from {resume_from} (saved after epoch {trainer.start_epoch - 1})", flush=True)
     if trainer.start_epoch > cfg.run.epochs:  # config.yaml keeps describing the checkpoint's run
@@ -464,6 +454,16 @@ def run(cfg: Config, dist_info: DistInfo) -> dict | None:
             print(f"nothing to do: the checkpoint is from epoch {trainer.start_epoch - 1} and run.epochs is "
                   f"{cfg.run.epochs} (raise run.epochs to train on)")
         return None
+    if dist_info.is_main:
+        for stale in glob.glob(os.path.join(out, "checkpoint-*.pt.tmp-[0-9]*")):  # a run killed while saving
+            os.remove(stale)
+        elsewhere = resume_from and os.path.realpath(os.path.dirname(resume_from)) != os.path.realpath(out)
+        if not resume_from or elsewhere:  # this folder's run is not the one trained on: keep it, aside
+            set_aside_earlier_run(out)
+        earlier_log = os.path.join(os.path.dirname(resume_from or ""), "metrics.jsonl")
+        if elsewhere and os.path.isfile(earlier_log):  # the resumed run's epochs so far, to continue its log
+            shutil.copyfile(earlier_log, os.path.join(out, "metrics.jsonl"))
+    trainer.log.truncate_after(trainer.start_epoch - 1)  # epochs after the checkpoint are trained again
     if dist_info.is_main:
         save_resolved(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
     return trainer.fit()
