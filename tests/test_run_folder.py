@@ -46,6 +46,25 @@ def test_resuming_the_earlier_run_sets_the_current_one_aside(tmp_path, synthetic
     assert checkpoint.load(str(out / "checkpoint-latest.pt"))["epoch"] == 2
     assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
     assert read_jsonl(out / "metrics.jsonl")[0] == read_jsonl(first / "metrics.jsonl")[0]  # run 1's epoch 1
+    assert f"resuming {first}/checkpoint-latest.pt: moved the earlier run's" in proc.stderr
+    assert (out / "checkpoint-best.pt").read_bytes() == (first / "checkpoint-best.pt").read_bytes()
+
+
+def test_resuming_an_older_checkpoint_of_this_folder_keeps_the_later_epochs(tmp_path, synthetic_args):
+    out = tmp_path / "run"
+    common = [*synthetic_args, "--set", f"run.output_dir={out}", "--set", "eval.every=1"]
+    assert train_cli([*common, "--set", "run.epochs=2", "--set", "eval.steps=1"]).returncode == 0
+    later = (out / "checkpoint-latest.pt").read_bytes()
+    older = out / "checkpoint-older.pt"
+    state = checkpoint.load(str(out / "checkpoint-latest.pt"))
+    state["epoch"] = 1
+    checkpoint.save_atomic(state, str(older))
+    proc = train_cli([*common, "--set", "run.epochs=3", "--resume", str(older)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (aside,) = out.glob("previous-*")
+    assert (aside / "checkpoint-latest.pt").read_bytes() == later
+    assert [r["epoch"] for r in read_jsonl(aside / "metrics.jsonl")] == [1, 2]
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
 
 
 def test_fresh_starts_in_the_same_second_get_folders_of_their_own(tmp_path):

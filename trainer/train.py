@@ -409,7 +409,7 @@ def model_problems(cfg: Config) -> list[str]:
     return []
 
 
-def set_aside_earlier_run(output_dir: str) -> str | None:
+def set_aside_earlier_run(output_dir: str, why: str = "starting fresh") -> str | None:
     """A fresh start (or a resume from another folder's checkpoint) in a folder that holds an earlier run moves
     that run's checkpoints and logs into OUTPUT_DIR/previous-<UTC time>/ (nothing is deleted), so that a
     restart cannot resume the earlier run and its files are not overwritten."""
@@ -428,7 +428,7 @@ def set_aside_earlier_run(output_dir: str) -> str | None:
             folder = f"{stem}-{n}"
     for name in names:
         os.replace(os.path.join(output_dir, name), os.path.join(folder, name))
-    log.warning("starting fresh: moved the earlier run's %s to %s", ", ".join(names), folder)
+    log.warning("%s: moved the earlier run's %s to %s", why, ", ".join(names), folder)
     return folder
 
 
@@ -454,15 +454,25 @@ def run(cfg: Config, dist_info: DistInfo) -> dict | None:
             print(f"nothing to do: the checkpoint is from epoch {trainer.start_epoch - 1} and run.epochs is "
                   f"{cfg.run.epochs} (raise run.epochs to train on)")
         return None
+    if resume_from:
+        barrier()  # every rank has read the checkpoint before rank 0 may move it aside
     if dist_info.is_main:
         for stale in glob.glob(os.path.join(out, "checkpoint-*.pt.tmp-[0-9]*")):  # a run killed while saving
             os.remove(stale)
-        elsewhere = resume_from and os.path.realpath(os.path.dirname(resume_from)) != os.path.realpath(out)
-        if not resume_from or elsewhere:  # this folder's run is not the one trained on: keep it, aside
-            set_aside_earlier_run(out)
-        earlier_log = os.path.join(os.path.dirname(resume_from or ""), "metrics.jsonl")
-        if elsewhere and os.path.isfile(earlier_log):  # the resumed run's epochs so far, to continue its log
-            shutil.copyfile(earlier_log, os.path.join(out, "metrics.jsonl"))
+        latest = os.path.join(out, checkpoint.LATEST)
+        if not (resume_from and os.path.exists(latest) and os.path.samefile(resume_from, latest)):
+            # a fresh start, or a checkpoint other than this folder's latest (another folder's, or an older one
+            # here): this folder's run would be overwritten, so it is kept, aside
+            aside = set_aside_earlier_run(out, f"resuming {resume_from}" if resume_from else "starting fresh")
+            if resume_from:
+                source = os.path.dirname(os.path.realpath(resume_from))
+                source = aside if aside and source == os.path.realpath(out) else source
+                names = ["metrics.jsonl"]  # the resumed run's epochs so far, to continue its log
+                if os.path.basename(resume_from) == checkpoint.LATEST:
+                    names.append(checkpoint.BEST)  # saved at or before that latest: still its best
+                for name in names:
+                    if os.path.isfile(os.path.join(source, name)):
+                        shutil.copyfile(os.path.join(source, name), os.path.join(out, name))
     trainer.log.truncate_after(trainer.start_epoch - 1)  # epochs after the checkpoint are trained again
     if dist_info.is_main:
         save_resolved(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
