@@ -65,60 +65,87 @@ def _helm_scalar(text: str) -> Any:
     return text
 
 
+MAX_SET_INDEX = 65536  # helm's limit on a --set list index
+
+
 def _parse_set(item: str) -> list[tuple[list[str | int], Any]]:
     """helm's --set syntax: a.b=v[,c=v...]; '\\' escapes the next character ('\\.' a dot in a key, '\\,' a comma in
     a value); {x,y} a list; name[i] a list index. Hand-written because helm's parser (Go) is not a library here."""
-    out, i = [], 0
-    while i < len(item):
+    def fail(why: str) -> SpecError:
+        return SpecError([f"--set {item}: {why}"])
+
+    out, i, n = [], 0, len(item)
+    while i < n:
         path: list[str | int] = []
-        key = ""
-        while i < len(item) and item[i] not in "=,":
+        key, after_index = "", False
+        while i < n and item[i] not in "=,":
             char = item[i]
-            if char == "\\" and i + 1 < len(item):
-                key += item[i + 1]
+            if after_index and char not in ".[":
+                raise fail("unexpected data after a list index")
+            after_index = False
+            if char == "\\":
+                key += item[i + 1] if i + 1 < n else ""
                 i += 2
                 continue
             if char == ".":
-                path.append(key)
+                if not key and not (path and isinstance(path[-1], int)):
+                    raise fail("a key in the path is empty")
+                if key:
+                    path.append(key)
                 key = ""
-            elif char == "[" and "]" in item[i:]:
-                close = item.index("]", i)
-                if not item[i + 1:close].isdigit():
-                    raise SpecError([f"--set {item}: list index {item[i + 1:close]!r} is not a number"])
-                path += [key, int(item[i + 1:close])]
-                key = ""
-                i = close + 1
-                if i < len(item) and item[i] == ".":
-                    i += 1
-                continue
+            elif char == "[":
+                close = item.find("]", i)
+                index = item[i + 1:close] if close > 0 else ""
+                if not re.fullmatch(r"[0-9]+", index):
+                    raise fail(f"list index {index!r} is not a number")
+                if int(index) > MAX_SET_INDEX:
+                    raise fail(f"list index {index} is larger than the {MAX_SET_INDEX} helm allows")
+                if key:
+                    path.append(key)
+                elif not path:
+                    raise fail("a list index needs a key before it")
+                path.append(int(index))
+                key, after_index, i = "", True, close
             else:
                 key += char
             i += 1
         if key:
             path.append(key)
-        if i >= len(item) or item[i] != "=" or not path:
-            raise SpecError([f"--set {item}: expected key.path=value"])
+        elif path and not isinstance(path[-1], int):
+            raise fail("a key in the path is empty")
+        if i >= n or item[i] != "=" or not path:
+            raise fail("expected key.path=value")
         i += 1
-        if item[i:i + 1] == "{":  # a list, up to the first }
-            close = item.find("}", i)
-            if close < 0:
-                raise SpecError([f"--set {item}: a list {{...}} is not closed"])
-            inner = item[i + 1:close]
-            value: Any = [_helm_scalar(v) for v in inner.split(",")] if inner else []
-            i = close + 1
-        else:
-            raw = ""
-            while i < len(item) and item[i] != ",":
-                if item[i] == "\\" and i + 1 < len(item):
+
+        def read_value(stops: str) -> str:  # up to an unescaped stop character; '\\' keeps the next one
+            nonlocal i
+            text = ""
+            while i < n and item[i] not in stops:
+                if item[i] == "\\":
                     i += 1
-                raw += item[i]
+                    if i >= n:
+                        break
+                text += item[i]
                 i += 1
-            value = _helm_scalar(raw)
-        out.append((path, value))
-        if i < len(item) and item[i] == ",":
+            return text
+
+        if item[i:i + 1] == "{":  # a list; {} is [""] as in helm
             i += 1
-        elif i < len(item):
-            raise SpecError([f"--set {item}: expected ',' after a list"])
+            values = [read_value(",}")]
+            while i < n and item[i] == ",":
+                i += 1
+                values.append(read_value(",}"))
+            if i >= n:
+                raise fail("a list {...} is not closed")
+            i += 1
+            value: Any = [_helm_scalar(v) for v in values]
+        else:
+            value = _helm_scalar(read_value(","))
+        out.append((path, value))
+        if i < n and item[i] == ",":
+            i += 1
+        elif i < n:
+            raise fail("expected ',' after a list")
     return out
 
 
@@ -130,9 +157,12 @@ def _set_path(spec: dict, item: str) -> None:
             empty: Any = [] if isinstance(nxt, int) else {}
             if isinstance(key, int):
                 node.extend([None] * (key + 1 - len(node)))
-                if not isinstance(node[key], type(empty)):
-                    node[key] = empty
-            elif not isinstance(node.get(key), type(empty)):
+            current = node[key] if isinstance(key, int) else node.get(key)
+            if isinstance(current, (list, dict)) and not isinstance(current, type(empty)):
+                where = ".".join(map(str, path[:path.index(nxt)]))
+                raise SpecError([f"--set {item}: {where} is a {'list' if isinstance(current, list) else 'map'} "
+                                 f"here, not a {'list' if isinstance(empty, list) else 'map'}"])
+            if not isinstance(current, type(empty)):
                 node[key] = empty
             node = node[key]
         last = path[-1]
@@ -238,12 +268,10 @@ def _schema_errors(spec: dict[str, Any]) -> list[jsonschema.ValidationError]:
 
 def schema_problems(spec: dict[str, Any]) -> list[str]:
     """values.schema.json problems, except inside `trainer` (trainer/config.py words those)."""
-    problems: list[str] = []
+    problems: dict[str, None] = {}
     for error in _schema_errors(spec):
-        for line in _describe(error):
-            if line not in problems:
-                problems.append(line)
-    return problems
+        problems.update(dict.fromkeys(_describe(error)))
+    return _collapse_repeats(list(problems), what="items", only=())
 
 
 def _emptied_keys(defaults: dict[str, Any], values: dict[str, Any]) -> set[str]:
@@ -422,21 +450,23 @@ def _trainer_problems(trainer: dict[str, Any], sizes: list[int], origin: str) ->
     from trainer.train import model_problems  # imports torch
 
     found.update(dict.fromkeys(model_problems(cfg)))  # what `dat-train --check` adds: JointSpar's arms
-    return [f"{origin}: {problem}" for problem in _collapse_world_sizes(list(found))]
+    return [f"{origin}: {problem}" for problem in _collapse_repeats(list(found))]
 
 
-def _collapse_world_sizes(problems: list[str], show: int = 3) -> list[str]:
-    """An elastic range can fail the same rule at many world sizes: show a few, then count the rest."""
+def _collapse_repeats(problems: list[str], show: int = 3, what: str = "world sizes",
+                      only: tuple[str, ...] = ("world size", "rank(s)")) -> list[str]:
+    """The same rule failing many times (at many world sizes of an elastic range, or for many list items):
+    show a few, then count the rest. `only`: the problems that may repeat (all when empty)."""
     out, seen = [], {}
     for problem in problems:
-        if "world size" not in problem and "rank(s)" not in problem:
+        if only and not any(word in problem for word in only):
             out.append(problem)
             continue
         shape = re.sub(r"\d+", "N", problem)
         seen[shape] = seen.get(shape, 0) + 1
         if seen[shape] <= show:
             out.append(problem)
-    out += [f"... and {n - show} more world sizes like: {shape}" for shape, n in seen.items() if n > show]
+    out += [f"... and {n - show} more {what} like: {shape}" for shape, n in seen.items() if n > show]
     return out
 
 
@@ -498,10 +528,21 @@ CROSS_FIELD_RULES = (
 )
 
 
+# Values datctl itself reads to render and submit (the release name, namespace, kind, trainer config, ...).
+DATCTL_READS = ("name", "namespace", "api", "trainer", "checkpoint.claimName", "metrics.podMonitor")
+
+
 def check(spec: dict[str, Any], origin: str = "trainer") -> dict[str, Any]:
     """The spec merged with the chart defaults; raises SpecError listing every problem found."""
     defaults = chart.chart_values()
     v = _merge(defaults, spec)  # checked as helm checks it: merged with the chart's defaults
+    for path in DATCTL_READS:  # a null there means the chart's default (its templates treat both alike)
+        *parents, last = path.split(".")
+        node, default = v, defaults
+        for key in parents:
+            node, default = node.get(key) if isinstance(node, dict) else None, default[key]
+        if isinstance(node, dict) and last not in node:
+            node[last] = copy.deepcopy(default[last])
     problems = schema_problems(v)
     broken = (_broken_keys(v) if problems else set()) | _emptied_keys(defaults, v)
     if "" not in broken:
@@ -598,6 +639,14 @@ def render(job: JobSpec, namespace: str | None = None, api: str | None = None,
     if api:
         spec["api"] = api
     values = check(spec, job.trainer_origin)
+    for path in DATCTL_READS:  # helm gets the default check() put in place of a null
+        *parents, last = path.split(".")
+        node, resolved = spec, values
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+            resolved = resolved.get(key) if isinstance(resolved, dict) else None
+        if isinstance(node, dict) and node.get(last, "") is None and isinstance(resolved, dict):
+            node[last] = resolved.get(last)
     spec["trainer"] = normalized_trainer(values["trainer"])
     for section in ("env", "nccl"):  # as strings: helm reads numbers as float64 (12345678901234567 would change)
         if isinstance(spec.get(section), dict):

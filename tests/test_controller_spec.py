@@ -394,3 +394,29 @@ def test_trainjob_says_which_settings_it_does_not_apply(tmp_path: Path, capsys: 
     assert "warning: image.pullPolicy: 'Never' is not applied with api trainjob" in err
     assert "warning: runPolicy.backoffLimit: 2 is not applied" in err  # the smoke spec's 2, not the chart's 3
     assert "ttlSecondsAfterFinished: 3600" in err and "cleanPodPolicy" not in err  # only what differs from the chart
+
+
+@pytest.mark.parametrize("item, line", [
+    ("imagePullSecrets[100000000].name=x", "list index 100000000 is larger than the 65536 helm allows"),
+    ("podAnnotations.a[²]=1", "list index '²' is not a number"),
+    ("a..b=1", "a key in the path is empty"),
+    ("imagePullSecrets[0]b=1", "unexpected data after a list index"),
+    ("env.A={x", "a list {...} is not closed"),
+    ("nodePool.tolerations[0].key=x,nodePool.tolerations.key=y", "nodePool.tolerations is a list here, not a map"),
+])
+def test_set_syntax_helm_refuses_is_one_line(item: str, line: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    code, _, err = render(capsys, str(write_spec(tmp_path)), "--set", item)
+    assert code == 2 and err == f"datctl: --set {item}: {line}\n", err
+
+
+def test_null_on_what_datctl_reads_means_the_chart_default(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """helm drops a null key; for the values datctl itself needs (kind, namespace, trainer config, claim) the
+    chart's default stands in, as the chart's templates treat a missing and an empty value alike."""
+    path = write_spec(tmp_path, {"api": None, "namespace": None, "checkpoint/claimName": None, "trainer": None})
+    objects = rendered_objects(capsys, str(path))
+    assert objects["PyTorchJob"]["metadata"]["namespace"] == "default"
+    config = yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])
+    assert "synthetic" not in str(config) and config["run"]["output_dir"].endswith("/dat-smoke")  # defaults
+    code, _, err = render(capsys, str(path), "--set", "name=null")
+    assert code == 2 and "datctl: name: required" in err and "Traceback" not in err
