@@ -420,3 +420,13 @@ def test_null_on_what_datctl_reads_means_the_chart_default(tmp_path: Path, capsy
     assert "synthetic" not in str(config) and config["run"]["output_dir"].endswith("/dat-smoke")  # defaults
     code, _, err = render(capsys, str(path), "--set", "name=null")
     assert code == 2 and "datctl: name: required" in err and "Traceback" not in err
+
+
+def test_spec_numbers_are_read_as_helm_reads_them(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Not YAML 1.1: 1:30 is no base-60 number (90), 1e3 is a number, 0o17 an octal, as in helm's YAML."""
+    path = write_spec(tmp_path, text=(ROOT / "manifests" / "specs" / "dat-smoke.yaml").read_text().replace(
+        'env:\n  OMP_NUM_THREADS: "1"\n', "env:\n  OMP_NUM_THREADS: \"1\"\n  TIME: 1:30\n  E1: 1e3\n  E4: 0o17\n"))
+    objects = rendered_objects(capsys, str(path))
+    pod = objects["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert (env["TIME"], env["E1"], env["E4"]) == ("1:30", "1000", "15")
