@@ -532,17 +532,24 @@ CROSS_FIELD_RULES = (
 DATCTL_READS = ("name", "namespace", "api", "trainer", "checkpoint.claimName", "metrics.podMonitor")
 
 
+def _fill_nulls(target: dict[str, Any], source: dict[str, Any]) -> None:
+    """Each DATCTL_READS value that is null or missing in `target` (under a parent that is there) taken from
+    `source`."""
+    for path in DATCTL_READS:
+        *parents, last = path.split(".")
+        node, given = target, source
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+            given = given.get(key) if isinstance(given, dict) else None
+        if isinstance(node, dict) and node.get(last) is None and isinstance(given, dict) and last in given:
+            node[last] = copy.deepcopy(given[last])
+
+
 def check(spec: dict[str, Any], origin: str = "trainer") -> dict[str, Any]:
     """The spec merged with the chart defaults; raises SpecError listing every problem found."""
     defaults = chart.chart_values()
     v = _merge(defaults, spec)  # checked as helm checks it: merged with the chart's defaults
-    for path in DATCTL_READS:  # a null there means the chart's default (its templates treat both alike)
-        *parents, last = path.split(".")
-        node, default = v, defaults
-        for key in parents:
-            node, default = node.get(key) if isinstance(node, dict) else None, default[key]
-        if isinstance(node, dict) and last not in node:
-            node[last] = copy.deepcopy(default[last])
+    _fill_nulls(v, defaults)  # a null there means the chart's default (its templates treat both alike)
     problems = schema_problems(v)
     broken = (_broken_keys(v) if problems else set()) | _emptied_keys(defaults, v)
     if "" not in broken:
@@ -639,14 +646,7 @@ def render(job: JobSpec, namespace: str | None = None, api: str | None = None,
     if api:
         spec["api"] = api
     values = check(spec, job.trainer_origin)
-    for path in DATCTL_READS:  # helm gets the default check() put in place of a null
-        *parents, last = path.split(".")
-        node, resolved = spec, values
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-            resolved = resolved.get(key) if isinstance(resolved, dict) else None
-        if isinstance(node, dict) and node.get(last, "") is None and isinstance(resolved, dict):
-            node[last] = resolved.get(last)
+    _fill_nulls(spec, values)  # helm gets the default check() put in place of a null
     spec["trainer"] = normalized_trainer(values["trainer"])
     for section in ("env", "nccl"):  # as strings: helm reads numbers as float64 (12345678901234567 would change)
         if isinstance(spec.get(section), dict):
