@@ -634,7 +634,7 @@ def _env_text(value: Any) -> Any:
     integers."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 9.0e18:  # the chart's bound
         return str(int(value))
     return str(value) if isinstance(value, (int, float)) else value
 
