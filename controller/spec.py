@@ -266,10 +266,10 @@ def _schema_errors(spec: dict[str, Any]) -> list[jsonschema.ValidationError]:
     return sorted(validator.iter_errors(spec), key=lambda e: list(map(str, e.absolute_path)))
 
 
-def schema_problems(spec: dict[str, Any]) -> list[str]:
-    """values.schema.json problems, except inside `trainer` (trainer/config.py words those)."""
+def _schema_problems(errors: list[jsonschema.ValidationError]) -> list[str]:
+    """values.schema.json problems worded for people, except inside `trainer` (trainer/config.py words those)."""
     problems: dict[str, None] = {}
-    for error in _schema_errors(spec):
+    for error in errors:
         problems.update(dict.fromkeys(_describe(error)))
     return _collapse_repeats(list(problems), what="items", only=())
 
@@ -288,11 +288,11 @@ def _emptied_keys(defaults: dict[str, Any], values: dict[str, Any]) -> set[str]:
             (key not in values or missing(value, values[key]))}
 
 
-def _broken_keys(spec: dict[str, Any]) -> set[str]:
+def _broken_keys(errors: list[jsonschema.ValidationError]) -> set[str]:
     """The top-level keys whose values break the schema ("" when the spec as a whole does, e.g. not a map).
     An unknown top-level key breaks nothing the rules read."""
     broken = set()
-    for error in _schema_errors(spec):
+    for error in errors:
         path = list(error.absolute_path)
         if path:
             broken.add(str(path[0]))
@@ -550,8 +550,9 @@ def check(spec: dict[str, Any], origin: str = "trainer") -> dict[str, Any]:
     defaults = chart.chart_values()
     v = _merge(defaults, spec)  # checked as helm checks it: merged with the chart's defaults
     _fill_nulls(v, defaults)  # a null there means the chart's default (its templates treat both alike)
-    problems = schema_problems(v)
-    broken = (_broken_keys(v) if problems else set()) | _emptied_keys(defaults, v)
+    errors = _schema_errors(v)  # validated once: worded for the user, and which keys the rules must skip
+    problems = _schema_problems(errors)
+    broken = _broken_keys(errors) | _emptied_keys(defaults, v)
     if "" not in broken:
         for rule, reads in CROSS_FIELD_RULES:
             if not broken.intersection(reads):
