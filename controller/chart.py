@@ -25,7 +25,7 @@ from trainer import config as trainer_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # The templates datctl renders; the chart's other objects (exporter, dashboard, alerts) are helm-only.
-RUN_TEMPLATES = ("configmap.yaml", "pytorchjob.yaml", "trainjob.yaml", "podmonitor.yaml")
+RUN_TEMPLATES = ("configmap.yaml", "serviceaccount.yaml", "pytorchjob.yaml", "trainjob.yaml", "podmonitor.yaml")
 MONITORING_API = "monitoring.coreos.com/v1"
 
 

@@ -147,7 +147,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
     kind = kube.KINDS[args.api or "pytorchjob"]
     cluster.delete(kind, args.name)
-    print(f"{kind.kind.lower()}/{args.name} deleted (its pods, and the ConfigMap and PodMonitor datctl created, "
+    what = "ConfigMap, ServiceAccount" if kind is kube.TRAINJOB else "ConfigMap"
+    print(f"{kind.kind.lower()}/{args.name} deleted (its pods, and the {what} and PodMonitor datctl created, "
           "are garbage-collected)")
     return 0
 
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         if api:
             p.add_argument("--api", choices=sorted(kube.KINDS), help="default: pytorchjob")
 
-    p = sub.add_parser("render", help="print (or write) the PyTorchJob, ConfigMap and PodMonitor of a job spec")
+    p = sub.add_parser("render", help="print (or write) the job, its ConfigMap and PodMonitor (a TrainJob's ServiceAccount) of a job spec")
     jobspec_args(p)
     p.add_argument("-o", "--output", metavar="DIR", help="write DIR/<name>.yaml instead of printing")
     p.add_argument("-n", "--namespace", help="namespace when the spec has none (default: default)")

@@ -184,9 +184,10 @@ class Cluster:
                          kind.group, kind.version, self.namespace, kind.plural, name)
 
     def submit(self, objects: list[dict[str, Any]], kind: Kind, out: IO[str] | None = None) -> dict[str, Any]:
-        """Create the ConfigMap, the job and the PodMonitor (when given). Server-side dry runs of the job and the
-        PodMonitor first catch a missing CRD, RBAC, the operator's webhook and admission before anything is created; the ConfigMap and PodMonitor
-        get the job as owner, so deleting the job removes them."""
+        """Create the ConfigMap (and a TrainJob's ServiceAccount), the job and the PodMonitor (when given).
+        Server-side dry runs of the job and the PodMonitor first catch a missing CRD, RBAC, the operator's webhook
+        and admission before anything is created; the other objects get the job as owner, so deleting the job
+        removes them."""
         out = out or sys.stdout
         job = next(o for o in objects if o["kind"] == kind.kind)
         name, ns = job["metadata"]["name"], self.namespace
@@ -194,34 +195,46 @@ class Cluster:
         create_job = self.custom.create_namespaced_custom_object
         self.call(kind, f"{what} (dry run)", create_job, kind.group, kind.version, ns, kind.plural, job,
                   dry_run="All")
-        configmaps = [o for o in objects if o["kind"] == "ConfigMap"]
+        core = [o for o in objects if o["kind"] in self._core_calls()]
         monitors = [o for o in objects if o["kind"] == PODMONITOR.kind]
         for monitor in monitors:  # a PodMonitor the cluster refuses must not leave a job running unwatched
             self.call(PODMONITOR, f"PodMonitor {ns}/{name} (dry run)", self.custom.create_namespaced_custom_object,
                       PODMONITOR.group, PODMONITOR.version, ns, PODMONITOR.plural, monitor, dry_run="All")
-        for cm in configmaps:
-            self.call(None, f"ConfigMap {ns}/{cm['metadata']['name']}", self.core.create_namespaced_config_map,
-                      ns, cm)
-            print(f"configmap/{cm['metadata']['name']} created", file=out)
+        created_core: list[dict[str, Any]] = []
         try:
+            for obj in core:
+                self._core(obj, "create", ns, obj)
+                created_core.append(obj)
+                print(f"{obj['kind'].lower()}/{obj['metadata']['name']} created", file=out)
             created = self.call(kind, what, create_job, kind.group, kind.version, ns, kind.plural, job)
         except ClusterError:
-            for cm in configmaps:  # leave nothing behind
-                self.call(None, f"ConfigMap {ns}/{cm['metadata']['name']}", self.core.delete_namespaced_config_map,
-                          cm["metadata"]["name"], ns)
+            for obj in reversed(created_core):  # leave nothing behind
+                self._core(obj, "delete", obj["metadata"]["name"], ns)
             raise
         print(f"{kind.kind.lower()}/{name} created", file=out)
         owner = {"apiVersion": kind.api_version, "kind": kind.kind, "name": name,
                  "uid": created["metadata"]["uid"], "controller": True, "blockOwnerDeletion": False}
-        for cm in configmaps:
-            self.call(None, f"ConfigMap {ns}/{cm['metadata']['name']}", self.core.patch_namespaced_config_map,
-                      cm["metadata"]["name"], ns, {"metadata": {"ownerReferences": [owner]}})
+        for obj in core:
+            self._core(obj, "patch", obj["metadata"]["name"], ns, {"metadata": {"ownerReferences": [owner]}})
         for monitor in monitors:
             monitor = {**monitor, "metadata": {**monitor["metadata"], "ownerReferences": [owner]}}
             self.call(PODMONITOR, f"PodMonitor {ns}/{name}", self.custom.create_namespaced_custom_object,
                       PODMONITOR.group, PODMONITOR.version, ns, PODMONITOR.plural, monitor)
             print(f"podmonitor/{name} created", file=out)
         return created
+
+    def _core_calls(self) -> dict[str, dict[str, Callable]]:
+        """The CoreV1Api calls for the core kinds a rendered job comes with."""
+        return {"ConfigMap": {"create": self.core.create_namespaced_config_map,
+                              "delete": self.core.delete_namespaced_config_map,
+                              "patch": self.core.patch_namespaced_config_map},
+                "ServiceAccount": {"create": self.core.create_namespaced_service_account,
+                                   "delete": self.core.delete_namespaced_service_account,
+                                   "patch": self.core.patch_namespaced_service_account}}
+
+    def _core(self, obj: dict[str, Any], verb: str, *args: Any) -> Any:
+        return self.call(None, f"{obj['kind']} {self.namespace}/{obj['metadata']['name']}",
+                         self._core_calls()[obj["kind"]][verb], *args)
 
     def delete(self, kind: Kind, name: str) -> None:
         self.call(kind, f"{kind.kind} {self.namespace}/{name}", self.custom.delete_namespaced_custom_object,

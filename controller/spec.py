@@ -622,7 +622,7 @@ def render_warnings(v: dict[str, Any], given: dict[str, Any], rendered: dict[str
 class Rendered:
     values: dict[str, Any]  # the spec merged with the chart defaults
     namespace: str
-    objects: list[dict[str, Any]]  # ConfigMap, the job, and the PodMonitor when monitoring is on
+    objects: list[dict[str, Any]]  # ConfigMap, (TrainJob) ServiceAccount, the job, PodMonitor when monitoring is on
     warnings: list[str] = dataclasses.field(default_factory=list)  # not errors: one line each, for stderr
 
     @property
@@ -657,7 +657,7 @@ def render(job: JobSpec, namespace: str | None = None, api: str | None = None,
         raise SpecError([f"-n {namespace}: not a namespace name (lower-case letters, digits and '-', at most 63)"])
     rendered = chart.helm_template(spec, release=values["name"], namespace=namespace,
                                    api_versions=(chart.MONITORING_API,) if monitoring_api else ())
-    order = {"ConfigMap": 0, "PyTorchJob": 1, "TrainJob": 1, "PodMonitor": 2}
+    order = {"ConfigMap": 0, "ServiceAccount": 0, "PyTorchJob": 1, "TrainJob": 1, "PodMonitor": 2}
     objects = sorted((obj for source, obj in rendered if source in chart.RUN_TEMPLATES),
                      key=lambda o: order.get(o["kind"], 3))
     for obj in objects:  # datctl, not a Helm release, applies these: say so (Helm would adopt them otherwise)

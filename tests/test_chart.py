@@ -253,6 +253,25 @@ def test_every_pod_is_locked_down(values: Path | None) -> None:
             assert mounts.get("/tmp") in writable, "a read-only root filesystem needs a writable /tmp"
 
 
+@pytest.mark.parametrize("api", ["pytorchjob", "trainjob"])
+def test_trainer_pods_mount_no_api_token(api: str) -> None:
+    """The trainer never calls the API: its pods get no token, set on the pod (PyTorchJob) or, as a TrainJob
+    cannot set it per pod, on the ServiceAccount the chart makes for them; a given serviceAccountName decides."""
+    objects = template("--set", f"api={api}")
+    accounts = {obj["metadata"]["name"]: obj for _, obj in objects if obj["kind"] == "ServiceAccount"}
+    pods = [pod for _, obj in objects if obj["kind"] == ("PyTorchJob" if api == "pytorchjob" else "TrainJob")
+            for pod in pod_templates(obj)]
+    assert pods
+    for pod in pods:
+        token = pod.get("automountServiceAccountToken")
+        if token is None:
+            token = accounts[pod["serviceAccountName"]]["automountServiceAccountToken"]
+        assert token is False, pod
+    given = template("--set", f"api={api}", "--set", "serviceAccountName=data-reader")
+    assert "ServiceAccount" not in kinds(given)
+    assert {pod["serviceAccountName"] for _, obj in given for pod in pod_templates(obj)} == {"data-reader"}
+
+
 def test_notes_tell_how_to_follow_the_run() -> None:
     proc = helm("install", "smoke", str(CHART), "-f", str(SMOKE), "--dry-run=client", "--namespace", "team-a")
     notes = proc.stdout[proc.stdout.index("NOTES:"):]

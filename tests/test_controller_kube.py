@@ -35,8 +35,8 @@ def without_warnings(err: str) -> str:
     return "".join(line for line in err.splitlines(keepends=True) if not line.startswith("datctl: warning: "))
 
 
-def rendered(namespace: str = "team-a") -> dict[str, dict]:
-    return {o["kind"]: o for o in spec.render(spec.load_spec(SMOKE), namespace=namespace).objects}
+def rendered(namespace: str = "team-a", api: str | None = None) -> dict[str, dict]:
+    return {o["kind"]: o for o in spec.render(spec.load_spec(SMOKE), namespace=namespace, api=api).objects}
 
 
 def test_submit_creates_everything_owned_by_the_job(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -110,6 +110,33 @@ def test_failed_create_leaves_nothing_behind(tmp_path: Path, capsys: pytest.Capt
     assert code == 1 and "etcdserver: request timed out" in err
     assert (server.requests[-1]["method"], server.requests[-1]["path"]) == \
         ("DELETE", "/api/v1/namespaces/team-a/configmaps/dat-smoke-config")
+
+
+def test_a_trainjob_comes_with_a_serviceaccount_that_mounts_no_token(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """A TrainJob cannot turn the API token off per pod: its pods run as <name>-trainer, created with the
+    job and owned by it, whose automountServiceAccountToken is false."""
+    code, out, err, server = datctl(capsys, "submit-trainjob", tmp_path, "submit", SMOKE, "--api", "trainjob")
+    assert code == 0, err
+    assert out.splitlines()[:4] == ["serviceaccount/dat-smoke-trainer created", "configmap/dat-smoke-config created",
+                                    "trainjob/dat-smoke created", "podmonitor/dat-smoke created"]
+    objects = rendered(api="trainjob")
+    account = server.requests[3]["body"]
+    assert account == objects["ServiceAccount"] and account["automountServiceAccountToken"] is False
+    pod = objects["TrainJob"]["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"][
+        "replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"] == "dat-smoke-trainer"
+    patches = {r["path"].rsplit("/", 2)[-2]: r["body"] for r in server.requests if r["method"] == "PATCH"}
+    assert set(patches) == {"configmaps", "serviceaccounts"}
+    assert {p["metadata"]["ownerReferences"][0]["kind"] for p in patches.values()} == {"TrainJob"}
+
+
+def test_a_failed_trainjob_create_removes_its_serviceaccount_and_configmap(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    code, out, err, server = datctl(capsys, "submit-trainjob-rollback", tmp_path, "submit", SMOKE, "--api", "trainjob")
+    assert code == 1 and "etcdserver: request timed out" in err
+    assert [(r["method"], r["path"].rsplit("/", 2)[-2:]) for r in server.requests[-2:]] == [
+        ("DELETE", ["configmaps", "dat-smoke-config"]), ("DELETE", ["serviceaccounts", "dat-smoke-trainer"])]
 
 
 def test_status_of_a_running_job(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -12,6 +12,19 @@ The training job's name: .Values.name, else the release name. Every object of th
 {{- .Values.name | default .Release.Name }}
 {{- end }}
 
+{{/*
+The ServiceAccount of the trainer pods. A TrainJob cannot set automountServiceAccountToken on its pods, so
+without serviceAccountName the chart gives them their own ServiceAccount that mounts no token
+(serviceaccount.yaml); a PyTorchJob's pods say so themselves and run as the namespace's default.
+*/}}
+{{- define "dat-training.trainerServiceAccount" -}}
+{{- if .Values.serviceAccountName }}
+{{- .Values.serviceAccountName }}
+{{- else if eq .Values.api "trainjob" }}
+{{- include "dat-training.jobName" . }}-trainer
+{{- end }}
+{{- end }}
+
 {{- define "dat-training.namespace" -}}
 {{- .Values.namespace | default .Release.Namespace }}
 {{- end }}
@@ -294,7 +307,11 @@ the cluster sees the same documented exceptions. Project-wide skips: .checkov.ya
 {{- $_ := set $skips "checkov.io/skip3" "CKV_K8S_11=No CPU limit by default: throttling stalls DataLoader and NCCL threads; CPU is requested" }}
 {{- if eq .Values.api "trainjob" }}
 {{- $_ := set $skips "checkov.io/skip4" "CKV_K8S_15=A TrainJob cannot set imagePullPolicy: the training runtime decides" }}
-{{- $_ := set $skips "checkov.io/skip5" "CKV_K8S_38=A TrainJob cannot set automountServiceAccountToken: the training runtime decides" }}
+{{- if .Values.serviceAccountName }}
+{{- $_ := set $skips "checkov.io/skip5" "CKV_K8S_38=A TrainJob cannot set automountServiceAccountToken: serviceAccountName decides" }}
+{{- else }}
+{{- $_ := set $skips "checkov.io/skip5" "CKV_K8S_38=A TrainJob cannot set it per pod: its ServiceAccount sets automountServiceAccountToken false" }}
+{{- end }}
 {{- end }}
 {{- toYaml (merge (deepCopy (.Values.podAnnotations | default dict)) $skips) }}
 {{- end }}
