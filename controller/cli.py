@@ -25,7 +25,8 @@ def _fail(lines: list[str] | str, code: int) -> int:
 
 
 def _render(args: argparse.Namespace, namespace: str | None = None) -> spec.Rendered:
-    job = spec.load_spec(args.jobspec, args.set)
+    job = spec.load_spec(args.jobspec, args.set, values_files=args.values, set_json=args.set_json,
+                         set_string=args.set_string)
     rendered = spec.render(job, namespace=namespace or args.namespace, api=args.api)
     for line in rendered.warnings:
         print(f"datctl: warning: {line}", file=sys.stderr)
@@ -186,8 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     def jobspec_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("jobspec", help="job spec YAML (a values file of charts/dat-training)")
+        p.add_argument("-f", "--values", action="append", default=[], metavar="FILE",
+                       help="a values file merged over the job spec (repeatable, later wins), like helm -f")
         p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                       help="override a job spec value (YAML; '\\.' for a dot in a key), like helm --set")
+                       help="override a job spec value ('\\.' for a dot in a key), typed as helm --set types it")
+        p.add_argument("--set-string", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="as --set, the value always a string (like helm --set-string)")
+        p.add_argument("--set-json", action="append", default=[], metavar="KEY.PATH=JSON",
+                       help="as --set, the value read as JSON (like helm --set-json); helm's order: -f, --set-json, "
+                            "--set, --set-string")
         p.add_argument("--api", choices=sorted(kube.KINDS), help="override the spec's api")
 
     def cluster_args(p: argparse.ArgumentParser, api: bool = True) -> None:

@@ -40,7 +40,8 @@ class SpecError(Exception):
 
 
 def _merge(base: Any, override: Any) -> Any:
-    """Helm's values merge: maps merge key by key, everything else is replaced, and null removes a key."""
+    """Maps merge key by key, everything else is replaced, and null removes a key (--set trainer.* and -f over
+    a trainerConfigFile)."""
     if isinstance(base, dict) and isinstance(override, dict):
         out = dict(base)
         for key, value in override.items():
@@ -50,6 +51,30 @@ def _merge(base: Any, override: Any) -> Any:
                 out[key] = _merge(base.get(key), value) if key in base else copy.deepcopy(value)
         return out
     return copy.deepcopy(override)
+
+
+def _overlay(base: Any, override: Any) -> Any:
+    """Helm's merge of one values file over another (-f a.yaml -f b.yaml): maps merge key by key, everything
+    else, null included, is replaced; the nulls take effect when the chart's defaults come in (_coalesce)."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{key: _overlay(base[key], value) if key in base else copy.deepcopy(value)
+                           for key, value in override.items()}}
+    return copy.deepcopy(override)
+
+
+def _coalesce(defaults: Any, values: Any) -> Any:
+    """Helm's coalescing of the user's values with the chart's defaults: maps merge key by key, a null removes
+    the default under its key, and a null with no default under it stays (for the schema to judge, as in
+    helm)."""
+    if isinstance(defaults, dict) and isinstance(values, dict):
+        out = dict(defaults)
+        for key, value in values.items():
+            if value is None and key in defaults:
+                out.pop(key)
+            else:
+                out[key] = _coalesce(defaults[key], value) if key in defaults else copy.deepcopy(value)
+        return out
+    return copy.deepcopy(values)
 
 
 def _helm_scalar(text: str) -> Any:
@@ -68,11 +93,14 @@ def _helm_scalar(text: str) -> Any:
 MAX_SET_INDEX = 65536  # helm's limit on a --set list index
 
 
-def _parse_set(item: str) -> list[tuple[list[str | int], Any]]:
+def _parse_set(item: str, flag: str = "--set") -> list[tuple[list[str | int], Any]]:
     """helm's --set syntax: a.b=v[,c=v...]; '\\' escapes the next character ('\\.' a dot in a key, '\\,' a comma in
-    a value); {x,y} a list; name[i] a list index. Hand-written because helm's parser (Go) is not a library here."""
+    a value); {x,y} a list; name[i] a list index. --set-string keeps every value a string; --set-json reads each
+    value as one JSON document. Hand-written because helm's parser (Go) is not a library here."""
     def fail(why: str) -> SpecError:
-        return SpecError([f"--set {item}: {why}"])
+        return SpecError([f"{flag} {item}: {why}"])
+
+    scalar = str if flag == "--set-string" else _helm_scalar
 
     out, i, n = [], 0, len(item)
     while i < n:
@@ -129,7 +157,12 @@ def _parse_set(item: str) -> list[tuple[list[str | int], Any]]:
                 i += 1
             return text
 
-        if item[i:i + 1] == "{":  # a list; {} is [""] as in helm
+        if flag == "--set-json":
+            try:
+                value, i = json.JSONDecoder().raw_decode(item, i)
+            except json.JSONDecodeError as exc:
+                raise fail(f"the value is not JSON ({exc.msg} at character {exc.pos + 1})") from None
+        elif item[i:i + 1] == "{":  # a list; {} is [""] as in helm
             i += 1
             values = [read_value(",}")]
             while i < n and item[i] == ",":
@@ -138,20 +171,20 @@ def _parse_set(item: str) -> list[tuple[list[str | int], Any]]:
             if i >= n:
                 raise fail("a list {...} is not closed")
             i += 1
-            value: Any = [_helm_scalar(v) for v in values]
+            value = [scalar(v) for v in values]
         else:
-            value = _helm_scalar(read_value(","))
+            value = scalar(read_value(","))
         out.append((path, value))
         if i < n and item[i] == ",":
             i += 1
         elif i < n:
-            raise fail("expected ',' after a list")
+            raise fail(f"expected ',' after {'the JSON value' if flag == '--set-json' else 'a list'}")
     return out
 
 
-def _set_path(spec: dict, item: str) -> None:
-    """Apply one --set argument, as helm does."""
-    for path, value in _parse_set(item):
+def _set_path(spec: dict, item: str, flag: str = "--set") -> None:
+    """Apply one --set (--set-string, --set-json) argument, as helm does."""
+    for path, value in _parse_set(item, flag):
         node: Any = spec
         for key, nxt in zip(path, path[1:]):
             empty: Any = [] if isinstance(nxt, int) else {}
@@ -160,7 +193,7 @@ def _set_path(spec: dict, item: str) -> None:
             current = node[key] if isinstance(key, int) else node.get(key)
             if isinstance(current, (list, dict)) and not isinstance(current, type(empty)):
                 where = ".".join(map(str, path[:path.index(nxt)]))
-                raise SpecError([f"--set {item}: {where} is a {'list' if isinstance(current, list) else 'map'} "
+                raise SpecError([f"{flag} {item}: {where} is a {'list' if isinstance(current, list) else 'map'} "
                                  f"here, not a {'list' if isinstance(empty, list) else 'map'}"])
             if not isinstance(current, type(empty)):
                 node[key] = empty
@@ -171,26 +204,37 @@ def _set_path(spec: dict, item: str) -> None:
         node[last] = value
 
 
-def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
-    """Read a job spec, apply --set overrides and read trainerConfigFile into `trainer`."""
-    path = Path(path)
+def _read_values(path: Path, what: str) -> dict[str, Any]:
+    """A values file (the job spec or a -f overlay) as a mapping; every way it can be unreadable is one line."""
     try:
-        spec = load_yaml(path.read_text())
+        values = load_yaml(path.read_text())
     except FileNotFoundError:
-        raise SpecError([f"{path}: job spec not found"]) from None
+        raise SpecError([f"{path}: {what} not found"]) from None
     except OSError as exc:  # a folder, no permission
-        raise SpecError([f"{path}: cannot read the job spec ({exc.strerror or exc})"]) from None
+        raise SpecError([f"{path}: cannot read the {what} ({exc.strerror or exc})"]) from None
     except UnicodeDecodeError:
         raise SpecError([f"{path}: not a text file"]) from None
     except yaml.YAMLError as exc:
         raise SpecError([f"{path}: {describe_yaml_error(exc)}"]) from None
-    if spec is None:
-        spec = {}
-    if not isinstance(spec, dict):
-        raise SpecError([f"{path}: a job spec is a mapping of keys, got {type(spec).__name__}"])
-    written_trainer = spec.get("trainer")  # what the file says, before --set
-    for item in overrides:
-        _set_path(spec, item)
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise SpecError([f"{path}: a {what} is a mapping of keys, got {type(values).__name__}"])
+    return values
+
+
+def load_spec(path: str | Path, overrides: list[str] = (), *, values_files: list[str] = (),
+              set_json: list[str] = (), set_string: list[str] = ()) -> JobSpec:
+    """Read a job spec, apply overrides in helm's order (-f files, --set-json, --set, --set-string) and read
+    trainerConfigFile into `trainer`."""
+    path = Path(path)
+    spec = _read_values(path, "job spec")
+    written_trainer = spec.get("trainer")  # what the file says, before the overrides
+    for overlay in values_files:
+        spec = _overlay(spec, _read_values(Path(overlay), "values file (-f)"))
+    for flag, items in (("--set-json", set_json), ("--set", overrides), ("--set-string", set_string)):
+        for item in items:
+            _set_path(spec, item, flag)
     config_file = spec.get("trainerConfigFile")
     if config_file and isinstance(config_file, str):  # other types: the schema check words it
         if written_trainer:
@@ -210,10 +254,10 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
         if not isinstance(from_file, dict):
             raise SpecError([f"trainerConfigFile: {config_file}: a trainer config is a mapping of sections, "
                              f"got {type(from_file).__name__}"])
-        overlay = spec.get("trainer")  # --set trainer.* only: they apply on top of the file
+        overlay = spec.get("trainer")  # from -f / --set only: they apply on top of the file
         spec["trainer"] = _merge(from_file, overlay) if overlay else from_file
         spec["trainerConfigFile"] = ""
-        origin = f"trainerConfigFile {config_file}" + (" with --set trainer.*" if overlay else "")
+        origin = f"trainerConfigFile {config_file}" + (" with trainer.* overrides" if overlay else "")
         return JobSpec(spec, trainer_origin=origin)
     return JobSpec(spec)
 
@@ -240,7 +284,7 @@ def _describe(error: jsonschema.ValidationError) -> list[str]:
     if kind == "type":
         expected = error.validator_value
         expected = " or ".join(expected) if isinstance(expected, list) else expected
-        return [f"{where}: expected {expected}, got {value!r}"]
+        return [f"{where}: expected {expected}, got {'null' if value is None else repr(value)}"]
     if kind in ("minimum", "maximum"):
         return [f"{where}: must be {'>=' if kind == 'minimum' else '<='} {error.validator_value}, got {value!r}"]
     if kind == "maxLength":
@@ -548,7 +592,7 @@ def _fill_nulls(target: dict[str, Any], source: dict[str, Any]) -> None:
 def check(spec: dict[str, Any], origin: str = "trainer") -> dict[str, Any]:
     """The spec merged with the chart defaults; raises SpecError listing every problem found."""
     defaults = chart.chart_values()
-    v = _merge(defaults, spec)  # checked as helm checks it: merged with the chart's defaults
+    v = _coalesce(defaults, spec)  # checked as helm checks it: merged with the chart's defaults
     _fill_nulls(v, defaults)  # a null there means the chart's default (its templates treat both alike)
     errors = _schema_errors(v)  # validated once: worded for the user, and which keys the rules must skip
     problems = _schema_problems(errors)

@@ -312,3 +312,43 @@ def test_set_reads_values_as_helm_does(capsys: pytest.CaptureFixture) -> None:
         assert container(objects)["image"].endswith(":1.10")
         optim = yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])["optim"]
         assert float(optim["lr"]) == 0.001 and [float(b) for b in optim["betas"]] == [0.8, 0.99]
+
+
+def test_values_files_and_typed_sets_as_helm_applies_them(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """-f, --set-json and --set-string mean in datctl what they mean in helm, in helm's order (files, then
+    --set-json, --set, --set-string, whatever the order on the command line)."""
+    (tmp_path / "a.yaml").write_text("nodes: 4\nenv: {A: one}\nresources: {limits: {memory: 1Gi}}\n")
+    (tmp_path / "b.yaml").write_text("env: {A: two}\nimage: {tag: '2.0'}\nresources: {limits: {memory: null}}\n")
+    flags = ["-f", str(tmp_path / "a.yaml"), "-f", str(tmp_path / "b.yaml"),
+             "--set-string", "env.S=true,env.C=string", "--set", "env.C=7",
+             "--set-json", 'nodePool.tolerations=[{"key":"gpu","operator":"Exists"}],env.C="json",env.N=1.5']
+    assert cli.main(["render", str(SMOKE), *flags]) == 0
+    ours = {doc["kind"]: doc for doc in yaml.safe_load_all(capsys.readouterr().out)}
+    theirs = {obj["kind"]: obj for _, obj in template("-f", str(SMOKE), *flags, release="dat-smoke")
+              if obj["kind"] != "ConfigMap" or "config.yaml" in obj.get("data", {})}
+    for objects in (ours, theirs):
+        replicas = objects["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]
+        pod = replicas["Master"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert replicas["Worker"]["replicas"] == 3 and container["image"].endswith(":2.0")
+        assert env["A"] == "two" and env["S"] == "true" and env["C"] == "string"
+        assert env["N"] == "1.5"
+        assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+        assert "memory" not in container["resources"].get("limits", {})
+
+
+def test_a_null_without_a_default_is_refused_as_helm_refuses_it(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """A null removes a chart default; where the chart has none (env.GONE) helm keeps it and its schema refuses
+    it: datctl says the same, in its own line, instead of rendering what helm would not."""
+    (tmp_path / "extra.yaml").write_text("env: {GONE: null}\n")
+    proc = helm("template", "run", str(CHART), "-f", str(SMOKE), "-f", str(tmp_path / "extra.yaml"), check=False)
+    assert proc.returncode != 0 and "/env/GONE" in proc.stderr
+    assert cli.main(["render", str(SMOKE), "-f", str(tmp_path / "extra.yaml")]) == 2
+    assert "datctl: env.GONE: expected string or number or boolean, got null" in capsys.readouterr().err
+    # the same for a key the spec (not the chart) gives
+    proc = helm("template", "run", str(CHART), "-f", str(SMOKE), "--set", "env.OMP_NUM_THREADS=null", check=False)
+    assert proc.returncode != 0 and "/env/OMP_NUM_THREADS" in proc.stderr
+    assert cli.main(["render", str(SMOKE), "--set", "env.OMP_NUM_THREADS=null"]) == 2
+    assert "datctl: env.OMP_NUM_THREADS: expected string or number or boolean, got null" in capsys.readouterr().err

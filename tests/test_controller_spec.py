@@ -259,8 +259,8 @@ def test_overrides_namespace_and_trainer_file(tmp_path: Path, capsys: pytest.Cap
 def test_spec_namespace_and_trainjob(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = write_spec(tmp_path, {"namespace": "research"})
     objects = rendered_objects(capsys, str(path), "--api", "trainjob")
-    assert set(objects) == {"ConfigMap", "TrainJob", "PodMonitor"}
-    assert objects["PodMonitor"]["metadata"]["namespace"] == "research"
+    assert set(objects) == {"ServiceAccount", "ConfigMap", "TrainJob", "PodMonitor"}
+    assert {o["metadata"]["namespace"] for o in objects.values()} == {"research"}
     assert objects["TrainJob"]["metadata"]["namespace"] == "research"
     assert objects["TrainJob"]["spec"]["trainer"]["numNodes"] == 2
 
@@ -284,7 +284,7 @@ def test_set_trainer_applies_on_top_of_the_trainer_file(tmp_path: Path, capsys: 
     assert config["data"]["batch_size"] == 96 and config["run"]["epochs"] == 3
     # a bad override is reported as such, one line
     code, _, err = render(capsys, str(path), "--set", "trainer.optim.name=adam")
-    assert code == 2 and err.strip() == ("datctl: trainerConfigFile train.yaml with --set trainer.*: optim.name: "
+    assert code == 2 and err.strip() == ("datctl: trainerConfigFile train.yaml with trainer.* overrides: optim.name: "
                                          "'adam' is not one of lamb, lars, sgd")
 
 
@@ -408,6 +408,45 @@ def test_set_syntax_helm_refuses_is_one_line(item: str, line: str, tmp_path: Pat
                                              capsys: pytest.CaptureFixture) -> None:
     code, _, err = render(capsys, str(write_spec(tmp_path)), "--set", item)
     assert code == 2 and err == f"datctl: --set {item}: {line}\n", err
+
+
+@pytest.mark.parametrize("flag, item, line", [
+    ("--set-json", "nodes=3x", "expected ',' after the JSON value"),
+    ("--set-json", "nodePool.tolerations=[{", "the value is not JSON (Expecting property name enclosed in double "
+                                              "quotes at character 24)"),
+    ("--set-string", "env.A", "expected key.path=value"),
+])
+def test_typed_set_flags_refuse_bad_syntax_in_one_line(flag: str, item: str, line: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    code, _, err = render(capsys, str(write_spec(tmp_path)), flag, item)
+    assert code == 2 and err == f"datctl: {flag} {item}: {line}\n", err
+
+
+@pytest.mark.parametrize("text, line", [
+    (None, "values file (-f) not found"),
+    ("- nodes\n", "a values file (-f) is a mapping of keys, got list"),
+    ("nodes: [1\n", "not valid YAML (line 2, column "),
+])
+def test_unreadable_values_file_is_one_line(text: str | None, line: str, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    overlay = tmp_path / "overlay.yaml"
+    if text is not None:
+        overlay.write_text(text)
+    code, _, err = render(capsys, str(write_spec(tmp_path)), "-f", str(overlay))
+    assert code == 2 and err.startswith(f"datctl: {overlay}: {line}") and len(err.splitlines()) == 1, err
+
+
+def test_values_files_apply_on_top_of_the_trainer_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "train.yaml").write_text("optim: {name: lamb, lr: 0.002}\nrun: {epochs: 5}\n")
+    path = write_spec(tmp_path, {"trainer": DELETE, "trainerConfigFile": "train.yaml"})
+    (tmp_path / "a.yaml").write_text("trainer: {optim: {lr: 0.004}}\nnodes: 4\n")
+    (tmp_path / "b.yaml").write_text("trainer: {run: {epochs: 7}}\nnodes: 2\n")
+    objects = rendered_objects(capsys, str(path), "-f", str(tmp_path / "a.yaml"), "-f", str(tmp_path / "b.yaml"),
+                               "--set-string", "trainer.run.epochs=9", "--set", "trainer.run.epochs=8")
+    config = yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])
+    assert config["optim"] == {"name": "lamb", "lr": 0.004}
+    assert config["run"]["epochs"] == 9  # --set-string comes after --set, whatever the order on the line
+    assert objects["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1  # the later -f wins
 
 
 def test_null_on_what_datctl_reads_means_the_chart_default(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
