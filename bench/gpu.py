@@ -13,6 +13,10 @@ and x. Model FLOPs per input image of a PGD-K DAT step = K * attack_iteration + 
 """
 from __future__ import annotations
 
+import time
+
+PROCESS_STARTED = time.perf_counter()  # the budget counts from here: importing torch takes seconds too
+
 import argparse
 import contextlib
 import datetime
@@ -24,8 +28,9 @@ import platform
 import shutil
 import subprocess
 import sys
+import faulthandler
+import signal
 import tempfile
-import time
 import traceback
 import warnings
 
@@ -41,9 +46,10 @@ from trainer.models import build_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_IMAGES_PER_SECOND = 10_000
 
-# Seconds a variant may take, for the time budget: compilation dominates the compiled ones. The end-to-end
-# trainer run (torchrun, NCCL, 2 epochs) keeps its own share of the budget.
-COMPILE_ALLOWANCE_S, EAGER_ALLOWANCE_S, E2E_ALLOWANCE_S = 150.0, 40.0, 90.0
+# Seconds a variant may take, for the time budget: compilation dominates the compiled ones (a compile mode
+# other than the default autotunes: MODE_COMPILE_ALLOWANCE_S). The end-to-end trainer run (torchrun, one rank,
+# 2 epochs) keeps its own share of the budget.
+COMPILE_ALLOWANCE_S, MODE_COMPILE_ALLOWANCE_S, EAGER_ALLOWANCE_S, E2E_ALLOWANCE_S = 150.0, 300.0, 40.0, 90.0
 JOINTSPAR = ["optim.name=lars", "jointspar.enabled=true", "jointspar.budget=40", "jointspar.p_min=0.0125"]
 # name: (perf.amp, perf.channels_last, compiled passes (perf.compile: off | attack | all), CUDA-graphed attack,
 #        cudnn.benchmark, extra overrides)
@@ -263,11 +269,35 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> di
     return out
 
 
-def trainer_e2e(args: argparse.Namespace, device: torch.device) -> dict:
-    """`torchrun -m trainer` as a user runs it, one rank on this device (NCCL on a GPU): process group set-up,
-    device-resident data with on-device crop/flip, the auto fast path, CUDA-event phase timing, evaluation and
-    checkpoints, end to end. Its metrics.jsonl is the result (copied to OUT/trainer-e2e-metrics.jsonl; the
-    checkpoints stay in a temporary folder)."""
+def run_logged(cmd: list[str], log_path: str, timeout: float, env: dict) -> int:
+    """Run cmd with its output in log_path (kept whatever happens: the epochs it printed survive a kill). On a
+    timeout torchrun gets SIGTERM, which it passes on to its workers (they run in their own session, so killing
+    torchrun outright would leave them on the GPU), then SIGKILL 20 s later; subprocess.TimeoutExpired follows."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+
+
+def log_tail(path: str, chars: int = 2000) -> str:
+    with open(path, errors="replace") as fh:
+        return fh.read()[-chars:].strip()
+
+
+def trainer_e2e(args: argparse.Namespace, device: torch.device, timeout: float) -> dict:
+    """`torchrun -m trainer` as a user runs it, one rank on this device: device-resident data with on-device
+    crop/flip, the auto fast path, CUDA-event phase timing, evaluation and checkpoints, end to end (one rank
+    makes no process group: NCCL itself is not exercised). Its metrics.jsonl is the result (copied to
+    OUT/trainer-e2e-metrics.jsonl, its output to OUT/trainer-e2e.log; the checkpoints stay in a temporary
+    folder)."""
     out = tempfile.mkdtemp(prefix="dat-gpu-e2e-")
     size, batch = (64, 8) if args.smoke else (16384, 1024)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "trainer",
@@ -277,21 +307,29 @@ def trainer_e2e(args: argparse.Namespace, device: torch.device) -> dict:
            "--set", f"eval.max_samples={4 * batch}", "--set", "metrics.port=0",
            "--set", f"dist.backend={'nccl' if device.type == 'cuda' else 'gloo'}",
            *[x for kv in args.e2e_set for x in ("--set", kv)]]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
+    log_path = os.path.join(args.out, "trainer-e2e.log")
     t0 = time.perf_counter()
+    result = {"command": " ".join(cmd[2:]), "timeout_seconds": timeout, "log": "trainer-e2e.log"}
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=max(30.0, args.e2e_timeout * (2 if args.smoke else 1)))
-        result = {"seconds": time.perf_counter() - t0, "returncode": proc.returncode, "command": " ".join(cmd[2:])}
-        if proc.returncode != 0:
-            result["error"] = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
+        returncode = run_logged(cmd, log_path, timeout, env)
+    except subprocess.TimeoutExpired:
+        result.update(seconds=time.perf_counter() - t0,
+                      error=f"timed out after {timeout:.0f} s; last output: {log_tail(log_path, 1500)}")
+        shutil.rmtree(out, ignore_errors=True)
+        return result
+    result.update(seconds=time.perf_counter() - t0, returncode=returncode)
+    try:
+        if returncode != 0:
+            result["error"] = log_tail(log_path)
             return result
         shutil.copy(os.path.join(out, "metrics.jsonl"), os.path.join(args.out, "trainer-e2e-metrics.jsonl"))
         with open(os.path.join(out, "metrics.jsonl")) as fh:
             epochs = [json.loads(line) for line in fh if line.strip()]
         first, last = epochs[0], epochs[-1]
         train_seconds = max(1e-9, last["epoch_seconds"] - last["eval_seconds"])
-        result.update({"epochs": last["epoch"], "backend": "nccl" if device.type == "cuda" else "gloo",
+        result.update({"epochs": last["epoch"],
+                       "backend": "one rank, no process group" if device.type == "cuda" else "gloo, one rank",
                        "images_per_second": last["images_per_second"],
                        "attack_share": last["attack_seconds"] / train_seconds,
                        "test_clean_acc": last["test_clean_acc"], "test_robust_acc": last["test_robust_acc"],
@@ -303,6 +341,22 @@ def trainer_e2e(args: argparse.Namespace, device: torch.device) -> dict:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def write_json(path: str, result: dict) -> None:
+    """Atomically: a kill while writing leaves the previous complete file."""
+    with open(path + ".tmp", "w") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def variant_line(name: str, v: dict) -> str:
+    if "images_per_second" not in v:
+        return f"{name:<24}{v.get('error') or v.get('skipped')}"[:110]
+    tflops, fraction = v.get("model_tflops") or 0.0, v.get("fraction_of_gemm_peak") or 0.0
+    return (f"{name:<24}{v['images_per_second']:>10.0f}{v['attack_images_per_second'] or 0:>14.0f}"
+            f"{v['train_images_per_second'] or 0:>13.0f}{100 * (v['attack_share'] or 0):>9.0f}%"
+            f"{tflops:>9.1f}{100 * fraction:>8.1f}%{'' if v['loss_finite'] else '  NON-FINITE LOSS'}")
+
+
 def table(result: dict) -> str:
     peak = result["gemm"].get("tflops")
     lines = [f"PGD-{result['attack_steps']} DAT, {result['model']}, batch {result['batch']}, {result['device']}"
@@ -310,14 +364,7 @@ def table(result: dict) -> str:
              if peak else "bf16 GEMM failed",
              f"{'variant':<24}{'img/s':>10}{'attack img/s':>14}{'train img/s':>13}{'attack %':>10}"
              f"{'TFLOP/s':>9}{'of GEMM':>9}"]
-    for name, v in result["variants"].items():
-        if "images_per_second" not in v:
-            lines.append(f"{name:<24}{v.get('error') or v.get('skipped')}"[:110])
-            continue
-        tflops, fraction = v.get("model_tflops") or 0.0, v.get("fraction_of_gemm_peak") or 0.0
-        lines.append(f"{name:<24}{v['images_per_second']:>10.0f}{v['attack_images_per_second'] or 0:>14.0f}"
-                     f"{v['train_images_per_second'] or 0:>13.0f}{100 * (v['attack_share'] or 0):>9.0f}%"
-                     f"{tflops:>9.1f}{100 * fraction:>8.1f}%{'' if v['loss_finite'] else '  NON-FINITE LOSS'}")
+    lines += [variant_line(name, v) for name, v in result["variants"].items()]
     e2e = result.get("trainer_e2e") or {}
     if "images_per_second" in e2e:
         lines.append(f"trainer end to end (torchrun, {e2e['backend']}, 2 epochs): {e2e['images_per_second']:.0f} "
@@ -344,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_float32_matmul_precision("highest")
     os.makedirs(args.out, exist_ok=True)
-    started = time.perf_counter()
+    started = PROCESS_STARTED
+    json_path = os.path.join(args.out, "gpu.json")
     result = {
         "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "bench/gpu.sh " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -362,48 +410,62 @@ def main(argv: list[str] | None = None) -> int:
             result[key] = fn()
         except Exception as exc:  # recorded, the variants still run
             result[key] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    write_json(json_path, result)  # partial results survive a kill from here on
     peak = result["gemm"].get("tflops")
     e2e_allowance = 0.0 if args.no_e2e else E2E_ALLOWANCE_S
+    first_compile_allowance = COMPILE_ALLOWANCE_S if args.compile_mode == "default" else MODE_COMPILE_ALLOWANCE_S
     compiled_before = False  # after the first compiled variant inductor's caches make the next ones quick
+    stacks = open(os.path.join(args.out, "stacks.txt"), "w")  # where a hung variant's Python stacks go
     for name in args.variants.split(","):
         per_image = step_flops(result["flops"], args.steps, VARIANTS[name][5])
-        first_compile = VARIANTS[name][2] != "off" and not compiled_before
-        allowance = COMPILE_ALLOWANCE_S if first_compile else EAGER_ALLOWANCE_S
+        compiles = VARIANTS[name][2] != "off"
+        allowance = first_compile_allowance if compiles and not compiled_before else EAGER_ALLOWANCE_S
         if time.perf_counter() - started + allowance + e2e_allowance > args.budget_seconds:
             result["variants"][name] = {"skipped": f"time budget of {args.budget_seconds:.0f} s: not enough left"}
             continue
-        print(f"gpu bench: {name} ...", file=sys.stderr, flush=True)
-        compiled_before = compiled_before or VARIANTS[name][2] != "off"
+        print(f"gpu bench: {name} ... ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+        result["variants"][name] = {"running": True, "started_at_seconds": time.perf_counter() - started}
+        write_json(json_path, result)  # a kill now says which variant was running
+        stacks.write(f"--- {name}: stacks if still running {3 * allowance:.0f} s after its start\n")
+        stacks.flush()
+        faulthandler.dump_traceback_later(3 * allowance, file=stacks)
         try:
             v = run_variant(name, args, device)
         except Exception as exc:
             v = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500],
                  "traceback": traceback.format_exc()[-3000:]}
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+        compiled_before = compiled_before or (compiles and "images_per_second" in v)
         if "images_per_second" in v and per_image:
             v["model_tflops"] = v["images_per_second"] * per_image / 1e12
             v["fraction_of_gemm_peak"] = v["model_tflops"] / peak if peak else None
         result["variants"][name] = v
+        print(f"gpu bench: {variant_line(name, v)}", file=sys.stderr, flush=True)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        with open(os.path.join(args.out, "gpu.json"), "w") as fh:  # partial results survive a kill
-            json.dump(result, fh, indent=1)
+        write_json(json_path, result)
+    stacks.close()
     if args.no_e2e:
         print("gpu bench: end-to-end trainer run skipped (--no-e2e)", file=sys.stderr, flush=True)
     elif time.perf_counter() - started + e2e_allowance > args.budget_seconds:
         result["trainer_e2e"] = {"skipped": f"time budget of {args.budget_seconds:.0f} s: not enough left"}
     else:
-        print("gpu bench: trainer end to end ...", file=sys.stderr, flush=True)
+        # at most the budget plus a minute from the start: a slow run must not outlast the device's limit
+        timeout = max(30.0, min(args.e2e_timeout * (2 if args.smoke else 1),
+                                args.budget_seconds + 60 - (time.perf_counter() - started)))
+        print(f"gpu bench: trainer end to end ... ({time.perf_counter() - started:.0f} s, at most {timeout:.0f} s)",
+              file=sys.stderr, flush=True)
         try:
-            result["trainer_e2e"] = trainer_e2e(args, device)
-        except Exception as exc:  # a timeout or an unreadable metrics file: recorded, not fatal
+            result["trainer_e2e"] = trainer_e2e(args, device, timeout)
+        except Exception as exc:  # an unreadable metrics file: recorded, not fatal
             result["trainer_e2e"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
     ok = {n: v for n, v in result["variants"].items() if "images_per_second" in v and v["loss_finite"]}
     dat = [n for n in ok if "train.loss=adv" not in VARIANTS[n][5]]  # the target is for DAT's loss
     result["best"] = max(dat, key=lambda n: ok[n]["images_per_second"]) if dat else None
     result["wall_seconds"] = time.perf_counter() - started
-    with open(os.path.join(args.out, "gpu.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
+    write_json(json_path, result)
     print(table(result))
     return 0 if ok else 1
 

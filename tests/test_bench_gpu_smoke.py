@@ -14,11 +14,11 @@ def smoke(tmp_path_factory):
     proc = subprocess.run(["bash", "bench/gpu.sh", "--smoke", "--out", str(out)], cwd=ROOT, env=torch_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads((out / "gpu.json").read_text()), proc.stdout
+    return json.loads((out / "gpu.json").read_text()), proc.stdout, out
 
 
 def test_smoke_runs_every_variant_or_says_why_not(smoke):
-    r, stdout = smoke
+    r, stdout, _ = smoke
     assert r["smoke"] is True and r["device"] == "cpu" and r["attack_steps"] == 2 and r["batch"] == 4
     assert set(r["variants"]) == {"fp32", "bf16", "bf16_cl", "bf16_cl_cudnnbench", "bf16_cl_jointspar",
                                   "bf16_cl_graph", "bf16_cl_compile", "bf16_cl_compile_graph", "bf16_cl_compile_adv",
@@ -45,18 +45,19 @@ def test_smoke_runs_every_variant_or_says_why_not(smoke):
 
 
 def test_smoke_runs_the_trainer_end_to_end(smoke):
-    """The one GPU run also exercises the trainer's CUDA paths as a user runs it (torchrun, NCCL there)."""
-    r, stdout = smoke
+    """The one GPU run also exercises the trainer's CUDA paths as a user runs it (torchrun, one rank)."""
+    r, stdout, out = smoke
     e2e = r["trainer_e2e"]
     assert e2e["returncode"] == 0, e2e.get("error")
-    assert e2e["backend"] == "gloo" and e2e["epochs"] == 2 and e2e["checkpoint"] is True
+    assert e2e["backend"] == "gloo, one rank" and e2e["epochs"] == 2 and e2e["checkpoint"] is True
     assert e2e["images_per_second"] > 0 and 0 < e2e["attack_share"] < 1
     assert 0 <= e2e["test_robust_acc"] <= e2e["test_clean_acc"] <= 1
-    assert "trainer end to end (torchrun, gloo, 2 epochs)" in stdout
+    assert "trainer end to end (torchrun, gloo, one rank, 2 epochs)" in stdout
+    assert "epoch" in (out / "trainer-e2e.log").read_text()  # its output is kept
 
 
 def test_smoke_flop_accounting_and_gemm_probe(smoke):
-    r, _ = smoke
+    r, _, _ = smoke
     f = r["flops"]
     assert 1.0e9 < f["forward_per_image"] < 1.2e9  # CIFAR ResNet-18: 0.56 GMAC
     assert f["attack_iteration_per_image"] == pytest.approx(2 * f["forward_per_image"], rel=0.02)
@@ -101,3 +102,35 @@ def test_e2e_overrides_reach_the_trainer_and_no_e2e_skips_it(tmp_path):
     proc = run("--no-e2e")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trainer_e2e" not in json.loads((tmp_path / "gpu.json").read_text())
+
+
+def test_a_timed_out_torchrun_leaves_no_worker_behind(tmp_path):
+    """On a timeout the end-to-end run's torchrun is stopped with its worker (which runs in a session of its
+    own: killing torchrun alone would leave it on the GPU), and its output is kept."""
+    import os
+    import sys
+    import time
+
+    from bench.gpu import run_logged
+    script = tmp_path / "hang.py"
+    pid_file = tmp_path / "worker.pid"
+    script.write_text(f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+                      "print('worker up', flush=True)\ntime.sleep(600)\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(script)]
+    log = tmp_path / "run.log"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_logged(cmd, str(log), timeout=20, env=torch_env())
+    worker = int(pid_file.read_text())
+    for _ in range(50):  # the worker is gone (or a zombie about to be reaped by init)
+        try:
+            os.kill(worker, 0)
+            state = open(f"/proc/{worker}/stat").read().split(")")[-1].split()[0]
+        except (ProcessLookupError, FileNotFoundError):
+            break
+        if state == "Z":
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(worker, 9)
+        pytest.fail("the torchrun worker outlived the timeout")
+    assert "worker up" in log.read_text()
