@@ -19,20 +19,23 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weights get weight decay and trust-ratio adaptation; biases and norm parameters (1-d) get neither.
-    (timm's Lamb / Lars adapt a group only when its weight_decay != 0 or always_adapt is set.)"""
+    timm's Lamb / Lars adapt a group only when its weight_decay != 0 unless always_adapt is set, so the weights'
+    group sets it: weight_decay=0 must not turn LAMB into Adam or LARS into momentum SGD."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay, "always_adapt": True},
+            {"params": no_decay, "weight_decay": 0.0, "always_adapt": False}]
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, global_batch: int) -> torch.optim.Optimizer:
     lr = scaled_lr(cfg, global_batch)
     groups = param_groups(model, cfg.weight_decay)
-    if cfg.name == "lamb":
-        return Lamb(groups, lr=lr, betas=tuple(cfg.betas), max_grad_norm=None, always_adapt=False)
+    if cfg.name == "lamb":  # no global gradient-norm clipping (timm's default clips at 1.0)
+        return Lamb(groups, lr=lr, betas=tuple(cfg.betas), max_grad_norm=None)
     if cfg.name == "lars":
-        return Lars(groups, lr=lr, momentum=cfg.momentum, trust_coeff=cfg.trust_coeff, always_adapt=False)
+        return Lars(groups, lr=lr, momentum=cfg.momentum, trust_coeff=cfg.trust_coeff)
+    for group in groups:
+        group.pop("always_adapt")
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
 
 
