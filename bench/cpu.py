@@ -46,8 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dat-reps", type=int, default=None, help="DAT step repetitions (default 7, quick 3)")
     p.add_argument("--clean-reps", type=int, default=None, help="clean step repetitions (default 15, quick 5)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--budget", type=float, default=40.0, help="JointSpar budget (arms)")
-    p.add_argument("--p-min", type=float, default=0.0125)
+    p.add_argument("--jointspar", default=None, help="figure 3: jointspar.* settings, KEY=VALUE,... (default: "
+                                                     "half the bytes over the weight tensors)")
     p.add_argument("--epoch-images", type=int, default=550_000,
                    help="scaling model: images per epoch (default: CIFAR-10 + TI-500K, as in the paper)")
     p.add_argument("--latency-us", type=float, default=25.0, help="scaling model: link latency per ring hop")
@@ -68,7 +68,7 @@ def run_distributed(args: argparse.Namespace, out_json: str) -> dict:
            "bench.dist_worker", "--model", args.model, "--image-size", str(args.image_size),
            "--per-rank-batch", str(args.per_rank_batch), "--attack-steps", str(args.attack_steps),
            "--reps", str(args.dat_reps), "--clean-reps", str(args.clean_reps), "--warmup", str(args.warmup),
-           "--budget", str(args.budget), "--p-min", str(args.p_min), "--out", out_json]
+           *(["--jointspar", args.jointspar] if args.jointspar else []), "--out", out_json]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)

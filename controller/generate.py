@@ -44,18 +44,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="report stale files, change nothing")
     args = parser.parse_args(argv)
+    schema_path, schema_text, schema_stale = schema_output()
+    if schema_stale and not args.check:  # first: helm validates the manifests' values against it
+        schema_path.write_text(schema_text)
+        print(f"wrote {_show(schema_path)}")
     try:
         outputs = manifest_outputs()
     except (spec.SpecError, chart.ChartError) as exc:
+        if args.check and schema_stale:
+            print(f"stale: {_show(schema_path)} (run `make manifests`)", file=sys.stderr)
+            return 1
         print(f"make manifests: {exc}", file=sys.stderr)
         return 2
     stale = [path for path, text in outputs.items() if not path.is_file() or path.read_text() != text]
     orphans = [path for path in sorted(MANIFESTS.glob("*.yaml"))
                if path not in outputs and path.read_text().startswith(HEADER.split("{")[0])]
-    schema_path, schema_text, schema_stale = schema_output()
-    if schema_stale:
-        stale.append(schema_path)
     if args.check:
+        if schema_stale:
+            stale.append(schema_path)
         for path in stale + orphans:
             print(f"stale: {_show(path)} (run `make manifests`)", file=sys.stderr)
         return 1 if stale or orphans else 0
@@ -65,8 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     for path, text in outputs.items():
         if path in stale:
             path.write_text(text)
-    if schema_stale:
-        schema_path.write_text(schema_text)
     for path in stale:
         print(f"wrote {_show(path)}")
     return 0

@@ -112,7 +112,7 @@ def test_jointspar_bytes_follow_the_active_fraction(tiny_bench):
     for loss in ("clean", "dat"):
         r = js[loss]
         assert "skipped" not in r, r.get("skipped")
-        assert r["arms"] == 62 and r["budget"] == 40
+        assert r["arms"] == 21 and r["jointspar"]["budget"] == 0.5 and r["jointspar"]["budget_unit"] == "bytes"
         assert 0 < r["active_fraction"] < 1
         assert r["bytes_ratio"] == pytest.approx(r["active_fraction"], rel=1e-9)
     assert 0 < js["dat"]["attack_share_dense"] < 1 and js["clean"]["attack_share_dense"] is None

@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from conftest import PYTHON, ROOT, torch_env, train_cli
+from trainer import config
 from trainer.config import ConfigError, config_from_dict, load_config, validate
 
 
@@ -48,6 +49,12 @@ def test_yaml_and_overrides(tmp_path):
     ({"optim": {"betas": {0.9: 1, 0.99: 2}}}, "optim.betas: expected tuple[float, float], got {0.9: 1, 0.99: 2}"),
     ({"train": {"micro_batches": float("inf")}}, "train.micro_batches: expected int, got inf"),
     ({"run": {"output_dir": None}}, "run.output_dir: expected str, got None"),  # `output_dir:` left empty
+    ({"run": {"seed": 2**64}}, "run.seed must be in [0, 2^63)"),
+    ({"dist": {"timeout_seconds": 10**14}}, "dist.timeout_seconds must be in (0, 31536000]"),
+    ({"optim": {"trust_coeff": -1}}, "optim.trust_coeff must be > 0"),
+    ({"jointspar": {"budget_unit": "bytes", "budget": 40}}, "jointspar.budget 40 with budget_unit=bytes"),
+    ({"jointspar": {"budget_unit": "bytes", "budget": 0.5, "sampling": "exact"}}, "it needs budget_unit=arms"),
+    ({"data": {"batch_size": 1}, "train": {"loss": "adv"}}, "leaves 1 image per rank and micro-batch"),
 ])
 def test_config_errors_are_one_clear_line(raw, fragment):
     with pytest.raises(ConfigError) as info:
@@ -87,6 +94,13 @@ def test_mistakes_the_run_would_only_find_later(overrides, fragment):
 def test_eps_as_written_in_papers():
     cfg = load_config(None, ["attack.eps=8/255", "eval.eps= 4 / 255"])
     assert cfg.attack.eps == 8 / 255 and cfg.eval.eps == 4 / 255
+
+
+def test_one_image_per_rank_is_refused_only_where_batchnorm_would_see_one():
+    assert "1 image per rank" in "; ".join(config.world_size_problems(
+        config_from_dict({"data": {"batch_size": 4}, "train": {"loss": "clean", "micro_batches": 2}}), 2))
+    # dat trains on cat([x_adv, x]): two images
+    assert config.world_size_problems(config_from_dict({"data": {"batch_size": 2}, "train": {"loss": "dat"}}), 2) == []
 
 
 def test_batch_must_divide_world_size():

@@ -434,3 +434,114 @@ def test_load_state_dict_rejects_a_different_model_or_budget():
         JointSpar(cfg(budget=4.0), ArmModel(11), seed=0).load_state_dict(state)
     with pytest.raises(ValueError, match="budget"):
         JointSpar(cfg(budget=5.0), ArmModel(12), seed=0).load_state_dict(state)
+
+
+# ---- a budget in bytes ------------------------------------------------------------------------------------
+
+
+def test_variance_optimal_p_meets_the_budget_and_beats_every_other_feasible_p():
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        w, _, p_min = random_problem(rng)
+        norms, cost = np.sqrt(w), np.exp(rng.normal(0.0, 2.0, len(w)))  # bytes spread over orders of magnitude
+        budget = float(rng.uniform(p_min * cost.sum(), cost.sum()))
+        p = jointspar_module.variance_optimal_p(torch.tensor(norms), torch.tensor(cost), budget, p_min).numpy()
+        assert abs(float((cost * p).sum()) - budget) < 1e-9 * cost.sum()
+        assert p.min() >= p_min - 1e-12 and p.max() <= 1 + 1e-12
+        # KKT: p = t |g| / sqrt(cost) where free, and t |g| / sqrt(cost) beyond the bound where at one
+        ratio = norms / np.sqrt(cost)
+        free = (p > p_min * (1 + 1e-9)) & (p < 1 - 1e-9)
+        t = float(np.median(p[free] / ratio[free])) if free.any() else None
+        if t is not None:
+            assert np.allclose(p[free], t * ratio[free], rtol=1e-6)
+            assert (t * ratio[p >= 1 - 1e-9] >= 1 - 1e-6).all()
+            assert (t * ratio[p <= p_min * (1 + 1e-9)] <= p_min * (1 + 1e-6)).all()
+        # so scipy's general-purpose solver finds nothing better (to its tolerance on the budget)
+        found = scipy.optimize.minimize(lambda q: float((w / q).sum()), np.full(len(w), budget / cost.sum()),
+                                        bounds=[(p_min, 1.0)] * len(w), method="SLSQP",
+                                        constraints=[{"type": "eq", "fun": lambda q: float((cost * q).sum()) - budget}])
+        assert float((w / p).sum()) <= float((w / found.x).sum()) * (1 + 1e-4)
+
+
+class SizedArmModel(nn.Module):
+    """Arms of different sizes; the gradient of arm l is scale_l x_l (|g_l| grows with the arm's size, as in
+    a ResNet, where the large late-stage tensors carry the largest gradient norms)."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        super().__init__()
+        self.arms = nn.ParameterList([nn.Parameter(torch.zeros(n)) for n in sizes])
+
+    def loss(self, xs: list[torch.Tensor]) -> torch.Tensor | None:
+        terms = [(arm * x).sum() for arm, x in zip(self.arms, xs) if arm.requires_grad]
+        return sum(terms) if terms else None
+
+
+def bytes_fraction(js: JointSpar) -> float:
+    numel = torch.tensor(js.arm_numel, dtype=torch.float64)
+    return float((js.p * numel).sum() / numel.sum())
+
+
+@pytest.mark.parametrize("unit, budget, boost", [("arms", 6.0, 1.0), ("bytes", 0.4, 1.0), ("bytes", 0.4, 4.0)])
+def test_a_budget_in_bytes_keeps_the_bytes_there_while_the_bandit_learns(unit, budget, boost):
+    """Counted in arms, the bandit raises every large arm towards p = 1 and the bytes sent climb towards dense;
+    counted in bytes, they stay at the budget and p reaches the variance-optimal allocation."""
+    sizes = [4, 4, 4, 4, 16, 16, 64, 64, 256, 256, 1024, 1024]
+    scale = torch.tensor([boost if i % 2 else 1.0 for i in range(len(sizes))])  # every other arm boost x larger
+    model = SizedArmModel(sizes)
+    js = JointSpar(cfg(budget=budget, budget_unit=unit, p_min=0.0125, eta=0.1), model, seed=0)
+    start = bytes_fraction(js)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(400):
+        js.begin_step(1, t)
+        loss = model.loss([s * torch.randn(n, generator=gen) for s, n in zip(scale, sizes)])  # |g_l|^2 ~ s^2 n
+        if loss is not None:
+            loss.backward()
+        js.end_step()
+        for param in model.parameters():
+            param.grad = None
+    if unit == "arms":
+        assert start < 0.6 and bytes_fraction(js) > 0.9  # what the published budget does to the bytes
+        return
+    assert start == pytest.approx(0.4) and bytes_fraction(js) == pytest.approx(0.4, abs=1e-9)
+    expected_sq = scale.double() ** 2 * torch.tensor(sizes, dtype=torch.float64)
+    numel = torch.tensor(sizes, dtype=torch.float64)
+    optimal = jointspar_module.variance_optimal_p(expected_sq.sqrt(), numel, 0.4 * float(numel.sum()), 0.0125)
+    second_moment = lambda p: float((expected_sq / p).sum())
+    assert second_moment(js.p) < 1.1 * second_moment(optimal)
+    boosted = scale > 1
+    if boost > 1:  # optimum: boost x the p of the others, whatever the arm's size
+        assert float(js.p[boosted].mean() / js.p[~boosted].mean()) == pytest.approx(boost, rel=0.2)
+    else:
+        assert float(js.p.max() - js.p.min()) < 0.15  # optimum: uniform
+
+
+def test_weights_grouping_keeps_biases_and_norms_dense_and_unscaled():
+    model = cifar_resnet18()
+    js = JointSpar(cfg(budget=0.5, budget_unit="bytes", arms="weights", p_min=0.05), model, seed=0)
+    assert js.num_arms == 21 and all(p.ndim > 1 for _, ps in js.arms for p in ps)
+    one_d = [p for p in model.parameters() if p.ndim == 1]
+    assert {id(p) for p in js.always} == {id(p) for p in one_d}
+    active = js.begin_step(1, 0)
+    assert {id(p) for p in one_d} <= {id(p) for p in active}
+    assert all(p.requires_grad for p in one_d)
+    for p in active:
+        p.grad = torch.ones_like(p)
+    js.end_step()
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in one_d)  # no 1/p on what is always trained
+    stats = js.epoch_stats()
+    total = sum(p.numel() for p in model.parameters())
+    expected = (sum(n for n, a in zip(js.arm_numel, js.mask.tolist()) if a) + js.always_numel) / total
+    assert stats["jointspar_active_fraction"] == pytest.approx(expected)
+
+
+def test_byte_budget_settings_refused_in_one_line():
+    model = small_cnn(1, 8)
+    for kw, words in [({"budget": 0.001, "budget_unit": "bytes", "p_min": 0.5}, "below what p_min"),
+                      ({"budget": 40.0, "arms": "weights"}, "exceeds the number of arms L = ")]:
+        with pytest.raises(ConfigError, match=words):
+            JointSpar(cfg(**kw), model, seed=0)
+    js = JointSpar(cfg(budget=0.5, budget_unit="bytes"), model, seed=0)
+    state = js.state_dict()
+    other = JointSpar(cfg(budget=0.5, budget_unit="arms", p_min=0.0125), model, seed=0)
+    with pytest.raises(ValueError, match="budget 0.5 bytes"):
+        other.load_state_dict(state)

@@ -90,3 +90,28 @@ def test_steps_with_no_active_arm_are_survived(tmp_path):
     (record,) = read_jsonl(tmp_path / "metrics.jsonl")
     assert record["jointspar_active_arms"] < 1  # a mean below one arm per step: some steps had none
     assert record["comm_bytes"] < record["dense_comm_bytes"] and math.isfinite(record["train_loss"])
+
+
+def test_a_byte_budget_holds_in_a_real_run(tmp_path):
+    """budget_unit=bytes with the weights grouping: biases and norms are sent every step, the conv and linear
+    weights by the bandit, and the expected bytes are the budget exactly (the published arms budget climbs
+    back to dense as the bandit learns)."""
+    out = tmp_path / "bytes"
+    torchrun(["-m", "trainer", *SYNTHETIC, "--set", "jointspar.enabled=true", "--set", "jointspar.budget_unit=bytes",
+              "--set", "jointspar.budget=0.3", "--set", "jointspar.arms=weights", "--set", "jointspar.p_min=0.05",
+              "--set", "jointspar.warmup_epochs=1", "--set", f"run.output_dir={out}", "--set", "run.epochs=4"])
+    warmup, *sparse = read_jsonl(out / "metrics.jsonl")
+    assert warmup["comm_bytes"] == warmup["dense_comm_bytes"]
+    sent = sum(r["comm_bytes"] for r in sparse) / sum(r["dense_comm_bytes"] for r in sparse)
+    assert 0.1 < sent < 0.6, sent  # Bernoulli draws around the 0.3 budget
+    for r in sparse:
+        assert r["comm_bytes"] / r["dense_comm_bytes"] == pytest.approx(r["jointspar_active_fraction"], rel=1e-12)
+    state = _state(out / "checkpoint-latest.pt")
+    model = {k: v for k, v in state["model"].items() if "running" not in k and "num_batches" not in k}
+    arms = [name for name in state["jointspar"]["arm_names"]]
+    assert arms and all(model[name].ndim > 1 for name in arms)
+    numel = torch.tensor([model[name].numel() for name in arms], dtype=torch.float64)
+    always = sum(v.numel() for k, v in model.items() if k not in arms)
+    expected = (float((state["jointspar"]["p"] * numel).sum()) + always) / (float(numel.sum()) + always)
+    assert expected == pytest.approx(0.3, abs=1e-9)
+    assert state["jointspar"]["p"].max() - state["jointspar"]["p"].min() > 0.01  # it learned

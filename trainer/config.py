@@ -105,12 +105,13 @@ class EvalConfig:
 @dataclass
 class JointSparConfig:
     enabled: bool = False
-    budget: float = 40.0  # s: expected number of active arms per step (sum of p)
+    budget: float = 40.0  # s: expected active arms per step (sum of p), or the fraction of the gradient bytes
+    budget_unit: str = "arms"  # arms: budget counts arms (as published); bytes: a fraction of the dense bytes
     p_min: float = 0.0125
     eta: float = 0.1  # bandit step size (independent of the model's learning rate)
     sample_every: str = "1"  # resample every k iterations ("1", "10", ...) or "epoch"
     sampling: str = "bernoulli"  # bernoulli: independent coins; exact: exactly round(budget) arms
-    arms: str = "param"  # param: one arm per parameter tensor; module: one arm per module
+    arms: str = "param"  # param: one arm per parameter tensor; module: per module; weights: per >= 2-d tensor
     warmup_epochs: int = 0  # dense epochs before sparsification starts
 
 
@@ -306,7 +307,8 @@ CHOICES: dict[str, tuple[str, ...]] = {  # the allowed values of every choice ke
     "optim.lr_scaling": ("sqrt", "linear", "none"),
     "optim.schedule": ("cosine", "multistep", "constant"),
     "jointspar.sampling": ("bernoulli", "exact"),
-    "jointspar.arms": ("param", "module"),
+    "jointspar.arms": ("param", "module", "weights"),
+    "jointspar.budget_unit": ("arms", "bytes"),
     "perf.amp": ("auto", "bf16", "off"),
     "perf.channels_last": ("auto", "on", "off"),
     "perf.compile": ("auto", "attack", "all", "off"),
@@ -340,7 +342,8 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
         (cfg.data.name != "synthetic" or cfg.data.synthetic_train_size >= cfg.data.batch_size,
          f"data.synthetic_train_size {cfg.data.synthetic_train_size} is smaller than one global batch "
          f"(data.batch_size {cfg.data.batch_size})"),
-        (cfg.dist.timeout_seconds > 0, "dist.timeout_seconds must be > 0"),
+        (0 < cfg.dist.timeout_seconds <= 31_536_000, "dist.timeout_seconds must be in (0, 31536000] (a year)"),
+        (0 <= cfg.run.seed < 2**63, "run.seed must be in [0, 2^63)"),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (cfg.data.eval_batch_size >= 1, "data.eval_batch_size must be >= 1"),
         (cfg.train.micro_batches >= 1, "train.micro_batches must be >= 1"),
@@ -357,6 +360,7 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.base_batch_size >= 1, "optim.base_batch_size must be >= 1"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (cfg.optim.trust_coeff > 0, "optim.trust_coeff must be > 0"),
         (0 <= cfg.optim.momentum < 1, "optim.momentum must be in [0, 1)"),
         (len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
          "optim.betas must be two numbers in [0, 1)"),
@@ -373,6 +377,11 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
         (cfg.jointspar.eta > 0, "jointspar.eta must be > 0"),
         (0 < cfg.jointspar.p_min <= 1, "jointspar.p_min must be in (0, 1]"),
         (cfg.jointspar.budget > 0, "jointspar.budget must be > 0"),
+        (cfg.jointspar.budget_unit != "bytes" or cfg.jointspar.budget <= 1,
+         f"jointspar.budget {cfg.jointspar.budget:g} with budget_unit=bytes: it is a fraction of the dense gradient "
+         "bytes, in (0, 1]"),
+        (cfg.jointspar.budget_unit != "bytes" or cfg.jointspar.sampling != "exact",
+         "jointspar.sampling=exact draws a whole number of arms: it needs budget_unit=arms"),
         (cfg.jointspar.warmup_epochs >= 0, "jointspar.warmup_epochs must be >= 0"),
         (not (cfg.perf.compile == "all" and cfg.jointspar.enabled),
          "perf.compile=all with jointspar.enabled: JointSpar's per-step requires_grad changes would recompile the "
@@ -398,6 +407,9 @@ def world_size_problems(cfg: Config, world_size: int) -> list[str]:
         return [f"data.batch_size {batch} is not divisible by the world size {world_size}"]
     if batch % (world_size * micro):
         return [f"data.batch_size {batch} does not split into {world_size} rank(s) x {micro} micro-batches"]
+    if batch == world_size * micro and cfg.train.loss != "dat":  # dat trains on cat([x_adv, x]): 2 images
+        return [f"data.batch_size {batch} leaves 1 image per rank and micro-batch at world size {world_size}: "
+                "BatchNorm needs at least 2 (raise data.batch_size or lower train.micro_batches)"]
     return []
 
 

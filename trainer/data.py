@@ -276,7 +276,8 @@ class TrainBatches:
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.set_epoch(epoch)
         order = torch.tensor(list(iter(self.sampler)), dtype=torch.long).to(self.images.device)
-        g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + epoch * 1009 + self.rank)
+        g = torch.Generator(device=self.device).manual_seed(
+            (self.seed * 1_000_003 + epoch * 1009 + self.rank) % 2**63)
         for i in range(len(self)):
             idx = order[i * self.batch:(i + 1) * self.batch]
             x = self.images[idx].to(self.device, non_blocking=True).float().div_(255)

@@ -3,9 +3,18 @@
 Each step only a random subset of "arms" (parameter tensors, or modules) is trained: the others get
 ``requires_grad=False`` for the step, so autograd never computes their weight gradients, the gradient
 sync never sends them and the optimizer (which skips ``grad is None``) never touches them. Arm l is
-active with probability p_l; active gradients are scaled by 1/p_l so the update stays unbiased.
-An EXP3 bandit moves p towards arms whose gradients are large (lowering the estimator's variance),
-keeping sum(p) = budget and p_min <= p <= 1.
+active with probability p_l; active gradients are scaled by 1/p_l so the gradient estimate is unbiased
+(an SGD update too; LARS's and LAMB's trust ratio divides the scale out again, so under them an arm's
+expected update is p_l times its dense one). p moves towards the arms whose gradients are large (lowering
+the estimator's variance), within p_min <= p <= 1 and a budget:
+- budget_unit=arms (as published): sum(p) = budget, p set by an EXP3 bandit. The variance-optimal p_l
+  grows with |g_l| whatever the arm's size, so the large tensors end at p = 1 and nearly every byte is
+  sent again once the bandit has learnt.
+- budget_unit=bytes: sum(p_l * bytes_l) = budget * the dense bytes, so the bytes stay at the budget.
+  The optimum, p_l proportional to |g_l| / sqrt(bytes_l), is set from a running estimate of each arm's
+  gradient norm, updated whenever the arm is active (p_min keeps every arm observed). EXP3's multiplicative
+  updates do not find it here: with costs spread over orders of magnitude its noisy steps on the large
+  arms push the small ones to p_min (8x the optimum's variance in tests/test_jointspar.py's problem).
 
 Every rank draws the active set from a generator seeded identically and advanced identically, and
 updates the bandit from the all-reduced gradients only, so p and the active set agree everywhere
@@ -28,6 +37,37 @@ log = logging.getLogger("trainer.jointspar")
 G_DECAY = 0.99
 # exp() of anything below this would flush to zero, which would make an arm's KL weight vanish.
 MIN_LOG_WEIGHT = -600.0
+# budget_unit=bytes: weight of the earlier estimate of an arm's squared gradient norm at each new observation.
+NORM_DECAY = 0.9
+
+
+def variance_optimal_p(norms: torch.Tensor, cost: torch.Tensor, budget: float, p_min: float) -> torch.Tensor:
+    """argmin_p sum |g_l|^2 / p_l (the second moment of the 1/p-scaled gradient) s.t. sum cost * p = budget,
+    p_min <= p <= 1: p_l = clip(t |g_l| / sqrt(cost_l), p_min, 1) for the one t > 0 that spends the budget
+    (sum cost * p rises monotonically in t, so bisection on log t finds it)."""
+    g = norms.detach().to(dtype=torch.float64, device="cpu").flatten()
+    c = cost.detach().to(dtype=torch.float64, device="cpu").flatten()
+    if not (bool(torch.isfinite(g).all()) and bool((g >= 0).all()) and bool((c > 0).all())):
+        raise ValueError("variance_optimal_p: norms must be finite and >= 0, costs > 0")
+    lowest, highest = float(c.sum()) * p_min, float(c.sum())
+    if budget < lowest * (1 - 1e-12) or budget > highest * (1 + 1e-12):
+        raise ValueError(f"variance_optimal_p: budget {budget} outside [{lowest}, {highest}]")
+    ratio = g / c.sqrt()
+    if not bool((ratio > 0).any()):  # no gradient seen anywhere: nothing to prefer
+        return torch.full_like(g, min(1.0, max(p_min, budget / highest)))
+
+    def spent(log_t: float) -> float:
+        return float((c * (ratio * math.exp(log_t)).clamp(p_min, 1.0)).sum())
+
+    positive = ratio[ratio > 0]
+    lo = math.log(p_min / float(positive.max())) - 1.0  # every arm at p_min
+    hi = math.log(1.0 / float(positive.min())) + 1.0  # every arm with a gradient at 1
+    for _ in range(200):  # float64 bisection: the bracket shrinks to one ulp well before
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if spent(mid) < budget else (lo, mid)
+    return (ratio * math.exp(0.5 * (lo + hi))).clamp(p_min, 1.0)
 
 
 def project_kl(w: torch.Tensor, budget: float, p_min: float) -> torch.Tensor:
@@ -110,10 +150,13 @@ def sample_active(p: torch.Tensor, generator: torch.Generator, mode: str) -> tor
 
 
 def build_arms(model: nn.Module, grouping: str) -> list[tuple[str, list[nn.Parameter]]]:
-    """The bandit's arms, in model.parameters() order: one per trainable parameter tensor ('param')
-    or one per module that directly owns trainable parameters ('module')."""
+    """The bandit's arms, in model.parameters() order: one per trainable parameter tensor ('param'), one per
+    trainable weight tensor of two or more dimensions ('weights'), or one per module that directly owns
+    trainable parameters ('module')."""
     if grouping == "param":
         return [(name, [p]) for name, p in model.named_parameters() if p.requires_grad]
+    if grouping == "weights":  # biases and norm parameters (1-d) stay dense: see JointSpar.__init__
+        return [(name, [p]) for name, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
     if grouping == "module":
         arms = []
         for name, module in model.named_modules():
@@ -121,7 +164,7 @@ def build_arms(model: nn.Module, grouping: str) -> list[tuple[str, list[nn.Param
             if params:
                 arms.append((name or "<root>", params))
         return arms
-    raise ValueError(f"build_arms: unknown grouping {grouping!r} (param | module)")
+    raise ValueError(f"build_arms: unknown grouping {grouping!r} (param | weights | module)")
 
 
 def _grad_sq_norm(params: list[nn.Parameter]) -> torch.Tensor:
@@ -145,22 +188,44 @@ class JointSpar:
         self.num_arms = len(self.arms)
         self.arm_names = [name for name, _ in self.arms]
         self.arm_numel = [sum(p.numel() for p in params) for _, params in self.arms]
+        in_arms = {id(p) for _, params in self.arms for p in params}
+        # Parameters outside every arm ('weights' grouping: biases and norm parameters, about 0.1% of the
+        # bytes) are trained and synced every step, unscaled: LARS and LAMB give them plain (untrusted) steps,
+        # on which a 1/p_min = 80x scale is noise enough to diverge.
+        self.always = [p for p in model.parameters() if p.requires_grad and id(p) not in in_arms]
+        self.always_numel = sum(p.numel() for p in self.always)
         L, s, p_min = self.num_arms, cfg.budget, cfg.p_min
         if L == 0:
-            raise ConfigError("jointspar: the model has no trainable parameters to sample")
-        if L * p_min > s + 1e-9:
-            raise ConfigError(f"jointspar: L * p_min = {L} * {p_min} = {L * p_min:g} exceeds the budget {s:g} "
-                              f"(lower jointspar.p_min to at most {s / L:g} or raise jointspar.budget)")
-        if s > L + 1e-9:
-            raise ConfigError(f"jointspar.budget {s:g} exceeds the number of arms L = {L} "
-                              f"({cfg.arms} grouping); use a budget <= {L}")
-        if cfg.sampling == "exact" and abs(s - round(s)) > 1e-9:
-            raise ConfigError(f"jointspar.budget {s:g} must be a whole number with jointspar.sampling=exact")
+            raise ConfigError(f"jointspar: the model has no trainable parameters to sample ({cfg.arms} grouping)")
+        self.by_bytes = cfg.budget_unit == "bytes"
+        if self.by_bytes:
+            total = sum(self.arm_numel) + self.always_numel
+            # the arms' share of the budget: the always-trained parameters are sent every step
+            self.arm_budget = s * total - self.always_numel
+            lowest = (p_min * sum(self.arm_numel) + self.always_numel) / total
+            if self.arm_budget < p_min * sum(self.arm_numel) - 1e-9 * total:
+                raise ConfigError(f"jointspar.budget {s:g} of the bytes is below what p_min {p_min:g} and the always-"
+                                  f"trained parameters send ({lowest:.4g}); raise the budget or lower p_min")
+            start = self.arm_budget / sum(self.arm_numel)
+        else:
+            self.arm_budget = s
+            if L * p_min > s + 1e-9:
+                raise ConfigError(f"jointspar: L * p_min = {L} * {p_min} = {L * p_min:g} exceeds the budget {s:g} "
+                                  f"(lower jointspar.p_min to at most {s / L:g} or raise jointspar.budget)")
+            if s > L + 1e-9:
+                raise ConfigError(f"jointspar.budget {s:g} exceeds the number of arms L = {L} "
+                                  f"({cfg.arms} grouping); use a budget <= {L}")
+            if cfg.sampling == "exact" and abs(s - round(s)) > 1e-9:
+                raise ConfigError(f"jointspar.budget {s:g} must be a whole number with jointspar.sampling=exact")
+            start = s / L
 
         # Parameter order of the model, so active lists come out in model.parameters() order.
         position = {id(p): i for i, p in enumerate(model.parameters())}
-        self._params_in_order = sorted((p for _, ps in self.arms for p in ps), key=lambda p: position[id(p)])
-        self.p = torch.full((L,), s / L, dtype=torch.float64)
+        self._params_in_order = sorted([p for _, ps in self.arms for p in ps] + self.always,
+                                       key=lambda p: position[id(p)])
+        self.p = torch.full((L,), min(1.0, start), dtype=torch.float64)
+        # budget_unit=bytes: running estimate of each arm's squared gradient norm; -1 until first observed
+        self.sq_norm_estimate = torch.full((L,), -1.0, dtype=torch.float64)
         self.G = 0.0
         self.generator = torch.Generator().manual_seed(seed)
         self.mask: torch.Tensor | None = None  # the current active set; None while dense
@@ -171,8 +236,9 @@ class JointSpar:
         self.round_steps = 0
         self._sparse_step = False
         self._reset_stats()
-        log.info("JointSpar: L = %d arms (%s grouping), budget s = %g, p_min = %g, eta = %g, sampling = %s, "
-                 "resample every %s", L, cfg.arms, s, p_min, cfg.eta, cfg.sampling, every)
+        log.info("JointSpar: L = %d arms (%s grouping, %d parameters always trained), budget %g %s, p_min = %g, "
+                 "eta = %g, sampling = %s, resample every %s", L, cfg.arms, self.always_numel, s,
+                 "of the bytes" if self.by_bytes else "arms", p_min, cfg.eta, cfg.sampling, every)
 
     # ---- per step -------------------------------------------------------------------------------------
 
@@ -186,7 +252,7 @@ class JointSpar:
         if epoch <= self.cfg.warmup_epochs:
             self._sparse_step = False
             self._stats_active_arms += self.num_arms
-            self._stats_active_numel += sum(self.arm_numel)
+            self._stats_active_numel += sum(self.arm_numel) + self.always_numel
             return list(self._params_in_order)
 
         if self.sample_every == 0:
@@ -201,7 +267,7 @@ class JointSpar:
         self.steps_since_sample += 1
         self._sparse_step = True
 
-        active_ids = set()
+        active_ids = {id(p) for p in self.always}
         for (_, params), active in zip(self.arms, self.mask.tolist()):
             for p in params:
                 p.requires_grad_(active)
@@ -209,7 +275,7 @@ class JointSpar:
                     active_ids.add(id(p))
         self._stats_sparse_steps += 1
         self._stats_active_arms += int(self.mask.sum())
-        self._stats_active_numel += sum(n for n, a in zip(self.arm_numel, self.mask.tolist()) if a)
+        self._stats_active_numel += sum(n for n, a in zip(self.arm_numel, self.mask.tolist()) if a) + self.always_numel
         return [p for p in self._params_in_order if id(p) in active_ids]
 
     @torch.no_grad()
@@ -234,7 +300,8 @@ class JointSpar:
         self._sparse_step = False
 
     def _update_bandit(self) -> None:
-        """One EXP3 round over the mask drawn last (its gradients averaged over the steps it was held).
+        """One round over the mask drawn last (its gradients averaged over the steps it was held): with
+        budget_unit=bytes, the active arms' norm estimates and then the variance-optimal p; else EXP3:
 
         Loss of arm l: -|g_l|^2 / p_l^2 + G^2, with G^2 a running bound on |g_l|^2 / p_l^2 that keeps it
         non-negative; divided by G^2 it lies in [0, 1]. EXP3 sets w_l = p_l exp(-eta * lhat_l) from an
@@ -251,6 +318,17 @@ class JointSpar:
         scaled_sq = self.round_sq_norm / self.round_steps / p ** 2  # |g_l|^2 / p_l^2
         if not bool(torch.isfinite(scaled_sq).all()):
             log.warning("JointSpar: non-finite gradient norm; bandit update skipped for this round")
+        elif self.by_bytes and bool(active.any()):
+            seen = self.round_sq_norm / self.round_steps
+            first = active & (self.sq_norm_estimate < 0)
+            self.sq_norm_estimate[first] = seen[first]
+            later = active & ~first
+            self.sq_norm_estimate[later] += (1 - NORM_DECAY) * (seen[later] - self.sq_norm_estimate[later])
+            # an arm not yet observed counts as the largest observed: optimism gets it sampled
+            unseen = self.sq_norm_estimate < 0
+            estimate = self.sq_norm_estimate.masked_fill(unseen, float(self.sq_norm_estimate.clamp(min=0).max()))
+            self.p = variance_optimal_p(estimate.sqrt(), torch.tensor(self.arm_numel, dtype=torch.float64),
+                                        self.arm_budget, self.cfg.p_min)
         elif bool(active.any()):
             self.G = max(G_DECAY * self.G, math.sqrt(float(scaled_sq[active].max())))
             if self.G > 0:
@@ -275,7 +353,8 @@ class JointSpar:
         steps = self._stats_steps
         out: dict = {
             "jointspar_active_arms": self._stats_active_arms / steps if steps else None,
-            "jointspar_active_fraction": self._stats_active_numel / (steps * sum(self.arm_numel)) if steps else None,
+            "jointspar_active_fraction": (self._stats_active_numel / (steps * (sum(self.arm_numel) + self.always_numel))
+                                          if steps else None),
             "jointspar_p_min": None, "jointspar_p_max": None, "jointspar_p_entropy": None,
         }
         if self._stats_sparse_steps:
@@ -291,6 +370,7 @@ class JointSpar:
             "num_arms": self.num_arms,
             "arm_names": list(self.arm_names),
             "budget": float(self.cfg.budget),
+            "budget_unit": self.cfg.budget_unit,
             "p_min": float(self.cfg.p_min),
             "p": self.p.clone(),
             "G": self.G,
@@ -299,6 +379,7 @@ class JointSpar:
             "mask_epoch": self.mask_epoch,
             "steps_since_sample": self.steps_since_sample,
             "round_sq_norm": self.round_sq_norm.clone(),
+            "sq_norm_estimate": self.sq_norm_estimate.clone(),
             "round_steps": self.round_steps,
             "stats": [self._stats_steps, self._stats_sparse_steps, self._stats_active_arms, self._stats_active_numel],
         }
@@ -307,9 +388,12 @@ class JointSpar:
         if state.get("arm_names") != self.arm_names:
             raise ValueError(f"JointSpar checkpoint has {state.get('num_arms')} arms that do not match this model's "
                              f"{self.num_arms} ({self.cfg.arms} grouping)")
-        if abs(state["budget"] - self.cfg.budget) > 1e-9 or abs(state["p_min"] - self.cfg.p_min) > 1e-12:
-            raise ValueError(f"JointSpar checkpoint was made with budget {state['budget']:g}, p_min {state['p_min']:g}; "
-                             f"the config says budget {self.cfg.budget:g}, p_min {self.cfg.p_min:g}")
+        unit = state.get("budget_unit", "arms")  # older checkpoints: arms
+        if (abs(state["budget"] - self.cfg.budget) > 1e-9 or abs(state["p_min"] - self.cfg.p_min) > 1e-12
+                or unit != self.cfg.budget_unit):
+            raise ValueError(f"JointSpar checkpoint was made with budget {state['budget']:g} {unit}, p_min "
+                             f"{state['p_min']:g}; the config says budget {self.cfg.budget:g} {self.cfg.budget_unit}, "
+                             f"p_min {self.cfg.p_min:g}")
         self.p = state["p"].to(torch.float64).clone()
         self.G = float(state["G"])
         self.generator.set_state(state["generator"])
@@ -317,5 +401,7 @@ class JointSpar:
         self.mask_epoch = int(state["mask_epoch"])
         self.steps_since_sample = int(state["steps_since_sample"])
         self.round_sq_norm = state["round_sq_norm"].to(torch.float64).clone()
+        if "sq_norm_estimate" in state:  # older checkpoints: budget_unit=arms, which does not use it
+            self.sq_norm_estimate = state["sq_norm_estimate"].to(torch.float64).clone()
         self.round_steps = int(state["round_steps"])
         self._stats_steps, self._stats_sparse_steps, self._stats_active_arms, self._stats_active_numel = state["stats"]
