@@ -52,6 +52,7 @@ def test_yaml_and_overrides(tmp_path):
     ({"run": {"seed": 2**64}}, "run.seed must be in [0, 2^63)"),
     ({"dist": {"timeout_seconds": 10**14}}, "dist.timeout_seconds must be in (0, 31536000]"),
     ({"optim": {"trust_coeff": -1}}, "optim.trust_coeff must be > 0"),
+    ({"attack": {"name": "fgsm", "random_start": False}}, "FGSM-RS always starts at random"),
     ({"jointspar": {"budget_unit": "bytes", "budget": 40}}, "jointspar.budget 40 with budget_unit=bytes"),
     ({"jointspar": {"budget_unit": "bytes", "budget": 0.5, "sampling": "exact"}}, "it needs budget_unit=arms"),
     ({"data": {"batch_size": 1}, "train": {"loss": "adv"}}, "leaves 1 image per rank and micro-batch"),

@@ -62,7 +62,7 @@ class ModelConfig:
 
 @dataclass
 class AttackConfig:
-    name: str = "pgd"  # pgd | fgsm (FGSM with random start, alpha = 1.25 eps)
+    name: str = "pgd"  # pgd | fgsm (FGSM with random start, alpha = 1.25 eps; one step, whatever `steps` says)
     eps: float = 8 / 255
     alpha: float = 0.0  # 0: 2.5 * eps / steps for PGD, 1.25 * eps for FGSM
     steps: int = 10
@@ -357,6 +357,9 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
         (cfg.eval.eps <= 1, f"eval.eps must be in [0, 1], or -1 for attack.eps, got {cfg.eval.eps}"),
         (cfg.attack.alpha >= 0, "attack.alpha must be >= 0"),
         (cfg.attack.steps >= 1, f"attack.steps must be >= 1, got {cfg.attack.steps}"),
+        (cfg.attack.name != "fgsm" or cfg.attack.random_start,
+         "attack.random_start=false with attack.name=fgsm: FGSM-RS always starts at random (Wong et al.); plain "
+         "FGSM is attack.name=pgd, attack.steps=1, attack.random_start=false, attack.alpha=attack.eps"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.base_batch_size >= 1, "optim.base_batch_size must be >= 1"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
