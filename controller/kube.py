@@ -200,6 +200,15 @@ class Cluster:
         for monitor in monitors:  # a PodMonitor the cluster refuses must not leave a job running unwatched
             self.call(PODMONITOR, f"PodMonitor {ns}/{name} (dry run)", self.custom.create_namespaced_custom_object,
                       PODMONITOR.group, PODMONITOR.version, ns, PODMONITOR.plural, monitor, dry_run="All")
+        for account in (o for o in objects if o["kind"] == "ServiceAccount"):  # RBAC often forbids creating these
+            try:
+                self.call(None, f"ServiceAccount {ns}/{account['metadata']['name']} (dry run)",
+                          self.core.create_namespaced_service_account, ns, account, dry_run="All")
+            except ClusterError as exc:
+                if "forbidden" not in str(exc):
+                    raise
+                raise ClusterError(f"{exc}; set serviceAccountName in the spec to an existing ServiceAccount "
+                                   "(one without a token: automountServiceAccountToken: false)") from None
         created_core: list[dict[str, Any]] = []
         try:
             for obj in core:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import posixpath
 import re
 from pathlib import Path
@@ -25,6 +26,8 @@ from trainer.yamlfile import describe_yaml_error, load_yaml
 OPERATOR_PORT = 23456  # the training operator's pytorchjob-port
 RDZV_PORT = 29400  # torchrun's c10d rendezvous port
 RESERVED_MOUNTS = ("/etc/dat", "/dev/shm", "/tmp")
+HELM_RELEASE_MAX = 53  # helm's limit on a release name
+HELM_EXACT_INT = 2**53  # helm reads values as float64: integers beyond this change
 
 
 @dataclasses.dataclass
@@ -93,6 +96,13 @@ def _helm_scalar(text: str) -> Any:
 MAX_SET_INDEX = 65536  # helm's limit on a --set list index
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+_STRICT_JSON = json.JSONDecoder(parse_constant=_no_constant)  # NaN and Infinity are not JSON: helm refuses them
+
+
 def _parse_set(item: str, flag: str = "--set") -> list[tuple[list[str | int], Any]]:
     """helm's --set syntax: a.b=v[,c=v...]; '\\' escapes the next character ('\\.' a dot in a key, '\\,' a comma in
     a value); {x,y} a list; name[i] a list index. --set-string keeps every value a string; --set-json reads each
@@ -158,10 +168,19 @@ def _parse_set(item: str, flag: str = "--set") -> list[tuple[list[str | int], An
             return text
 
         if flag == "--set-json":
-            try:
-                value, i = json.JSONDecoder().raw_decode(item, i)
-            except json.JSONDecodeError as exc:
-                raise fail(f"the value is not JSON ({exc.msg} at character {exc.pos + 1})") from None
+            while i < n and item[i] in " \t\n\r":
+                i += 1
+            if i >= n or item[i] == ",":  # key= : null, as in helm
+                value = None
+            else:
+                try:
+                    value, i = _STRICT_JSON.raw_decode(item, i)
+                except json.JSONDecodeError as exc:
+                    raise fail(f"the value is not JSON ({exc.msg} at character {exc.pos + 1})") from None
+                except ValueError as exc:
+                    raise fail(f"the value is not JSON ({exc})") from None
+                while i < n and item[i] in " \t\n\r":
+                    i += 1
         elif item[i:i + 1] == "{":  # a list; {} is [""] as in helm
             i += 1
             values = [read_value(",}")]
@@ -310,6 +329,14 @@ def _schema_errors(spec: dict[str, Any]) -> list[jsonschema.ValidationError]:
     return sorted(validator.iter_errors(spec), key=lambda e: list(map(str, e.absolute_path)))
 
 
+def _helm_trainer_problems(trainer: dict[str, Any]) -> list[str]:
+    """What the chart's trainer schema refuses that the trainer itself would take (e.g. epochs: "3", a string),
+    so a spec datctl renders is one `helm install` takes too."""
+    validator = _Validator({"type": "object", "properties": {"trainer": chart.trainer_schema()}})
+    errors = sorted(validator.iter_errors({"trainer": trainer}), key=lambda e: list(map(str, e.absolute_path)))
+    return [f"{line} (helm's values schema refuses it)" for error in errors for line in _describe(error)]
+
+
 def _schema_problems(errors: list[jsonschema.ValidationError]) -> list[str]:
     """values.schema.json problems worded for people, except inside `trainer` (trainer/config.py words those)."""
     problems: dict[str, None] = {}
@@ -364,7 +391,10 @@ def longest_pod_name(v: dict[str, Any]) -> str:
 
 
 def _quantity(value: Any) -> Any:
-    return parse_quantity(value) if value is not None else None
+    try:
+        return parse_quantity(value) if value is not None else None
+    except ArithmeticError:  # NaN, infinity: decimal refuses them
+        raise ValueError(f"not a quantity: {value!r}") from None
 
 
 def _bad_quantities(v: dict[str, Any]) -> list[str]:
@@ -514,9 +544,43 @@ def _collapse_repeats(problems: list[str], show: int = 3, what: str = "world siz
     return out
 
 
+def _number_problems(spec: Any, path: tuple = ()) -> list[tuple[tuple, str]]:
+    """(path, problem) for the numbers helm cannot carry: NaN and infinities (its JSON refuses them; the trainer's
+    own checks word those under `trainer`) and integers beyond 2^53 (its values are float64, so 2^63 - 1 would
+    come out changed). env and nccl values go to helm as strings."""
+    if isinstance(spec, dict):
+        return [found for key, value in spec.items() if path or key not in ("env", "nccl")
+                for found in _number_problems(value, (*path, key))]
+    if isinstance(spec, list):
+        return [found for i, value in enumerate(spec) for found in _number_problems(value, (*path, i))]
+    where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
+    if isinstance(spec, float) and not math.isfinite(spec) and path[:1] != ("trainer",):
+        return [(path, f"{where}: {spec} is not a finite number")]
+    if isinstance(spec, int) and not isinstance(spec, bool) and abs(spec) > HELM_EXACT_INT:
+        return [(path, f"{where}: {spec} is larger than 2^53, the largest integer helm's values (float64) hold "
+                       "exactly")]
+    return []
+
+
+# Sections a null may remove whole: the templates read their keys only where they exist.
+NULLABLE_SECTIONS = ("resources", "nccl")
+
+
+def _null_section_problems(spec: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """A null section (`nodePool:` with every key commented out) removes all of the chart's defaults under it;
+    the templates then fail on a nil map, which helm words as its own internals."""
+    return [f"{key}: null removes the chart's whole {key} section, which its templates need; remove the line, or "
+            f"null the keys inside it" for key, value in spec.items()
+            if value is None and key not in NULLABLE_SECTIONS and key not in DATCTL_READS
+            and isinstance(defaults.get(key), dict) and defaults[key]]
+
+
 def _name_problems(v: dict[str, Any]) -> list[str]:
     if not v["name"]:
         return ["name: required (the job name; pods are <name>-master-0, <name>-worker-<i>)"]
+    if len(v["name"]) > HELM_RELEASE_MAX:
+        return [f"name: {v['name']!r} has {len(v['name'])} characters; the job name is also the Helm release name, "
+                f"which helm limits to {HELM_RELEASE_MAX}"]
     if len(longest_pod_name(v)) > 63:
         return [f"name: {v['name']!r} is too long for {v['nodes']} nodes: pod name "
                 f"{longest_pod_name(v)!r} has {len(longest_pod_name(v))} characters (max 63)"]
@@ -595,14 +659,18 @@ def check(spec: dict[str, Any], origin: str = "trainer") -> dict[str, Any]:
     v = _coalesce(defaults, spec)  # checked as helm checks it: merged with the chart's defaults
     _fill_nulls(v, defaults)  # a null there means the chart's default (its templates treat both alike)
     errors = _schema_errors(v)  # validated once: worded for the user, and which keys the rules must skip
-    problems = _schema_problems(errors)
-    broken = _broken_keys(errors) | _emptied_keys(defaults, v)
+    numbers = _number_problems(spec)
+    problems = [line for _, line in numbers] + _null_section_problems(spec, defaults) + _schema_problems(errors)
+    broken = _broken_keys(errors) | _emptied_keys(defaults, v) | {str(path[0]) for path, _ in numbers}
     if "" not in broken:
         for rule, reads in CROSS_FIELD_RULES:
             if not broken.intersection(reads):
                 problems += rule(v)
     if isinstance(v.get("trainer"), dict):  # the trainer's checks need only the node and process counts
-        problems += _trainer_problems(v["trainer"], world_sizes(v), origin)
+        trainer_found = _trainer_problems(v["trainer"], world_sizes(v), origin)
+        if not trainer_found and origin == "trainer":  # inline: helm validates it too, with stricter types
+            trainer_found = _helm_trainer_problems(v["trainer"])
+        problems += trainer_found
     if problems:
         raise SpecError(problems)
     return v

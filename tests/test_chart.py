@@ -354,3 +354,10 @@ def test_a_null_without_a_default_is_refused_as_helm_refuses_it(tmp_path: Path,
     assert proc.returncode != 0 and "/env/OMP_NUM_THREADS" in proc.stderr
     assert cli.main(["render", str(SMOKE), "--set", "env.OMP_NUM_THREADS=null"]) == 2
     assert "datctl: env.OMP_NUM_THREADS: expected string or number or boolean, got null" in capsys.readouterr().err
+
+
+def test_a_blank_api_renders_the_default_job_as_datctl_does(tmp_path: Path) -> None:
+    """`api:` left blank (null): helm renders the default PyTorchJob, not a release without a job."""
+    (tmp_path / "blank.yaml").write_text("api:\n")
+    assert "PyTorchJob" in kinds(template("-f", str(tmp_path / "blank.yaml")))
+    assert "PyTorchJob" in kinds(template("--set", "api=null"))

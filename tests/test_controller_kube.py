@@ -121,7 +121,8 @@ def test_a_trainjob_comes_with_a_serviceaccount_that_mounts_no_token(tmp_path: P
     assert out.splitlines()[:4] == ["serviceaccount/dat-smoke-trainer created", "configmap/dat-smoke-config created",
                                     "trainjob/dat-smoke created", "podmonitor/dat-smoke created"]
     objects = rendered(api="trainjob")
-    account = server.requests[3]["body"]
+    dry_run, account = server.requests[3], server.requests[4]["body"]
+    assert dry_run["query"] == {"dryRun": "All"} and dry_run["body"] == objects["ServiceAccount"]
     assert account == objects["ServiceAccount"] and account["automountServiceAccountToken"] is False
     pod = objects["TrainJob"]["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"][
         "replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
@@ -137,6 +138,18 @@ def test_a_failed_trainjob_create_removes_its_serviceaccount_and_configmap(tmp_p
     assert code == 1 and "etcdserver: request timed out" in err
     assert [(r["method"], r["path"].rsplit("/", 2)[-2:]) for r in server.requests[-2:]] == [
         ("DELETE", ["configmaps", "dat-smoke-config"]), ("DELETE", ["serviceaccounts", "dat-smoke-trainer"])]
+
+
+def test_a_serviceaccount_rbac_forbids_is_reported_before_anything_is_created(tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture) -> None:
+    code, out, err, server = datctl(capsys, "submit-trainjob-sa-forbidden", tmp_path, "submit", SMOKE,
+                                    "--api", "trainjob")
+    assert code == 1 and out == ""
+    line = without_warnings(err).strip()
+    assert line.startswith("datctl: ServiceAccount team-a/dat-smoke-trainer (dry run): forbidden by RBAC: ")
+    assert line.endswith("set serviceAccountName in the spec to an existing ServiceAccount (one without a token: "
+                         "automountServiceAccountToken: false)")
+    assert all(r["query"] == {"dryRun": "All"} for r in server.requests if r["method"] == "POST")
 
 
 def test_status_of_a_running_job(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -57,8 +57,11 @@ MISTAKES = {
     "bad-restart-policy": ({"restartPolicy": "Sometimes"}, "restartPolicy: 'Sometimes' is not one of OnFailure"),
     "name-not-dns1035": ({"name": "Dat_Smoke"}, "name: 'Dat_Smoke' is invalid: DNS-1035 label"),
     "name-missing": ({"name": DELETE}, "name: required (the job name; pods are <name>-master-0"),
-    "name-too-long-for-pods": ({"name": "a" * 54, "nodes": 16},
-                               f"pod name '{'a' * 54}-worker-14' has 64 characters (max 63)"),
+    "name-too-long-for-release": ({"name": "a" * 54}, "the job name is also the Helm release name, which helm "
+                                                      "limits to 53"),
+    "name-too-long-for-pods": ({"name": "a" * 53, "nodes": 1001, "trainer/data/batch_size": 1001,
+                                "trainer/data/synthetic_train_size": 1001},
+                               f"pod name '{'a' * 53}-worker-999' has 64 characters (max 63)"),
     "gpus-vs-processes": ({"gpusPerNode": 1, "nprocPerNode": 2},
                           "nprocPerNode: 2 does not match gpusPerNode 1 (each torchrun process needs its own GPU)"),
     "gpus-in-resources": ({"resources/limits/nvidia.com~gpu": "1"},
@@ -469,3 +472,48 @@ def test_spec_numbers_are_read_as_helm_reads_them(tmp_path: Path, capsys: pytest
     pod = objects["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert (env["TIME"], env["E1"], env["E4"]) == ("1:30", "1000", "15")
+
+
+@pytest.mark.parametrize("changes, flags, line", [
+    ({"resources/limits/memory": float("nan")}, [], "resources.limits.memory: nan is not a finite number"),
+    ({}, ["--set", "runPolicy.activeDeadlineSeconds=9223372036854775807"],
+     "runPolicy.activeDeadlineSeconds: 9223372036854775807 is larger than 2^53"),
+    ({}, ["--set", "trainer.run.seed=9007199254740993"], "trainer.run.seed: 9007199254740993 is larger than 2^53"),
+    ({}, ["--set-json", "env.A=NaN"], "--set-json env.A=NaN: the value is not JSON (NaN is not a JSON number)"),
+    ({}, ["--set", "name=" + "a" * 54], "the job name is also the Helm release name, which helm limits to 53"),
+    ({"trainer/run/epochs": "3"}, [], "trainer.run.epochs: expected integer, got '3' (helm's values schema refuses it)"),
+    ({}, ["--set", "trainer.attack.steps=04"], "trainer.attack.steps: expected integer, got '04'"),
+])
+def test_what_helm_would_refuse_or_change_is_refused_in_one_line(changes: dict, flags: list, line: str,
+                                                                 tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = render(capsys, str(write_spec(tmp_path, changes)), *flags)
+    assert code == 2 and line in err and "Traceback" not in err, err
+
+
+def test_set_json_spacing_and_empty_values_as_helm_reads_them(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    objects = rendered_objects(capsys, str(write_spec(tmp_path)), "--set-json", 'env.A= "x" ,env.B=2 ',
+                               "--set-json", "resources.limits=")
+    container = objects["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["A"] == "x" and env["B"] == "2" and "limits" not in container["resources"]
+
+
+def test_dates_and_y_n_read_as_helm_reads_them(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    overlay = tmp_path / "more.yaml"
+    overlay.write_text("image: {tag: 2024-01-15}\nenv: {C: y, D: 2024-01-15T10:00:00Z}\n")
+    objects = rendered_objects(capsys, str(write_spec(tmp_path)), "-f", str(overlay))
+    container = objects["PyTorchJob"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert container["image"].endswith(":2024-01-15") and env["C"] == "true" and env["D"] == "2024-01-15T10:00:00Z"
+
+
+
+def test_a_null_section_is_named_not_left_to_helm_internals(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = render(capsys, str(write_spec(tmp_path, text=yaml.safe_dump(SMOKE) + "nodePool:\n")))
+    assert code == 2 and "datctl: nodePool: null removes the chart's whole nodePool section" in err, err
+    assert "helm template failed" not in err and len(without_warning_lines(err)) == 1
+    assert rendered_objects(capsys, str(write_spec(tmp_path)), "--set", "resources=null")  # helm renders that
+
+
+def without_warning_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if not line.startswith("datctl: warning: ")]

@@ -12,6 +12,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key given twice in one mapping, as helm and kubectl do, instead of
     silently keeping the last value."""
 
+    bool_values = {**yaml.SafeLoader.bool_values, "y": True, "n": False}  # go-yaml's YAML 1.1 booleans
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
@@ -28,11 +30,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 
-# Numbers as helm's YAML reads them (go-yaml), not as YAML 1.1 does: no base-60 (1:30 stays a string, not 90),
-# 1e3 is a number, 0o17 an octal.
+# Scalars as helm's YAML reads them (go-yaml), not as YAML 1.1 does: no base-60 (1:30 stays a string, not 90),
+# 1e3 is a number, 0o17 an octal, y / n are booleans, and a date stays a string (2024-01-15 is an image tag).
 _UniqueKeyLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (
+        "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:y|Y|n|N)$"), list("yYnN"))
 _UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(
     r"^(?:[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
 _UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(

@@ -8,6 +8,13 @@ Chart name.
 {{/*
 The training job's name: .Values.name, else the release name. Every object of the run is named after it.
 */}}
+{{/*
+The job API: a null or empty `api` (a key left blank) means the default, as in datctl, rather than no job.
+*/}}
+{{- define "dat-training.api" -}}
+{{- .Values.api | default "pytorchjob" }}
+{{- end }}
+
 {{- define "dat-training.jobName" -}}
 {{- .Values.name | default .Release.Name }}
 {{- end }}
@@ -20,7 +27,7 @@ without serviceAccountName the chart gives them their own ServiceAccount that mo
 {{- define "dat-training.trainerServiceAccount" -}}
 {{- if .Values.serviceAccountName }}
 {{- .Values.serviceAccountName }}
-{{- else if eq .Values.api "trainjob" }}
+{{- else if eq (include "dat-training.api" .) "trainjob" }}
 {{- include "dat-training.jobName" . }}-trainer
 {{- end }}
 {{- end }}
@@ -74,7 +81,7 @@ stay a 63-character DNS label).
 */}}
 {{- define "dat-training.longestPodName" -}}
 {{- $name := include "dat-training.jobName" . }}
-{{- if eq .Values.api "trainjob" }}
+{{- if eq (include "dat-training.api" .) "trainjob" }}
 {{- printf "%s-node-0-%d" $name (sub (int .Values.nodes) 1) }}
 {{- else if .Values.elastic.enabled }}
 {{- printf "%s-worker-%d" $name (sub (int .Values.elastic.maxNodes) 1) }}
@@ -305,7 +312,7 @@ the cluster sees the same documented exceptions. Project-wide skips: .checkov.ya
 {{- $_ := set $skips "checkov.io/skip1" "CKV_K8S_8=Batch pod: the operator restarts a crashed one; an HTTP probe cannot see a hung collective" }}
 {{- $_ := set $skips "checkov.io/skip2" "CKV_K8S_9=A readiness probe would delay the headless-Service DNS name the rendezvous needs" }}
 {{- $_ := set $skips "checkov.io/skip3" "CKV_K8S_11=No CPU limit by default: throttling stalls DataLoader and NCCL threads; CPU is requested" }}
-{{- if eq .Values.api "trainjob" }}
+{{- if eq (include "dat-training.api" .) "trainjob" }}
 {{- $_ := set $skips "checkov.io/skip4" "CKV_K8S_15=A TrainJob cannot set imagePullPolicy: the training runtime decides" }}
 {{- if .Values.serviceAccountName }}
 {{- $_ := set $skips "checkov.io/skip5" "CKV_K8S_38=A TrainJob cannot set automountServiceAccountToken: serviceAccountName decides" }}
