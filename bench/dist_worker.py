@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from bench.harness import StepCounter, build_trainer, first_batch, synthetic_overrides
+from bench.harness import JOINTSPAR_SETTINGS, StepCounter, build_trainer, first_batch, synthetic_overrides
 from bench.published import PublishedStep
 from bench.step_cost import FAST_PATH, FP32
 from bench.timing import interleaved, ratio, summary
@@ -24,10 +24,6 @@ from trainer.distributed import DistInfo, setup, teardown
 from trainer.models import build_model
 from trainer.optim import build_optimizer
 from trainer.train import Trainer
-
-# Figure 3's JointSpar: a budget of half the gradient bytes over the weight tensors (the recommended setting;
-# a budget in arms, as published, sends nearly every byte again once its bandit has learnt).
-JOINTSPAR_SETTINGS = "budget_unit=bytes,budget=0.5,arms=weights,p_min=0.0125"
 
 
 def slowest_rank(times: dict[str, list[float]]) -> dict[str, list[float]]:
@@ -193,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5, help="timed rounds for DAT steps")
     p.add_argument("--clean-reps", type=int, default=10, help="timed rounds for clean steps")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--jointspar", default=JOINTSPAR_SETTINGS, help="figure 3: jointspar.* settings, KEY=VALUE,...")
+    p.add_argument("--jointspar", default=",".join(JOINTSPAR_SETTINGS),
+                   help="figure 3: jointspar.* settings, KEY=VALUE,...")
     p.add_argument("--bucket-mb", default="1,5,25,100", help="bucket sizes for the sweep (MB)")
     p.add_argument("--figures", default="published,jointspar,buckets")
     p.add_argument("--out", required=True)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.cuda_graphs import GraphedAttack, attack_replaced
-from bench.harness import build_trainer, first_batch, local_dist_info, synthetic_overrides
+from bench.harness import JOINTSPAR_SETTINGS, build_trainer, first_batch, local_dist_info, synthetic_overrides
 from trainer.attacks import attack_mode, craft
 from trainer.models import build_model
 
@@ -50,7 +50,7 @@ TARGET_IMAGES_PER_SECOND = 10_000
 # other than the default autotunes: MODE_COMPILE_ALLOWANCE_S). The end-to-end trainer run (torchrun, one rank,
 # 2 epochs) keeps its own share of the budget.
 COMPILE_ALLOWANCE_S, MODE_COMPILE_ALLOWANCE_S, EAGER_ALLOWANCE_S, E2E_ALLOWANCE_S = 150.0, 300.0, 40.0, 90.0
-JOINTSPAR = ["optim.name=lars", "jointspar.enabled=true", "jointspar.budget=40", "jointspar.p_min=0.0125"]
+JOINTSPAR = ["optim.name=lars", "jointspar.enabled=true", *(f"jointspar.{kv}" for kv in JOINTSPAR_SETTINGS)]
 # name: (perf.amp, perf.channels_last, compiled passes (perf.compile: off | attack | all), CUDA-graphed attack,
 #        cudnn.benchmark, extra overrides)
 VARIANTS = {

@@ -148,7 +148,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
     kind = kube.KINDS[args.api or "pytorchjob"]
     cluster.delete(kind, args.name)
-    what = "ConfigMap, ServiceAccount" if kind is kube.TRAINJOB else "ConfigMap"
+    what = "ConfigMap, ServiceAccount (if it made one)" if kind is kube.TRAINJOB else "ConfigMap"
     print(f"{kind.kind.lower()}/{args.name} deleted (its pods, and the {what} and PodMonitor datctl created, "
           "are garbage-collected)")
     return 0

@@ -50,7 +50,11 @@ KINDS = {"pytorchjob": PYTORCHJOB, "trainjob": TRAINJOB}
 
 
 class ClusterError(RuntimeError):
-    """A cluster-side failure, one line."""
+    """A cluster-side failure, one line; status is the API server's HTTP status when it answered."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class KubeconfigError(ClusterError):
@@ -144,7 +148,7 @@ class Cluster:
         try:
             return fn(*args, **kwargs)
         except ApiException as exc:
-            raise ClusterError(self._explain(exc, kind, what)) from None
+            raise ClusterError(self._explain(exc, kind, what), status=exc.status) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             reason = getattr(exc, "reason", None) or exc
             raise ClusterError(f"cannot reach the Kubernetes API server at {self.host}: {reason}") from None
@@ -205,7 +209,7 @@ class Cluster:
                 self.call(None, f"ServiceAccount {ns}/{account['metadata']['name']} (dry run)",
                           self.core.create_namespaced_service_account, ns, account, dry_run="All")
             except ClusterError as exc:
-                if "forbidden" not in str(exc):
+                if exc.status != 403 or "quota" in str(exc):  # RBAC, not a ResourceQuota
                     raise
                 raise ClusterError(f"{exc}; set serviceAccountName in the spec to an existing ServiceAccount "
                                    "(one without a token: automountServiceAccountToken: false)") from None

@@ -55,7 +55,8 @@ def test_yaml_and_overrides(tmp_path):
     ({"attack": {"name": "fgsm", "random_start": False}}, "FGSM-RS always starts at random"),
     ({"jointspar": {"budget_unit": "bytes", "budget": 40}}, "jointspar.budget 40 with budget_unit=bytes"),
     ({"jointspar": {"budget_unit": "bytes", "budget": 0.5, "sampling": "exact"}}, "it needs budget_unit=arms"),
-    ({"data": {"batch_size": 1}, "train": {"loss": "adv"}}, "leaves 1 image per rank and micro-batch"),
+    ({"data": {"batch_size": 1, "name": "digits"}, "model": {"name": "resnet18"}, "train": {"loss": "adv"}},
+     "leaves 1 image per rank and micro-batch"),
 ])
 def test_config_errors_are_one_clear_line(raw, fragment):
     with pytest.raises(ConfigError) as info:
@@ -98,10 +99,14 @@ def test_eps_as_written_in_papers():
 
 
 def test_one_image_per_rank_is_refused_only_where_batchnorm_would_see_one():
-    assert "1 image per rank" in "; ".join(config.world_size_problems(
-        config_from_dict({"data": {"batch_size": 4}, "train": {"loss": "clean", "micro_batches": 2}}), 2))
-    # dat trains on cat([x_adv, x]): two images
-    assert config.world_size_problems(config_from_dict({"data": {"batch_size": 2}, "train": {"loss": "dat"}}), 2) == []
+    tiny = {"name": "synthetic", "synthetic_image_size": 8, "batch_size": 4}
+    assert "1 image per rank" in "; ".join(config.world_size_problems(config_from_dict(
+        {"data": tiny, "model": {"name": "preact_resnet18"}, "train": {"loss": "clean", "micro_batches": 2}}), 2))
+    # dat trains on cat([x_adv, x]): two images; 32 px leaves 4x4 at the last stage; small_cnn keeps 2x2
+    for changes in ({"train": {"loss": "dat", "micro_batches": 2}}, {"data": {**tiny, "synthetic_image_size": 32}},
+                    {"model": {"name": "small_cnn"}}):
+        raw = {"data": tiny, "model": {"name": "resnet18"}, "train": {"loss": "clean", "micro_batches": 2}} | changes
+        assert config.world_size_problems(config_from_dict(raw), 2) == [], changes
 
 
 def test_batch_must_divide_world_size():

@@ -395,10 +395,12 @@ def test_resampling_schedule(monkeypatch, every, steps_per_epoch, expected_draws
 # ---- checkpoints ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("every, mode", [("1", "bernoulli"), ("3", "exact"), ("epoch", "bernoulli")])
-def test_state_dict_round_trip_continues_the_bandit_exactly(every, mode):
+@pytest.mark.parametrize("every, mode, unit", [("1", "bernoulli", "arms"), ("3", "exact", "arms"),
+                                              ("epoch", "bernoulli", "arms"), ("1", "bernoulli", "bytes")])
+def test_state_dict_round_trip_continues_the_bandit_exactly(every, mode, unit):
     scale = torch.linspace(0.2, 5.0, 12)
-    config = cfg(budget=4.0, sample_every=every, sampling=mode, warmup_epochs=1)
+    budget = 4.0 if unit == "arms" else 4 / 12  # the same p to start with
+    config = cfg(budget=budget, budget_unit=unit, sample_every=every, sampling=mode, warmup_epochs=1)
     total, cut, per_epoch = 50, 26, 10  # the cut falls inside a 3-step round and inside an epoch
 
     ref_model = ArmModel(12)
@@ -425,7 +427,7 @@ def test_state_dict_round_trip_continues_the_bandit_exactly(every, mode):
         assert [ref_pos[i] for i in ids] == [here[i] for i in ids_got], f"step {t}"
         assert torch.equal(p, p_got), f"step {t}"
     assert not torch.equal(expected[-1][1], torch.full((12,), 4 / 12, dtype=torch.float64))  # it did learn
-    assert resumed.G == ref.G
+    assert resumed.G == ref.G and torch.equal(resumed.sq_norm_estimate, ref.sq_norm_estimate)
 
 
 def test_load_state_dict_rejects_a_different_model_or_budget():
@@ -545,3 +547,33 @@ def test_byte_budget_settings_refused_in_one_line():
     other = JointSpar(cfg(budget=0.5, budget_unit="arms", p_min=0.0125), model, seed=0)
     with pytest.raises(ValueError, match="budget 0.5 bytes"):
         other.load_state_dict(state)
+
+
+def test_variance_optimal_p_spends_the_budget_on_arms_without_gradient_last():
+    norms = torch.tensor([3.0, 2.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    cost = torch.ones(6, dtype=torch.float64)
+    p = jointspar_module.variance_optimal_p(norms, cost, 0.95 * 6, 0.05)
+    assert float(p.sum()) == pytest.approx(0.95 * 6) and (p[:3] == 1).all() and (p[3:] < 1).all()
+    uniform = jointspar_module.variance_optimal_p(torch.zeros(6, dtype=torch.float64), cost, 3.0, 0.05)
+    assert torch.allclose(uniform, torch.full((6,), 0.5, dtype=torch.float64))
+
+
+def test_a_byte_budget_at_its_lowest_runs_instead_of_failing_later():
+    """The check at start-up and the bandit's own agree on what the lowest budget is: one a rounding error
+    below it trains at p_min instead of failing at the first bandit update."""
+    model = SizedArmModel([4, 16, 64, 256])
+    lowest = 0.05
+    js = JointSpar(cfg(budget=lowest * (1 - 1e-10), budget_unit="bytes", p_min=0.05), model, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(20):
+        js.begin_step(1, t)
+        loss = model.loss([torch.randn(n, generator=gen) for n in (4, 16, 64, 256)])
+        if loss is not None:
+            loss.backward()
+        js.end_step()
+        for param in model.parameters():
+            param.grad = None
+    assert torch.allclose(js.p, torch.full((4,), 0.05, dtype=torch.float64))
+    with pytest.raises(ConfigError, match="below what p_min"):
+        JointSpar(cfg(budget=lowest * 0.99, budget_unit="bytes", p_min=0.05), model, seed=0)
+

@@ -35,6 +35,8 @@ def test_weights_get_the_trust_ratio_whatever_the_weight_decay(name: str, weight
         assert bias_step == pytest.approx(0.01 * 32 ** 0.5, rel=0.02)
 
 
-def test_sgd_takes_the_same_groups() -> None:
+def test_sgd_takes_the_same_groups_without_the_trust_ratio_setting() -> None:
     step, _, _ = one_step("sgd", 0.0)
     assert step > 0
+    opt = build_optimizer(OptimConfig(name="sgd"), nn.Linear(4, 2), 256)
+    assert all("always_adapt" not in group for group in opt.state_dict()["param_groups"])

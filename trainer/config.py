@@ -410,9 +410,14 @@ def world_size_problems(cfg: Config, world_size: int) -> list[str]:
         return [f"data.batch_size {batch} is not divisible by the world size {world_size}"]
     if batch % (world_size * micro):
         return [f"data.batch_size {batch} does not split into {world_size} rank(s) x {micro} micro-batches"]
-    if batch == world_size * micro and cfg.train.loss != "dat":  # dat trains on cat([x_adv, x]): 2 images
-        return [f"data.batch_size {batch} leaves 1 image per rank and micro-batch at world size {world_size}: "
-                "BatchNorm needs at least 2 (raise data.batch_size or lower train.micro_batches)"]
+    # BatchNorm in training mode needs more than one value per channel: a ResNet's last stage is 1x1 for
+    # inputs of 8 px or less, so one image there fails (dat trains on cat([x_adv, x]): two images).
+    size = {"digits": 8, "synthetic": cfg.data.synthetic_image_size}.get(cfg.data.name, 32)
+    if (batch == world_size * micro and cfg.train.loss != "dat" and size <= 8
+            and cfg.model.name in ("resnet18", "preact_resnet18")):
+        return [f"data.batch_size {batch} leaves 1 image per rank and micro-batch at world size {world_size}, and "
+                f"{cfg.model.name}'s last stage is 1x1 for {size}px images: its BatchNorm needs at least 2 values "
+                "(raise data.batch_size or lower train.micro_batches)"]
     return []
 
 

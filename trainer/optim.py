@@ -34,7 +34,7 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, global_batch: int) -> to
         return Lamb(groups, lr=lr, betas=tuple(cfg.betas), max_grad_norm=None)
     if cfg.name == "lars":
         return Lars(groups, lr=lr, momentum=cfg.momentum, trust_coeff=cfg.trust_coeff)
-    for group in groups:
+    for group in groups:  # SGD would keep it in its state_dict, where it means nothing
         group.pop("always_adapt")
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
 

@@ -6,15 +6,15 @@ Chart name.
 {{- end }}
 
 {{/*
-The training job's name: .Values.name, else the release name. Every object of the run is named after it.
-*/}}
-{{/*
 The job API: a null or empty `api` (a key left blank) means the default, as in datctl, rather than no job.
 */}}
 {{- define "dat-training.api" -}}
 {{- .Values.api | default "pytorchjob" }}
 {{- end }}
 
+{{/*
+The training job's name: .Values.name, else the release name. Every object of the run is named after it.
+*/}}
 {{- define "dat-training.jobName" -}}
 {{- .Values.name | default .Release.Name }}
 {{- end }}
