@@ -577,3 +577,45 @@ def test_a_byte_budget_at_its_lowest_runs_instead_of_failing_later():
     with pytest.raises(ConfigError, match="below what p_min"):
         JointSpar(cfg(budget=lowest * 0.99, budget_unit="bytes", p_min=0.05), model, seed=0)
 
+
+
+# ---- 1/p on the gradient or on the update -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "lamb", "sgd"])
+def test_scale_update_makes_the_expected_update_the_dense_one(optimizer):
+    """LARS's and LAMB's trust ratio divides a 1/p gradient scale out again: the expected update of a weight is
+    p times the dense one. Scaling the update instead makes it the dense one (SGD: both do)."""
+    from trainer.config import OptimConfig
+    from trainer.optim import build_optimizer
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    grads = [torch.randn_like(p) for p in base.parameters()]
+
+    def update(scale: str | None, seed: int) -> list[torch.Tensor]:
+        model = copy.deepcopy(base)
+        opt = build_optimizer(OptimConfig(name=optimizer, lr=0.01, lr_scaling="none", weight_decay=5e-4), model, 256)
+        before = [p.detach().clone() for p in model.parameters()]
+        js = None
+        if scale:  # 4 arms at p = 0.5 (eta ~ 0: the bandit stays put)
+            js = JointSpar(cfg(budget=2, p_min=0.01, eta=1e-12, scale=scale), model, seed=seed)
+            active = {id(p) for p in js.begin_step(1, 0)}
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone() if js is None or id(p) in active else None
+        if js:
+            js.end_step()
+        opt.step()
+        if js:
+            js.after_optimizer_step()
+        return [p.detach() - b for p, b in zip(model.parameters(), before)]
+
+    dense = update(None, 0)
+    for scale, weights_ratio in (("gradient", 0.5 if optimizer != "sgd" else 1.0), ("update", 1.0)):
+        draws = 1000
+        mean = [torch.zeros_like(d) for d in dense]
+        for seed in range(draws):
+            for acc, u in zip(mean, update(scale, seed)):
+                acc += u / draws
+        weights = [float((m * d).sum() / (d * d).sum()) for m, d, p in zip(mean, dense, base.parameters())
+                   if p.ndim > 1]
+        assert weights == pytest.approx([weights_ratio] * len(weights), abs=0.1), (scale, weights)

@@ -93,13 +93,14 @@ def test_steps_with_no_active_arm_are_survived(tmp_path):
 
 
 def test_a_byte_budget_holds_in_a_real_run(tmp_path):
-    """budget_unit=bytes with the weights grouping: biases and norms are sent every step, the conv and linear
-    weights by the bandit, and the expected bytes are the budget exactly (the published arms budget climbs
-    back to dense as the bandit learns)."""
+    """budget_unit=bytes with the weights grouping (and 1/p on the update): biases and norms are sent every
+    step, the conv and linear weights by the bandit, and the expected bytes are the budget exactly (the
+    published arms budget climbs back to dense as the bandit learns)."""
     out = tmp_path / "bytes"
     torchrun(["-m", "trainer", *SYNTHETIC, "--set", "jointspar.enabled=true", "--set", "jointspar.budget_unit=bytes",
               "--set", "jointspar.budget=0.3", "--set", "jointspar.arms=weights", "--set", "jointspar.p_min=0.05",
-              "--set", "jointspar.warmup_epochs=1", "--set", f"run.output_dir={out}", "--set", "run.epochs=4"])
+              "--set", "jointspar.warmup_epochs=1", "--set", "jointspar.scale=update",
+              "--set", f"run.output_dir={out}", "--set", "run.epochs=4"])
     warmup, *sparse = read_jsonl(out / "metrics.jsonl")
     assert warmup["comm_bytes"] == warmup["dense_comm_bytes"]
     sent = sum(r["comm_bytes"] for r in sparse) / sum(r["dense_comm_bytes"] for r in sparse)
@@ -115,3 +116,4 @@ def test_a_byte_budget_holds_in_a_real_run(tmp_path):
     expected = (float((state["jointspar"]["p"] * numel).sum()) + always) / (float(numel.sum()) + always)
     assert expected == pytest.approx(0.3, abs=1e-9)
     assert state["jointspar"]["p"].max() - state["jointspar"]["p"].min() > 0.01  # it learned
+    assert all(math.isfinite(r["train_loss"]) for r in sparse)

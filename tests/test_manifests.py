@@ -161,6 +161,7 @@ def test_published_setup(name: str, optimizer: str, jointspar: bool, tmp_path: P
     assert cfg.jointspar.enabled is jointspar
     if jointspar:
         assert (cfg.jointspar.budget_unit, cfg.jointspar.budget, cfg.jointspar.p_min) == ("bytes", 0.5, 0.0125)
+        assert cfg.jointspar.scale == "update"
 
     # the trainer writes its checkpoints to the checkpoint PVC (a restarted pod resumes) and reads the data PVC
     volumes = {v["name"]: v for v in pod["volumes"]}

@@ -113,6 +113,7 @@ class JointSparConfig:
     sampling: str = "bernoulli"  # bernoulli: independent coins; exact: exactly round(budget) arms
     arms: str = "param"  # param: one arm per parameter tensor; module: per module; weights: per >= 2-d tensor
     warmup_epochs: int = 0  # dense epochs before sparsification starts
+    scale: str = "gradient"  # 1/p on the gradient (as published) or on the optimizer's update (unbiased under LARS/LAMB)
 
 
 @dataclass
@@ -309,6 +310,7 @@ CHOICES: dict[str, tuple[str, ...]] = {  # the allowed values of every choice ke
     "jointspar.sampling": ("bernoulli", "exact"),
     "jointspar.arms": ("param", "module", "weights"),
     "jointspar.budget_unit": ("arms", "bytes"),
+    "jointspar.scale": ("gradient", "update"),
     "perf.amp": ("auto", "bf16", "off"),
     "perf.channels_last": ("auto", "on", "off"),
     "perf.compile": ("auto", "attack", "all", "off"),

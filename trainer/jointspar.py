@@ -5,7 +5,9 @@ Each step only a random subset of "arms" (parameter tensors, or modules) is trai
 sync never sends them and the optimizer (which skips ``grad is None``) never touches them. Arm l is
 active with probability p_l; active gradients are scaled by 1/p_l so the gradient estimate is unbiased
 (an SGD update too; LARS's and LAMB's trust ratio divides the scale out again, so under them an arm's
-expected update is p_l times its dense one). p moves towards the arms whose gradients are large (lowering
+expected update is p_l times its dense one). With scale=update the optimizer's update of an active arm is
+scaled by 1/p_l instead, which makes the expected update the dense one under any optimizer (weight decay
+included). p moves towards the arms whose gradients are large (lowering
 the estimator's variance), within p_min <= p <= 1 and a budget:
 - budget_unit=arms (as published): sum(p) = budget, p set by an EXP3 bandit. The variance-optimal p_l
   grows with |g_l| whatever the arm's size, so the large tensors end at p = 1 and nearly every byte is
@@ -232,6 +234,7 @@ class JointSpar:
         self.round_sq_norm = torch.zeros(L, dtype=torch.float64)
         self.round_steps = 0
         self._sparse_step = False
+        self._before_update: list[tuple[nn.Parameter, torch.Tensor, float]] = []  # scale=update, this step
         self._reset_stats()
         log.info("JointSpar: L = %d arms (%s grouping, %d parameters always trained), budget %g %s, p_min = %g, "
                  "eta = %g, sampling = %s, resample every %s", L, cfg.arms, self.always_numel, s,
@@ -291,11 +294,21 @@ class JointSpar:
             scale = 1.0 / float(self.p[l])
             for param in self.arms[l][1]:
                 if param.grad is not None and scale != 1.0:
-                    param.grad.mul_(scale)
+                    if self.cfg.scale == "update":  # after_optimizer_step scales what the optimizer did
+                        self._before_update.append((param, param.detach().clone(), scale))
+                    else:
+                        param.grad.mul_(scale)
         for _, params in self.arms:
             for param in params:
                 param.requires_grad_(True)
         self._sparse_step = False
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """scale=update: each active arm moves 1/p_l times as far as the optimizer took it."""
+        for param, before, scale in self._before_update:
+            param.sub_(before).mul_(scale).add_(before)
+        self._before_update = []
 
     def _update_bandit(self) -> None:
         """One round over the mask drawn last (its gradients averaged over the steps it was held): with

@@ -271,6 +271,8 @@ class Trainer:
             if self.jointspar:
                 self.jointspar.end_step()
             self.optimizer.step()
+            if self.jointspar:
+                self.jointspar.after_optimizer_step()
             self.optimizer.zero_grad(set_to_none=True)
             self.schedule.step()
 
