@@ -1,10 +1,14 @@
 """bench/gpu.sh --smoke: every code path of the GPU benchmark, tiny and on the CPU."""
 import json
+import os
 import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
+from bench.gpu import run_logged
 from tests.conftest import ROOT, torch_env
 
 
@@ -107,11 +111,6 @@ def test_e2e_overrides_reach_the_trainer_and_no_e2e_skips_it(tmp_path):
 def test_a_timed_out_torchrun_leaves_no_worker_behind(tmp_path):
     """On a timeout the end-to-end run's torchrun is stopped with its worker (which runs in a session of its
     own: killing torchrun alone would leave it on the GPU), and its output is kept."""
-    import os
-    import sys
-    import time
-
-    from bench.gpu import run_logged
     script = tmp_path / "hang.py"
     pid_file = tmp_path / "worker.pid"
     script.write_text(f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"

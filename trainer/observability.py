@@ -21,7 +21,6 @@ import re
 import socket
 import sys
 import tempfile
-import threading
 import time
 from typing import Any, Iterable
 from wsgiref.simple_server import WSGIServer
