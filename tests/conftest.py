@@ -26,9 +26,9 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, check: bool = 
     return proc
 
 
-def train_cli(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def train_cli(args: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
     """The trainer as a single process, exactly as a user runs `python -m trainer`."""
-    return subprocess.run([PYTHON, "-m", "trainer", *args], cwd=ROOT, env=torch_env(), capture_output=True,
+    return subprocess.run([PYTHON, "-m", "trainer", *args], cwd=ROOT, env=torch_env(**env), capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -75,7 +75,9 @@ def test_panels_and_layout(dashboard):
     phases = by_title["Epoch phase breakdown"]
     assert phases["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
     assert 'phase=~"data|attack|compute|communication|optimizer"' in query("Epoch phase breakdown")
-    assert 'phase="communication"' in query("Communication share of the epoch")
+    assert 'phase="communication"' in query("Communication share of training time")
+    assert "dat_epoch_train_duration_seconds" in query("Communication share of training time")
+    assert "dat_epoch_progress_ratio" in query("Training progress")
     bytes_query = query("Gradient bytes per epoch: sent vs dense")
     assert "dat_epoch_communication_bytes" in bytes_query and "dat_epoch_dense_communication_bytes" in bytes_query
     assert "dat_images_per_second" in query("Images per second")
@@ -85,6 +87,15 @@ def test_panels_and_layout(dashboard):
     assert "dat_job_condition" in query("Job states")
     for expr in exprs(dashboard):
         assert ('namespace=~"$namespace"' in expr) or ('job_namespace=~"$namespace"' in expr), expr
+        # one line per job, never two jobs merged: same-named jobs of two namespaces included
+        assert re.search(r"\b(max|avg|sum) by \((job_)?namespace, job_name\b", expr), expr
+        # rank 0 alone exports the job's values: a rank filter would empty these panels
+        if re.search(JOB_WIDE, expr):
+            assert "$rank" not in expr, expr
+
+
+JOB_WIDE = (r"\bdat_(epoch|epoch_progress_ratio|images_per_second|train_loss|train_\w+_accuracy|test_\w+_accuracy|"
+            r"learning_rate|jointspar_\w+|run_info)\b")
 
 
 def exposed_metric_names(tmp_path: Path) -> set[str]:

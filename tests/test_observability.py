@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from trainer.config import MetricsConfig
+from trainer import observability
 from trainer.observability import TrainingExporter, resolve_job_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +100,9 @@ def test_two_ranks_of_one_pod_share_one_port_then_grace_then_stop(tmp_path):
         wait_for(lambda: all((tmp_path / f"done{r}.started").exists() for r in (0, 1)), what="exporters")
         before = scrape(port)  # local rank 0 has published its start-up state only
         assert find(before, "dat_training_finished", rank="0") == [0.0]
-        assert find(before, "dat_run_info", rank="1") == []
+        assert find(before, "dat_epoch", rank="0") == [0.0]
+        assert find(before, "dat_training_outcome", rank="0") == []
+        assert find(before, "dat_progress_timestamp_seconds", rank="1") == []  # rank 1 has published nothing yet
         assert find(before, "dat_epoch", rank="5") == []
         records = {str(r): [record(1, r), record(2, r)] for r in (0, 1)}
         (tmp_path / "records.json").write_text(json.dumps(records))
@@ -117,27 +120,29 @@ def test_two_ranks_of_one_pod_share_one_port_then_grace_then_stop(tmp_path):
     for rank in (0, 1):
         base = {"job_name": "pod-test", "rank": str(rank), "local_rank": str(rank), "node_rank": "0"}
         last, first = records[str(rank)][1], records[str(rank)][0]
-        assert find(text, "dat_epoch", **base) == [2.0]
+        # per rank: timings, bytes, images, heartbeat, end
         assert find(text, "dat_epoch_duration_seconds", **base) == [pytest.approx(last["epoch_seconds"])]
-        assert find(text, "dat_epoch_seconds_count", **base) == [2.0]
-        assert find(text, "dat_epoch_seconds_sum", **base) == [
-            pytest.approx(first["epoch_seconds"] + last["epoch_seconds"])]
+        assert find(text, "dat_epoch_train_duration_seconds", **base) == [
+            pytest.approx(last["epoch_seconds"] - last["eval_seconds"])]
         assert find(text, "dat_phase_duration_seconds", **base, phase="communication") == [0.5]
         assert find(text, "dat_phase_seconds_total", **base, phase="communication") == [pytest.approx(0.75)]
         assert find(text, "dat_phase_seconds_total", **base, phase="attack") == [pytest.approx(2.0 + 2 * rank)]
         assert find(text, "dat_communication_bytes_total", **base) == [3000 + 2 * rank]
         assert find(text, "dat_dense_communication_bytes_total", **base) == [12000]
         assert find(text, "dat_epoch_communication_bytes", **base) == [2000 + rank]
-        assert find(text, "dat_images_per_second", **base) == [50.0 + rank]
-        assert find(text, "dat_train_loss", **base) == [1.0]
-        assert find(text, "dat_learning_rate", **base) == [0.02]
-        # evaluated at epoch 1 only: the last evaluation's values stay
-        assert find(text, "dat_test_clean_accuracy", **base) == [0.5]
-        assert find(text, "dat_test_robust_accuracy", **base) == [0.25]
-        assert find(text, "dat_jointspar_active_layers", **base) == [3.5]
-        assert find(text, "dat_jointspar_active_fraction", **base) == [0.4]
+        assert find(text, "dat_images_total", **base) == [128.0]  # 2 epochs x 128 images of the job / 2 ranks
+        assert find(text, "dat_progress_timestamp_seconds", **base)[0] > time.time() - 120
         assert find(text, "dat_training_finished", **base) == [1.0]
-        assert find(text, "dat_run_info", **base, **RUN_INFO) == [1.0]
+        assert find(text, "dat_training_outcome", **base, outcome="completed") == [1.0]
+        # the job's values: rank 0 only
+        job_wide = {"dat_epoch": 2.0, "dat_epoch_progress_ratio": 0.0, "dat_images_per_second": 50.0,
+                    "dat_train_loss": 1.0, "dat_learning_rate": 0.02,
+                    "dat_test_clean_accuracy": 0.5, "dat_test_robust_accuracy": 0.25,  # epoch 1's evaluation stays
+                    "dat_jointspar_active_layers": 3.5, "dat_jointspar_active_fraction": 0.4}
+        for name, value in job_wide.items():
+            assert find(text, name, **base) == ([value] if rank == 0 else []), (name, rank)
+        assert find(text, "dat_run_info", **base, **RUN_INFO) == ([1.0] if rank == 0 else [])
+    assert not any(s.name.endswith("_created") for s in samples(text))
     assert find(text, "dat_epoch", rank="5") == []
 
     assert shutil.which("promtool"), "promtool is missing: run `make prometheus` (Debian package prometheus)"
@@ -224,12 +229,13 @@ def test_push_to_a_real_pushgateway_at_every_epoch_end(pushgateway, monkeypatch)
     text = scrape(pushgateway)
     for r in (0, 1):
         # the grouping key (job, namespace, rank) keeps the ranks apart on the gateway
-        assert find(text, "dat_epoch", job="pushed", namespace="team-a", rank=str(r), node_rank=str(r)) == [1.0]
+        assert find(text, "dat_communication_bytes_total", job="pushed", namespace="team-a", rank=str(r),
+                    node_rank=str(r)) == [1000.0 + r]
     exporters[0].observe_epoch(record(2, 0))
     text = scrape(pushgateway)
     assert find(text, "dat_epoch", job="pushed", rank="0") == [2.0]
     assert find(text, "dat_communication_bytes_total", job="pushed", rank="0") == [3000.0]
-    assert find(text, "dat_epoch", job="pushed", rank="1") == [1.0]
+    assert find(text, "dat_communication_bytes_total", job="pushed", rank="1") == [1001.0]
     exporters[0].finish()
     assert find(scrape(pushgateway), "dat_training_finished", job="pushed", rank="0") == [1.0]
 
@@ -251,3 +257,26 @@ def test_unusable_metrics_dir_warns_and_training_goes_on(tmp_path, monkeypatch, 
     ex.finish()
     assert "set DAT_METRICS_DIR to a writable folder" in capsys.readouterr().err
     assert ex.server is None and ex.rank_file == ""
+
+
+def test_progress_heartbeat_is_throttled_written_and_never_pushed(tmp_path, monkeypatch, capsys):
+    """During an epoch the pod's file gets the heartbeat at most every PROGRESS_SECONDS (the stall alert reads
+    it); a Pushgateway only gets epoch ends (pushing every step of hundreds of ranks would flood it)."""
+    monkeypatch.setenv("DAT_METRICS_DIR", str(tmp_path))
+    ex = TrainingExporter.start(MetricsConfig(port=free_port(), pushgateway=f"127.0.0.1:{free_port()}"), rank=0,
+                                local_rank=0, node_rank=0, world_size=1, local_world_size=1, run_info=RUN_INFO,
+                                default_job_name="beat", epochs_done=3)
+    capsys.readouterr()
+    file = tmp_path / "local-rank-0.prom"
+    started = find(file.read_text(), "dat_progress_timestamp_seconds")
+    assert find(file.read_text(), "dat_epoch") == [3.0]  # resumed after epoch 3
+    ex.progress(4, 10)  # within PROGRESS_SECONDS of the start: nothing written
+    assert find(file.read_text(), "dat_epoch_progress_ratio") == [0.0]
+    ex._last_beat -= observability.PROGRESS_SECONDS
+    time.sleep(0.01)
+    ex.progress(4, 10)
+    text = file.read_text()
+    assert find(text, "dat_epoch_progress_ratio") == [0.4]
+    assert find(text, "dat_progress_timestamp_seconds")[0] > started[0]
+    assert "push to" not in capsys.readouterr().err
+    ex.finish()

@@ -17,13 +17,14 @@ from controller.schemas import crd_problems
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "dat-training"
 RULES_FILE = CHART / "files" / "prometheus-rules.yaml"
-ALERTS = {"DATJobFailed", "DATTrainingStalled", "DATEpochSlow", "DATCommunicationDominant",
-          "DATRobustAccuracyCollapse"}
+ALERTS = {"DATJobFailed", "DATJobWithoutMetrics", "DATExporterDown", "DATTrainingAborted", "DATTrainingStalled",
+          "DATEpochSlow", "DATCommunicationDominant", "DATRobustAccuracyCollapse"}
 HEADER = """\
 # Prometheus alerting rules for DAT training runs (all jobs). Load with rule_files: in prometheus.yml.
 # The Helm chart renders the same rules as a PrometheusRule (templates/prometheusrule.yaml, alerts.scope=all,
-# default thresholds); tests/test_prometheus_rules.py fails when the two drift apart.
-# Metrics: the trainer's per-pod exporter (trainer/observability.py) and `datctl exporter` (DATJobFailed).
+# exporter.enabled=true, default thresholds); tests/test_prometheus_rules.py fails when the two drift apart.
+# Metrics: the trainer's per-pod exporter (trainer/observability.py) and `datctl exporter` (DATJobFailed,
+# DATJobWithoutMetrics, DATExporterDown: drop DATExporterDown if you do not run the exporter).
 """
 
 
@@ -55,7 +56,7 @@ _Dumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:
 
 
 def test_plain_rules_file_is_the_chart_rendering_for_all_jobs():
-    groups = render_rule("alerts.scope=all")["spec"]["groups"]
+    groups = render_rule("alerts.scope=all", "exporter.enabled=true")["spec"]["groups"]
     if os.environ.get("DAT_WRITE_RULES") == "1":
         RULES_FILE.write_text(HEADER + yaml.dump({"groups": groups}, Dumper=_Dumper, sort_keys=False, width=200))
     plain = yaml.safe_load(RULES_FILE.read_text())
@@ -74,13 +75,13 @@ def test_promtool_accepts_plain_and_release_scoped_rules(tmp_path):
     plain = subprocess.run([tool("promtool", "prometheus"), "check", "rules", str(RULES_FILE)],
                            capture_output=True, text=True)
     assert plain.returncode == 0, plain.stdout + plain.stderr
-    assert "SUCCESS: 5 rules found" in plain.stdout
+    assert f"SUCCESS: {len(ALERTS)} rules found" in plain.stdout
     rule = render_rule("alerts.stalledAfterSeconds=600", "alerts.slowEpochWindow=3h", "alerts.ruleLabels.team=ml")
     checked = promtool_check_rules(rule["spec"]["groups"], tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     rules = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
     # scoped to this run's job, with the configured thresholds
-    assert 'dat_last_epoch_timestamp_seconds{namespace="team-a", job_name="run-1"}' in rules["DATTrainingStalled"]["expr"]
+    assert 'dat_progress_timestamp_seconds{namespace="team-a", job_name="run-1"}' in rules["DATTrainingStalled"]["expr"]
     assert "> 600" in rules["DATTrainingStalled"]["expr"]
     assert "[3h]" in rules["DATEpochSlow"]["expr"]
     assert 'job_namespace="team-a", job_name="run-1"' in rules["DATJobFailed"]["expr"]
@@ -133,44 +134,73 @@ evaluation_interval: 1m
 tests:
   - interval: 1m
     input_series:
+      # job states from datctl exporter: "bad" failed at 2m, "bad-v2" at 3m; "good" runs (no trainer metrics);
+      # "training" runs and its trainer serves metrics; "finished" completed
       - series: 'dat_job_condition{{job_namespace="a", job_name="bad", kind="PyTorchJob", condition="Failed"}}'
-        values: '0 0 1 1 1'
+        values: '0 0 1x70'
       - series: 'dat_job_condition{{job_namespace="a", job_name="good", kind="TrainJob", condition="Failed"}}'
-        values: '0 0 0 0 0'
+        values: '0x72'
       - series: 'dat_job_condition{{job_namespace="a", job_name="bad-v2", kind="TrainJob", condition="Failed"}}'
-        values: '0 0 0 1 1'
-      # stalled: last epoch at t=120s, still running; "done" finished; "busy" had an epoch at 40m
-      - series: 'dat_last_epoch_timestamp_seconds{{namespace="a", job_name="stuck", rank="0"}}'
+        values: '0 0 0 1x70'
+      - series: 'dat_job_condition{{job_namespace="a", job_name="training", kind="PyTorchJob", condition="Running"}}'
+        values: '1x72'
+      - series: 'dat_progress_timestamp_seconds{{namespace="a", job_name="training", rank="0"}}'
+        values: '0+60x72'
+      - series: 'dat_job_condition{{job_namespace="a", job_name="finished", kind="TrainJob", condition="Complete"}}'
+        values: '1x72'
+      # the exporter itself: up for 20 minutes, then gone
+      - series: 'dat_exporter_jobs{{namespace="dat-system", kind="PyTorchJob"}}'
+        values: '4x20 stale'
+      # outcomes: "nan" diverged at 5m, "ok" completed
+      - series: 'dat_training_outcome{{namespace="d", job_name="nan", rank="0", outcome="diverged"}}'
+        values: '_x5 1x2 stale'
+      - series: 'dat_training_outcome{{namespace="d", job_name="ok", rank="0", outcome="completed"}}'
+        values: '_x5 1x2 stale'
+      # stalled: last step at t=120s, still running; "done" finished; "busy" made progress until 40m
+      - series: 'dat_progress_timestamp_seconds{{namespace="a", job_name="stuck", rank="0"}}'
         values: '0 60 120x50'
       - series: 'dat_training_finished{{namespace="a", job_name="stuck", rank="0"}}'
         values: '0x52'
-      - series: 'dat_last_epoch_timestamp_seconds{{namespace="a", job_name="done", rank="0"}}'
+      - series: 'dat_progress_timestamp_seconds{{namespace="a", job_name="done", rank="0"}}'
         values: '0 60 120x50'
       - series: 'dat_training_finished{{namespace="a", job_name="done", rank="0"}}'
         values: '0 0 1x50'
-      - series: 'dat_last_epoch_timestamp_seconds{{namespace="a", job_name="busy", rank="0"}}'
+      - series: 'dat_progress_timestamp_seconds{{namespace="a", job_name="busy", rank="0"}}'
         values: '0+60x52'
       - series: 'dat_training_finished{{namespace="a", job_name="busy", rank="0"}}'
         values: '0x52'
-      # epoch time: 100 s for 40 min, then 200 s ("slow", 2x) or 140 s ("fine", 1.4x)
-      - series: 'dat_epoch_duration_seconds{{namespace="a", job_name="slow", rank="1"}}'
+      # training time per epoch: 100 s for 40 min, then 200 s ("slow", 2x) or 140 s ("fine", 1.4x); "evals"
+      # trains 100 s per epoch and evaluates every few epochs (epoch 100 s or 400 s with evaluation)
+      - series: 'dat_epoch_train_duration_seconds{{namespace="a", job_name="slow", rank="1"}}'
         values: '100x40 200x5'
-      - series: 'dat_epoch_duration_seconds{{namespace="a", job_name="fine", rank="1"}}'
+      - series: 'dat_epoch_train_duration_seconds{{namespace="a", job_name="fine", rank="1"}}'
         values: '100x40 140x5'
-      # communication: 60 % of a 100 s epoch for "chatty", 40 % for "quiet"
+      - series: 'dat_epoch_train_duration_seconds{{namespace="a", job_name="evals", rank="0"}}'
+        values: '100x45'
+      - series: 'dat_epoch_duration_seconds{{namespace="a", job_name="evals", rank="0"}}'
+        values: '100x40 400x5'
+      # communication: 60 % of 100 s of training for "chatty"; 40 % for "quiet" (whose 300 s epochs are
+      # mostly evaluation)
       - series: 'dat_phase_duration_seconds{{namespace="b", job_name="chatty", rank="0", phase="communication"}}'
         values: '60x30'
-      - series: 'dat_epoch_duration_seconds{{namespace="b", job_name="chatty", rank="0"}}'
+      - series: 'dat_epoch_train_duration_seconds{{namespace="b", job_name="chatty", rank="0"}}'
         values: '100x30'
       - series: 'dat_phase_duration_seconds{{namespace="b", job_name="quiet", rank="0", phase="communication"}}'
         values: '40x30'
-      - series: 'dat_epoch_duration_seconds{{namespace="b", job_name="quiet", rank="0"}}'
+      - series: 'dat_epoch_train_duration_seconds{{namespace="b", job_name="quiet", rank="0"}}'
         values: '100x30'
-      # robust accuracy: 0.45 -> 0.20 (25 points, collapse) and 0.45 -> 0.30 (15 points)
+      - series: 'dat_epoch_duration_seconds{{namespace="b", job_name="quiet", rank="0"}}'
+        values: '300x30'
+      # robust accuracy: 0.45 -> 0.20 (25 points, collapse) and 0.45 -> 0.30 (15 points); "restart" collapses
+      # to 0.10 in a new pod (another instance) after its first pod went away at 10m
       - series: 'dat_test_robust_accuracy{{namespace="c", job_name="fgsm", rank="0"}}'
         values: '0.40x5 0.45x5 0.20x5'
       - series: 'dat_test_robust_accuracy{{namespace="c", job_name="pgd", rank="0"}}'
         values: '0.40x5 0.45x5 0.30x5'
+      - series: 'dat_test_robust_accuracy{{namespace="c", job_name="restart", rank="0", instance="pod-a"}}'
+        values: '0.40x5 0.45x4 stale'
+      - series: 'dat_test_robust_accuracy{{namespace="c", job_name="restart", rank="0", instance="pod-b"}}'
+        values: '_x10 0.10x5'
     alert_rule_test:
       - {{eval_time: 1m, alertname: DATJobFailed, exp_alerts: []}}
       - eval_time: 3m
@@ -184,30 +214,56 @@ tests:
             exp_annotations:
               summary: TrainJob a/bad-v2 failed
               description: The training operator marked the job Failed (reported by datctl exporter). See kubectl describe trainjob -n a bad-v2.
+      - {{eval_time: 70m, alertname: DATJobFailed, exp_alerts: []}}  # an hour after the failure: quiet
+      - {{eval_time: 10m, alertname: DATJobWithoutMetrics, exp_alerts: []}}
+      - eval_time: 20m
+        alertname: DATJobWithoutMetrics
+        exp_alerts:
+          - exp_labels: {{severity: warning, job_namespace: a, job_name: good, kind: TrainJob}}
+            exp_annotations:
+              summary: TrainJob a/good has not ended but serves no trainer metrics
+              description: 'The job exists and has not succeeded, failed or been suspended, yet no trainer metrics arrived for 15m: pods pending (no GPU nodes, image pull), crash-looping before training, or not scraped (metrics.port 0, PodMonitor not selected by Prometheus).'
+      - {{eval_time: 15m, alertname: DATExporterDown, exp_alerts: []}}
+      - eval_time: 45m
+        alertname: DATExporterDown
+        exp_alerts:
+          - exp_labels: {{severity: warning}}
+            exp_annotations:
+              summary: datctl exporter serves no metrics
+              description: 'No datctl exporter metrics for 10m: DATJobFailed and DATJobWithoutMetrics cannot fire. Check the exporter Deployment and its ServiceMonitor.'
+      - {{eval_time: 4m, alertname: DATTrainingAborted, exp_alerts: []}}
+      - eval_time: 50m
+        alertname: DATTrainingAborted
+        exp_alerts:
+          - exp_labels: {{severity: warning, namespace: d, job_name: nan, outcome: diverged}}
+            exp_annotations:
+              summary: 'Training of d/nan ended: diverged'
+              description: 'The trainer stopped before its last epoch (diverged: the loss or the weights became inf or NaN, the last good checkpoint is kept; error: see the pod log). The job fails too; a restart resumes from the last checkpoint.'
+      - {{eval_time: 70m, alertname: DATTrainingAborted, exp_alerts: []}}
       - {{eval_time: 25m, alertname: DATTrainingStalled, exp_alerts: []}}
       - eval_time: 40m
         alertname: DATTrainingStalled
         exp_alerts:
           - exp_labels: {{severity: warning, namespace: a, job_name: stuck}}
             exp_annotations:
-              summary: No new epoch of a/stuck for 38m 0s
-              description: No new epoch for more than 1800 seconds while the trainer still serves metrics (hung collective, deadlock or dead data loader).
+              summary: No training progress in a/stuck for 38m 0s
+              description: No training step or evaluation batch finished for more than 1800 seconds while the trainer still serves metrics (hung collective, deadlock or dead data loader).
       - {{eval_time: 30m, alertname: DATEpochSlow, exp_alerts: []}}
       - eval_time: 42m
         alertname: DATEpochSlow
         exp_alerts:
           - exp_labels: {{severity: warning, namespace: a, job_name: slow}}
             exp_annotations:
-              summary: Epoch of a/slow took 3m 20s
-              description: The last epoch took more than 1.5 times its median over the last 1h (slow node, throttling, network).
+              summary: Training steps of the last epoch of a/slow took 3m 20s
+              description: The last epoch's training steps (evaluation excluded) took more than 1.5 times their median over the last 1h (slow node, throttling, network).
       - {{eval_time: 5m, alertname: DATCommunicationDominant, exp_alerts: []}}
       - eval_time: 15m
         alertname: DATCommunicationDominant
         exp_alerts:
           - exp_labels: {{severity: info, namespace: b, job_name: chatty}}
             exp_annotations:
-              summary: Communication takes 60% of the epoch of b/chatty
-              description: 'Gradient all-reduce is more than 0.5 of the epoch on some rank: consider JointSpar, larger batches or fewer nodes.'
+              summary: Communication takes 60% of the training time of b/chatty
+              description: 'Gradient all-reduce is more than 0.5 of the epoch''s training time on some rank: consider JointSpar, larger batches or fewer nodes.'
       - {{eval_time: 8m, alertname: DATRobustAccuracyCollapse, exp_alerts: []}}
       - eval_time: 12m
         alertname: DATRobustAccuracyCollapse
@@ -215,7 +271,11 @@ tests:
           - exp_labels: {{severity: warning, namespace: c, job_name: fgsm}}
             exp_annotations:
               summary: Robust accuracy of c/fgsm fell 25% below its recent best
-              description: 'Robust test accuracy dropped by more than 0.2 (fraction) from its best in the last 6h: catastrophic overfitting (common with FGSM training); lower the step size or use PGD.'
+              description: 'Robust test accuracy dropped by more than 0.2 (fraction) from its best in the last 6h, across restarts: catastrophic overfitting (common with FGSM training); lower the step size or use PGD.'
+          - exp_labels: {{severity: warning, namespace: c, job_name: restart}}
+            exp_annotations:
+              summary: Robust accuracy of c/restart fell 35% below its recent best
+              description: 'Robust test accuracy dropped by more than 0.2 (fraction) from its best in the last 6h, across restarts: catastrophic overfitting (common with FGSM training); lower the step size or use PGD.'
 """
 
 

@@ -1,6 +1,7 @@
 """What a run leaves in run.output_dir when it starts over, diverges, is killed while saving or resumes
 with another batch size: no earlier run is lost or wrongly resumed, no broken model is saved."""
 import json
+import socket
 
 import pytest
 
@@ -78,14 +79,24 @@ def test_fresh_starts_in_the_same_second_get_folders_of_their_own(tmp_path):
     assert [open(f"{folder}/metrics.jsonl").read() for folder in folders] == ["run1", "run2", "run3"]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_a_diverged_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_args):
     out = tmp_path / "run"
     common = [*synthetic_args, "--set", f"run.output_dir={out}", "--set", "optim.name=sgd",
               "--set", "optim.schedule=constant", "--set", "optim.warmup_epochs=0"]
     assert train_cli([*common, "--set", "run.epochs=1"]).returncode == 0
     good = (out / "checkpoint-latest.pt").read_bytes()
-    proc = train_cli([*common, "--set", "run.epochs=2", "--set", "optim.lr=1e30"])
+    proc = train_cli([*common, "--set", "run.epochs=2", "--set", "optim.lr=1e30", "--set",
+                      f"metrics.port={free_port()}"], DAT_METRICS_DIR=str(tmp_path / "metrics"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    # what the pod served last (the file its endpoint reads): the run ended, and how
+    served = (tmp_path / "metrics" / "local-rank-0.prom").read_text()
+    assert 'dat_training_outcome{job_name="dat",local_rank="0",node_rank="0",outcome="diverged",rank="0"} 1.0' in served
     assert "epoch 2: the " in proc.stderr and "(diverged)" in proc.stderr
     assert "add --no-resume if that checkpoint is already broken" in proc.stderr
     assert (out / "checkpoint-latest.pt").read_bytes() == good

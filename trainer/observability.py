@@ -1,14 +1,16 @@
 """Per-epoch Prometheus metrics for a training run: one scrape endpoint per pod, optional Pushgateway.
 
-Every rank keeps its own registry and, at each epoch end, writes it atomically to
-``<metrics dir>/local-rank-<i>.prom``; local rank 0 serves the union of those files on ``metrics.port``.
+Every rank keeps its own registry and, at each epoch end (and every PROGRESS_SECONDS during an epoch, for
+the progress heartbeat), writes it atomically to ``<metrics dir>/local-rank-<i>.prom``; local rank 0 serves
+the union of those files on ``metrics.port``. Values that are the same on every rank (loss, accuracy, learning
+rate, throughput, run settings) are exported by rank 0 only, so a job's series do not grow with its ranks
+beyond the per-rank timings, bytes and heartbeats.
 prometheus_client's multiprocess mode would do the sharing for us, but it is switched on process-wide
 when prometheus_client is first imported (PROMETHEUS_MULTIPROC_DIR must be set before that) and keys
 its files by pid, so it cannot be enabled by a library at run time; per-rank text files need neither.
 
 Environment (all optional):
-  DAT_JOB_NAME     the PyTorchJob name (chart / datctl pass the pod label
-                   training.kubeflow.org/job-name through the downward API); the fallbacks are the
+  DAT_JOB_NAME     the job's name (the chart and datctl set it); the fallbacks are the
                    pod hostname ``<job>-master-0`` / ``<job>-worker-<i>``, then the run name.
   DAT_NAMESPACE    the pod's namespace; added to the Pushgateway grouping key.
   DAT_METRICS_DIR  where the ranks of a pod exchange their metrics (default: a folder under $TMPDIR).
@@ -25,7 +27,8 @@ import time
 from typing import Any, Iterable
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Gauge, disable_created_metrics, push_to_gateway,
+                               start_http_server)
 from prometheus_client.exposition import write_to_textfile
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -34,7 +37,8 @@ PHASES = ("data", "attack", "compute", "communication", "optimizer", "eval")
 _PHASE_KEYS = {"data": "data_seconds", "attack": "attack_seconds", "compute": "compute_seconds",
                "communication": "comm_seconds", "optimizer": "optimizer_seconds", "eval": "eval_seconds"}
 RANK_LABELS = ("job_name", "rank", "local_rank", "node_rank")
-EPOCH_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, float("inf"))
+OUTCOMES = ("completed", "diverged", "error")
+PROGRESS_SECONDS = 15.0  # the heartbeat's period: how stale dat_progress_timestamp_seconds gets while healthy
 _POD_HOSTNAME = re.compile(r"^(?P<job>[a-z]([-a-z0-9]*[a-z0-9])?)-(master|worker)-\d+$")
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
@@ -101,7 +105,7 @@ class TrainingExporter:
     def __init__(self, *, registry: CollectorRegistry | None = None, job_name: str = "",
                  labels: dict[str, str] | None = None, rank_file: str = "", pushgateway: str = "",
                  push_grouping: dict[str, str] | None = None, server: Any = None,
-                 grace_seconds: float = 0.0) -> None:
+                 grace_seconds: float = 0.0, job_wide: bool = True, world_size: int = 1) -> None:
         self.enabled = registry is not None
         self.job_name = job_name
         self.registry = registry
@@ -110,15 +114,19 @@ class TrainingExporter:
         self.push_grouping = push_grouping or {}
         self.server = server
         self.grace_seconds = grace_seconds
+        self.job_wide = job_wide  # this rank exports the job-wide values (rank 0)
+        self.world_size = world_size
         self._labels = labels or {}
         self._finished = False
+        self._last_beat = time.monotonic()
         if self.enabled:
             self._define_metrics()
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def start(cls, metrics_cfg, *, rank: int, local_rank: int, node_rank: int, world_size: int,
-              local_world_size: int, run_info: dict[str, str], default_job_name: str) -> "TrainingExporter":
+              local_world_size: int, run_info: dict[str, str], default_job_name: str,
+              epochs_done: int = 0) -> "TrainingExporter":
         """Set up this rank's metrics; local rank 0 starts the pod's HTTP endpoint on metrics_cfg.port.
 
         With port 0 and no Pushgateway the returned exporter does nothing."""
@@ -128,6 +136,7 @@ class TrainingExporter:
         job_name = resolve_job_name(metrics_cfg.job_name, default_job_name)
         labels = {"job_name": job_name, "rank": str(rank), "local_rank": str(local_rank),
                   "node_rank": str(node_rank)}
+        disable_created_metrics()  # *_created series per counter: noise at hundreds of ranks, unused here
         registry = CollectorRegistry()
         rank_file = server = None
         if port:
@@ -141,8 +150,8 @@ class TrainingExporter:
                       "folder; this pod's metrics are not exposed")
             if rank_file and local_rank == 0:
                 # Files of an earlier attempt in this pod (restart, resume) would be served as stale
-                # series. Other local ranks write their first file only at the end of the first epoch,
-                # which they cannot reach before this rank has joined the training.
+                # series. Other local ranks write their first file only after their first training step,
+                # which they cannot finish before this rank has joined the training (its all-reduce).
                 for name in os.listdir(folder):
                     if name.endswith(".prom"):
                         os.remove(os.path.join(folder, name))
@@ -158,9 +167,14 @@ class TrainingExporter:
             grouping["namespace"] = os.environ["DAT_NAMESPACE"]
         exporter = cls(registry=registry, job_name=job_name, labels=labels, rank_file=rank_file or "",
                        pushgateway=metrics_cfg.pushgateway, push_grouping=grouping, server=server,
-                       grace_seconds=float(metrics_cfg.grace_seconds))
-        exporter._set_run_info(run_info)
-        exporter._last_epoch_time.labels(**labels).set(time.time())
+                       grace_seconds=float(metrics_cfg.grace_seconds), job_wide=rank == 0, world_size=world_size)
+        if exporter.job_wide:
+            exporter._set_run_info(run_info)
+            exporter._epoch.labels(**labels).set(epochs_done)  # a resumed run starts where it stopped
+            exporter._epoch_progress.labels(**labels).set(0)
+        now = time.time()
+        exporter._last_epoch_time.labels(**labels).set(now)
+        exporter._progress_time.labels(**labels).set(now)
         exporter._finished_gauge.labels(**labels).set(0)
         exporter._publish(write_file=local_rank == 0)
         return exporter
@@ -171,10 +185,11 @@ class TrainingExporter:
         def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
             return Gauge(name, doc, base + list(extra), registry=r)
 
-        self._epoch = gauge("dat_epoch", "Last completed epoch (as numbered in metrics.jsonl).")
-        self._epoch_seconds = gauge("dat_epoch_duration_seconds", "Wall time of the last epoch.")
-        self._epoch_hist = Histogram("dat_epoch_seconds", "Wall time of each epoch.",
-                                     base, buckets=EPOCH_BUCKETS, registry=r)
+        # per rank: where this rank's time and bytes went, and whether it is alive
+        self._epoch_seconds = gauge("dat_epoch_duration_seconds", "Wall time of this rank's last epoch, "
+                                    "evaluation included.")
+        self._train_seconds = gauge("dat_epoch_train_duration_seconds", "Wall time of this rank's last epoch "
+                                    "without evaluation (the training steps).")
         self._phase_seconds = gauge("dat_phase_duration_seconds", "Time per phase in the last epoch.",
                                     ("phase",))
         self._phase_total = Counter("dat_phase_seconds", "Time per phase, summed over epochs.",
@@ -189,10 +204,25 @@ class TrainingExporter:
         self._epoch_bytes = gauge("dat_epoch_communication_bytes", "Gradient bytes sent in the last epoch.")
         self._epoch_dense_bytes = gauge("dat_epoch_dense_communication_bytes",
                                         "Bytes a dense all-reduce would have sent in the last epoch.")
-        self._images_total = Counter("dat_images", "Training images of the whole job (all ranks), "
-                                     "as counted on this rank.", base, registry=r)
+        self._images_total = Counter("dat_images", "Training images this rank has processed (sum over ranks: "
+                                     "the job's).", base, registry=r)
+        self._last_epoch_time = gauge("dat_last_epoch_timestamp_seconds",
+                                      "Unix time of the last epoch end (of the start before the first).")
+        self._progress_time = gauge("dat_progress_timestamp_seconds", "Unix time of this rank's last finished "
+                                    f"training step or evaluation batch (updated at most every "
+                                    f"{PROGRESS_SECONDS:g} s; the start before the first).")
+        self._finished_gauge = gauge("dat_training_finished", "1 once training has ended, 0 while running.")
+        self._outcome = gauge("dat_training_outcome", "1 for how training ended (completed, diverged: inf/NaN "
+                              "loss or weights, error: any other failure); absent while running.", ("outcome",))
+        if not self.job_wide:
+            return
+        # rank 0 only: the same on every rank (all-reduced, or the shared schedule and sampler)
+        self._epoch = gauge("dat_epoch", "Last completed epoch (as numbered in metrics.jsonl).")
+        self._epoch_progress = gauge("dat_epoch_progress_ratio", "Fraction of the training steps of the epoch "
+                                     "in progress that are done (0 at an epoch end): dat_epoch + this = "
+                                     "epochs done.")
         self._images_per_second = gauge("dat_images_per_second", "Training images of the whole job per "
-                                        "second of this rank's last epoch (evaluation excluded).")
+                                        "second of the last epoch (evaluation excluded).")
         self._train_loss = gauge("dat_train_loss", "Mean training loss of the last epoch.")
         self._train_clean = gauge("dat_train_clean_accuracy", "Training accuracy on clean inputs (0-1).")
         self._train_adv = gauge("dat_train_robust_accuracy", "Training accuracy on adversarial inputs (0-1).")
@@ -205,9 +235,6 @@ class TrainingExporter:
                                     "step, mean over the last epoch (all arms when dense).")
         self._active_fraction = gauge("dat_jointspar_active_fraction", "Fraction of parameters "
                                       "synchronised per step, mean over the last epoch (1 when dense).")
-        self._last_epoch_time = gauge("dat_last_epoch_timestamp_seconds",
-                                      "Unix time of the last epoch end (of the start before the first).")
-        self._finished_gauge = gauge("dat_training_finished", "1 once training has ended, 0 while running.")
 
     def _set_run_info(self, run_info: dict[str, str]) -> None:
         keys = sorted(run_info)
@@ -234,11 +261,10 @@ class TrainingExporter:
             if v is not None:
                 gauge.labels(**lab).set(v)
 
-        set_if(self._epoch, "epoch")
-        seconds = value("epoch_seconds")
+        seconds, eval_seconds = value("epoch_seconds"), value("eval_seconds") or 0.0
         if seconds is not None:
             self._epoch_seconds.labels(**lab).set(seconds)
-            self._epoch_hist.labels(**lab).observe(seconds)
+            self._train_seconds.labels(**lab).set(max(seconds - eval_seconds, 0.0))
         for phase in PHASES:
             v = value(_PHASE_KEYS[phase])
             if v is not None:
@@ -250,26 +276,45 @@ class TrainingExporter:
             if v is not None:
                 counter.labels(**lab).inc(v)
                 gauge.labels(**lab).set(v)
-        for counter, key in ((self._calls_total, "comm_calls"), (self._images_total, "images")):
-            v = value(key)
+        set_if_inc = ((self._calls_total, value("comm_calls")),
+                      (self._images_total, None if value("images") is None else value("images") / self.world_size))
+        for counter, v in set_if_inc:  # the record's images are the job's; every rank has an equal shard
             if v is not None:
                 counter.labels(**lab).inc(v)
-        for gauge, key in ((self._images_per_second, "images_per_second"), (self._train_loss, "train_loss"),
-                           (self._train_clean, "train_clean_acc"), (self._train_adv, "train_adv_acc"),
-                           (self._test_clean, "test_clean_acc"), (self._test_robust, "test_robust_acc"),
-                           (self._lr, "lr"), (self._active_layers, "jointspar_active_arms"),
-                           (self._active_fraction, "jointspar_active_fraction")):
-            set_if(gauge, key)
-        self._last_epoch_time.labels(**lab).set(time.time())
+        if self.job_wide:
+            set_if(self._epoch, "epoch")
+            self._epoch_progress.labels(**lab).set(0.0)
+            for gauge, key in ((self._images_per_second, "images_per_second"), (self._train_loss, "train_loss"),
+                               (self._train_clean, "train_clean_acc"), (self._train_adv, "train_adv_acc"),
+                               (self._test_clean, "test_clean_acc"), (self._test_robust, "test_robust_acc"),
+                               (self._lr, "lr"), (self._active_layers, "jointspar_active_arms"),
+                               (self._active_fraction, "jointspar_active_fraction")):
+                set_if(gauge, key)
+        now = time.time()
+        self._last_epoch_time.labels(**lab).set(now)
+        self._progress_time.labels(**lab).set(now)
+        self._last_beat = time.monotonic()
         self._publish()
 
-    def _publish(self, write_file: bool = True) -> None:
+    def progress(self, done: int | None = None, total: int | None = None) -> None:
+        """The heartbeat: called after every training step (done of total) and evaluation batch; refreshes
+        the progress metrics and the scrape file at most every PROGRESS_SECONDS (never pushed: a Pushgateway
+        gets the epoch ends). Costs a clock read otherwise, and never touches the device."""
+        if not self.enabled or time.monotonic() - self._last_beat < PROGRESS_SECONDS:
+            return
+        self._last_beat = time.monotonic()
+        self._progress_time.labels(**self._labels).set(time.time())
+        if self.job_wide and done is not None and total:
+            self._epoch_progress.labels(**self._labels).set(done / total)
+        self._publish(push=False)
+
+    def _publish(self, write_file: bool = True, push: bool = True) -> None:
         if self.rank_file and write_file:
             try:
                 write_to_textfile(self.rank_file, self.registry)
             except OSError as exc:
                 _warn(f"cannot write {self.rank_file}: {exc}")
-        if self.pushgateway:
+        if self.pushgateway and push:
             try:
                 push_to_gateway(self.pushgateway, job=self.job_name, registry=self.registry,
                                 grouping_key=self.push_grouping, timeout=5)
@@ -277,12 +322,14 @@ class TrainingExporter:
                 _warn(f"push to {self.pushgateway} failed: {exc}")
 
     # ---- end --------------------------------------------------------------------------------
-    def finish(self) -> None:
-        """Mark the run finished, publish, keep the endpoint up for grace_seconds, then stop it."""
+    def finish(self, outcome: str = "completed") -> None:
+        """Mark the run finished with its outcome (one of OUTCOMES), publish, keep the endpoint up for
+        grace_seconds (so that Prometheus scrapes the last epoch and the outcome), then stop it."""
         if not self.enabled or self._finished:
             return
         self._finished = True
         self._finished_gauge.labels(**self._labels).set(1)
+        self._outcome.labels(**self._labels, outcome=outcome).set(1)
         self._publish()
         if self.server is not None:
             if self.grace_seconds > 0:

@@ -132,6 +132,7 @@ class Trainer:
         self.grad_sync = GradientSync(self.params, dist_info.world_size, cfg.comm.bucket_mb, cfg.comm.overlap)
         self.jointspar = JointSpar(cfg.jointspar, model, seed=cfg.run.seed) if cfg.jointspar.enabled else None
         self.timer = PhaseTimer(self.device)
+        self.exporter = TrainingExporter()  # the real one starts with fit(); progress() is a no-op until then
         self.log = MetricsLog(cfg.run.output_dir, dist_info.is_main)
         self.start_epoch, self.best_ra = 1, -1.0
         # device-side running sums of (loss, clean correct, adv correct, images) over the epoch: no host sync per step
@@ -291,6 +292,7 @@ class Trainer:
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
             self.train_step(x, y, epoch, step)
+            self.exporter.progress(step + 1, len(self.batches))
             bar.update(1)
         bar.close()
         with self.timer.phase("comm"):
@@ -345,6 +347,7 @@ class Trainer:
                 x_adv = craft("pgd", self.model, x, y, eps=eps, alpha=ev.alpha, steps=ev.steps, restarts=ev.restarts)
             robust += self.accuracy(x_adv, y)
             total += len(y)
+            self.exporter.progress()
         self.model.train()
         clean, robust, total = all_reduce_sum([clean, robust, total], self.device)
         return clean / total, robust / total
@@ -363,14 +366,14 @@ class Trainer:
                   f" micro_batches={cfg.train.micro_batches}"
                   f" metrics_port={cfg.metrics.port or 'off'}", flush=True)
             print(table_header(), flush=True)
-        exporter = TrainingExporter.start(
+        exporter = self.exporter = TrainingExporter.start(
             cfg.metrics, rank=self.dist.rank, local_rank=self.dist.local_rank, node_rank=self.dist.node_rank,
             world_size=self.dist.world_size, local_world_size=self.dist.local_world_size,
-            default_job_name=cfg.run.name,
+            default_job_name=cfg.run.name, epochs_done=self.start_epoch - 1,
             run_info={"model": cfg.model.name, "attack": f"{cfg.attack.name}-{cfg.attack.steps}",
                       "optimizer": cfg.optim.name, "loss": cfg.train.loss,
                       "jointspar": "on" if self.jointspar else "off", "world_size": str(self.dist.world_size)})
-        record = None
+        record, outcome = None, "error"
         try:
             for epoch in range(self.start_epoch, cfg.run.epochs + 1):
                 record = self.train_epoch(epoch)
@@ -379,6 +382,7 @@ class Trainer:
                     what = (f"the training loss is {record['train_loss']}" if finite_weights else
                             "the weights hold inf or NaN")
                     kept = checkpoint.find_resume(cfg.run.output_dir, "auto")
+                    outcome = "diverged"
                     raise TrainingDiverged(
                         f"epoch {epoch}: {what} (diverged), so no checkpoint of it is written (latest checkpoint: "
                         f"{kept or 'none yet'}); lower optim.lr or lengthen optim.warmup_epochs"
@@ -389,8 +393,9 @@ class Trainer:
                 if self.dist.is_main:
                     print(table_row(record), flush=True)
             barrier()
+            outcome = "completed"
         finally:
-            exporter.finish()
+            exporter.finish(outcome)
         return record
 
 

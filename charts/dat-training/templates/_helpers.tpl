@@ -121,7 +121,11 @@ The trainer config in the ConfigMap: .Values.trainer with the settings the job s
 */}}
 {{- define "dat-training.trainerConfig" -}}
 {{- $cfg := deepCopy (.Values.trainer | default dict) }}
-{{- $owned := dict "run" (dict "output_dir" (printf "%s/%s" .Values.checkpoint.mountPath (include "dat-training.jobName" .))) "metrics" (dict "port" (int .Values.metrics.port)) }}
+{{- $metrics := dict "port" (int .Values.metrics.port) }}
+{{- if and (gt (int .Values.metrics.port) 0) (not (hasKey (get $cfg "metrics" | default dict) "grace_seconds")) }}
+{{- $_ := set $metrics "grace_seconds" .Values.metrics.graceSeconds }}
+{{- end }}
+{{- $owned := dict "run" (dict "output_dir" (printf "%s/%s" .Values.checkpoint.mountPath (include "dat-training.jobName" .))) "metrics" $metrics }}
 {{- if ne .Values.data.source "none" }}
 {{- $_ := set $owned "data" (dict "root" .Values.data.mountPath) }}
 {{- end }}
