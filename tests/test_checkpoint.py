@@ -74,3 +74,27 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"epoch": 1, "model": {}, "x": Exploit()}, path, pickle_module=pickle)
     with pytest.raises(checkpoint.CheckpointError, match="not a loadable checkpoint"):
         checkpoint.load(str(path))
+
+
+def test_damaged_tensor_bytes_are_refused_not_loaded(tmp_path):
+    """torch.load does not check CRCs: a flipped byte inside a tensor would load as a wrong weight."""
+    path = tmp_path / "c.pt"
+    checkpoint.save_atomic({"epoch": 1, "model": {"w": torch.arange(4096.0)}}, str(path))
+    raw = bytearray(path.read_bytes())
+    at = raw.index(torch.arange(4096.0)[1000:1001].numpy().tobytes())  # inside the tensor's bytes
+    raw[at:at + 4] = b"\xff\xff\xff\x7f"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(checkpoint.CheckpointError, match="damaged checkpoint .*fails its CRC check"):
+        checkpoint.load(str(path))
+
+
+def test_best_is_restored_when_a_kill_fell_between_the_two_saves(tmp_path):
+    latest, best = tmp_path / checkpoint.LATEST, tmp_path / checkpoint.BEST
+    checkpoint.save_atomic({"epoch": 2, "model": {}, "best_epoch": 1}, str(best))
+    checkpoint.save_atomic({"epoch": 3, "model": {}, "best_epoch": 3}, str(latest))  # then killed
+    assert checkpoint.restore_best(str(tmp_path), {"epoch": 3, "best_epoch": 3})
+    assert best.read_bytes() == latest.read_bytes()
+    assert not checkpoint.restore_best(str(tmp_path), {"epoch": 3, "best_epoch": 3})  # already current
+    assert not checkpoint.restore_best(str(tmp_path), {"epoch": 4, "best_epoch": 3})  # latest is not the best
+    best.unlink()
+    assert checkpoint.restore_best(str(tmp_path), {"epoch": 3, "best_epoch": 3}) and best.exists()

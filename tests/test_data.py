@@ -73,8 +73,22 @@ def test_cifar10_ext_appends_ti500k(tmp_path):
 def test_ti500k_npz_conversion_round_trip(tmp_path):
     obj = _write_ti500k(tmp_path / "ti.pickle")
     convert_ti500k(str(tmp_path / "ti.pickle"), str(tmp_path / "ti.npz"))
-    s = load_ti500k(str(tmp_path / "ti.npz"), limit=5)
-    assert len(s) == 5 and np.array_equal(s.images[0].permute(1, 2, 0).numpy(), obj["data"][0])
+    whole = load_ti500k(str(tmp_path / "ti.npz"))
+    assert np.array_equal(whole.images.permute(0, 2, 3, 1).numpy(), obj["data"])
+    assert whole.labels.tolist() == obj["extrapolated_targets"].tolist()
+
+
+def test_unlabeled_max_takes_a_seeded_random_subset(tmp_path):
+    obj = _write_ti500k(tmp_path / "ti.pickle", n=40)
+    subsets = {seed: load_ti500k(str(tmp_path / "ti.pickle"), limit=8, seed=seed) for seed in (0, 1)}
+    rows = {img.tobytes(): i for i, img in enumerate(obj["data"])}
+    picked = {}
+    for seed, s in subsets.items():
+        picked[seed] = [rows[img.permute(1, 2, 0).numpy().tobytes()] for img in s.images]
+        assert len(set(picked[seed])) == 8 and s.labels.tolist() == obj["extrapolated_targets"][picked[seed]].tolist()
+    assert picked[0] != list(range(8)) and picked[0] != picked[1]  # not the file's first images; seeded
+    again = load_ti500k(str(tmp_path / "ti.pickle"), limit=8, seed=0)
+    assert torch.equal(again.images, subsets[0].images)
 
 
 def test_ti500k_conversion_command_says_what_is_wrong(tmp_path):
@@ -107,6 +121,32 @@ def test_corrupt_data_is_one_line_error(tmp_path):
     proc = train_cli(["--set", "data.name=cifar10", "--set", f"data.root={tmp_path}",
                       "--set", f"run.output_dir={tmp_path / 'out'}"])
     assert proc.returncode == 2 and "data_batch_3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("data, labels, fragment", [
+    (np.random.default_rng(0).random((4, 3072)), [1, 2, 3, 4], r"data must be uint8 \(N, 3072\), got float64"),
+    (np.zeros((4, 32, 32, 3), np.uint8), [1, 2, 3, 4], r"data must be uint8 \(N, 3072\), got uint8 \(4, 32, 32, 3\)"),
+    (np.zeros((8, 1536), np.uint8), list(range(8)), r"data must be uint8 \(N, 3072\)"),
+    (np.zeros((4, 3072), np.uint8), [1, 2, 3.7, 4], r"labels must be N integers, got float64"),
+    (np.zeros((4, 3072), np.uint8), [[1], [2], [3], [4]], r"labels must be N integers, got int64 \(4, 1\)"),
+])
+def test_malformed_cifar_batches_are_refused_not_misread(tmp_path, data, labels, fragment):
+    """Float images, images in HWC order, half-size rows, fractional or 2-d labels: each would train on
+    scrambled data if it were cast and reshaped; each is one line naming the file."""
+    folder, _ = _write_cifar(tmp_path)
+    with open(folder / "data_batch_2", "wb") as fh:
+        pickle.dump({b"data": data, b"labels": labels}, fh, protocol=2)
+    with pytest.raises(DataError, match="data_batch_2: CIFAR-10 " + fragment):
+        load_dataset(DataConfig(name="cifar10", root=str(tmp_path)))
+
+
+def test_a_truncated_ti500k_npz_is_one_line(tmp_path):
+    _write_ti500k(tmp_path / "ti.pickle")
+    convert_ti500k(str(tmp_path / "ti.pickle"), str(tmp_path / "ti.npz"))
+    raw = (tmp_path / "ti.npz").read_bytes()
+    (tmp_path / "ti.npz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="not a TI-500K .npz"):
+        load_ti500k(str(tmp_path / "ti.npz"))
 
 
 def test_ti500k_wrong_shape(tmp_path):

@@ -11,7 +11,7 @@ from conftest import PYTHON, ROOT, SYNTHETIC, torch_env
 from trainer.config import ConfigError, config_from_dict, load_config, validate
 from trainer.distributed import DistInfo
 from trainer.models import build_model
-from trainer.train import Trainer, c_compiler, compiled_passes
+from trainer.train import Trainer, c_compiler, compiled_passes, native_bf16
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 COMPILED = torch._dynamo.eval_frame.OptimizedModule
@@ -24,11 +24,25 @@ COMPILED = torch._dynamo.eval_frame.OptimizedModule
     ("all", CUDA, "all"),
     ("off", CUDA, "off"),
 ])
-def test_compiled_passes(setting: str, device: torch.device, expected: str) -> None:
+def test_compiled_passes(setting: str, device: torch.device, expected: str, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
     assert compiled_passes(setting, device) == expected
 
 
-def test_without_a_c_compiler_auto_runs_eager_and_an_explicit_setting_is_a_config_error() -> None:
+@pytest.mark.parametrize("capability, bf16, compiled", [
+    ((6, 0), False, "off"),     # P100: no native bf16, Triton cannot generate code for it
+    ((7, 5), False, "attack"),  # T4: compiles, bf16 would be emulated
+    ((8, 0), True, "attack"),   # A100 on
+    ((9, 0), True, "attack"),
+])
+def test_auto_follows_the_gpu_generation(capability, bf16, compiled, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert native_bf16(CUDA) is bf16
+    assert compiled_passes("auto", CUDA) == compiled
+
+
+def test_without_a_c_compiler_auto_runs_eager_and_an_explicit_setting_is_a_config_error(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert compiled_passes("auto", CUDA, have_compiler=False) == "off"
     for setting in ("attack", "all"):
         with pytest.raises(ConfigError, match=f"perf.compile={setting}: torch.compile needs a C compiler"):

@@ -127,3 +127,22 @@ def test_a_cut_off_metrics_line_is_dropped_on_resume(tmp_path):
     assert [json.loads(line)["epoch"] for line in open(log.path)] == [1, 2]
     log.append({"epoch": 3})
     assert [r["epoch"] for r in read_jsonl(log.path)] == [1, 2, 3]
+
+
+def test_another_experiment_in_the_same_folder_is_not_resumed_silently(tmp_path, synthetic_args):
+    """A run found in run.output_dir that trained other data or another loss is not this run's earlier
+    attempt: refused (one line, nothing touched); named with --resume it continues, and the log says what
+    changed."""
+    out = tmp_path / "run"
+    common = [*synthetic_args, "--set", f"run.output_dir={out}"]
+    assert train_cli([*common, "--set", "run.epochs=1", "--set", "train.loss=dat"]).returncode == 0
+    before = (out / "checkpoint-latest.pt").read_bytes()
+    refused = train_cli([*common, "--set", "run.epochs=2", "--set", "train.loss=adv"])
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert "this folder's run trained train.loss='dat', the config says 'adv': another experiment?" in refused.stderr
+    assert (out / "checkpoint-latest.pt").read_bytes() == before
+    on_purpose = train_cli([*common, "--set", "run.epochs=2", "--set", "train.loss=adv", "--set", "attack.steps=2",
+                            "--resume", str(out)])
+    assert on_purpose.returncode == 0, on_purpose.stderr[-2000:]
+    assert "train.loss ('dat' -> 'adv')" in on_purpose.stderr and "attack.steps (3 -> 2)" in on_purpose.stderr
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]

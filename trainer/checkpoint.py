@@ -54,6 +54,14 @@ def load(path: str, map_location: str | torch.device = "cpu") -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a loadable checkpoint (not a torch.save zip archive)")
+    try:  # torch.load does not check the archive's CRCs: damaged tensor bytes would load as garbage weights
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({exc})") from None
+    if damaged:
+        raise CheckpointError(f"{path}: damaged checkpoint ({damaged.rsplit('/', 1)[-1]} fails its CRC check); "
+                              "resume from another checkpoint with --resume, or --no-resume to start fresh")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:  # weights_only refused an object: never unpickle what may run code
@@ -74,3 +82,21 @@ def find_resume(output_dir: str, resume: str) -> str | None:
         return os.path.join(resume, LATEST) if os.path.isdir(resume) else resume
     path = os.path.join(output_dir, LATEST)
     return path if resume == "auto" and os.path.exists(path) else None
+
+
+def restore_best(output_dir: str, state: dict) -> bool:
+    """A run killed between writing LATEST and BEST of its best epoch has no (or an older) BEST: LATEST is that
+    best epoch's checkpoint, so copy it (atomically). True when it did."""
+    latest, best = os.path.join(output_dir, LATEST), os.path.join(output_dir, BEST)
+    if state.get("best_epoch") != state.get("epoch") or not os.path.isfile(latest):
+        return False
+    if os.path.isfile(best) and os.path.getmtime(best) >= os.path.getmtime(latest):
+        return False
+    tmp = f"{best}.tmp-{os.getpid()}"
+    try:
+        shutil.copyfile(latest, tmp)
+        os.replace(tmp, best)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return True

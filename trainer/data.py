@@ -9,6 +9,7 @@ import io
 import os
 import pickle
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -134,11 +135,16 @@ def _read_cifar_archive(archive: str) -> tuple[ImageSet, ImageSet]:
 
 
 def _cifar_arrays(batch: object, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The published format: `data` uint8 (N, 3072), rows of R, G, B planes; `labels` N integers."""
     try:
-        data = np.asarray(_key(batch, "data"), dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(_key(batch, "labels"), dtype=np.int64)
+        data, labels = np.asarray(_key(batch, "data")), np.asarray(_key(batch, "labels"))
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{where}: not a CIFAR-10 batch ({exc})") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{where}: CIFAR-10 data must be uint8 (N, 3072), got {data.dtype} {data.shape}")
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{where}: CIFAR-10 labels must be N integers, got {labels.dtype} {labels.shape}")
+    data, labels = data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
     if len(data) != len(labels):
         raise DataError(f"{where}: {len(data)} images but {len(labels)} labels")
     return data, labels
@@ -155,7 +161,7 @@ def _cifar_sets(train_parts, test_part) -> tuple[ImageSet, ImageSet]:
     return train, test
 
 
-def load_ti500k(path: str, limit: int = 0) -> ImageSet:
+def load_ti500k(path: str, limit: int = 0, seed: int = 0) -> ImageSet:
     """The TI-500K pseudo-labelled set: a pickle (or .npz) with `data` (N,32,32,3 uint8) and `extrapolated_targets`."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: TI-500K file not found")
@@ -163,7 +169,7 @@ def load_ti500k(path: str, limit: int = 0) -> ImageSet:
         try:
             with np.load(path, allow_pickle=False) as z:
                 data, targets = z["data"], z["extrapolated_targets"]
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise DataError(f"{path}: not a TI-500K .npz ({exc})") from None
     else:
         with open(path, "rb") as fh:
@@ -173,6 +179,8 @@ def load_ti500k(path: str, limit: int = 0) -> ImageSet:
         except (KeyError, TypeError):
             raise DataError(f"{path}: expected keys 'data' and 'extrapolated_targets'") from None
     data, targets = np.asarray(data), np.asarray(targets)
+    if targets.ndim != 1:
+        raise DataError(f"{path}: extrapolated_targets must be N integer labels, got {targets.dtype} {targets.shape}")
     if data.ndim != 4 or data.shape[1:] != (32, 32, 3) or data.dtype != np.uint8:
         raise DataError(f"{path}: data must be uint8 (N, 32, 32, 3), got {data.dtype} {data.shape}")
     if len(targets) != len(data):
@@ -181,8 +189,9 @@ def load_ti500k(path: str, limit: int = 0) -> ImageSet:
         raise DataError(f"{path}: extrapolated_targets must be N integer labels, got {targets.dtype} {targets.shape}")
     if len(targets) and (targets.min() < 0 or targets.max() > 9):
         raise DataError(f"{path}: extrapolated_targets outside 0..9 (found {targets.min()}..{targets.max()})")
-    if limit:
-        data, targets = data[:limit], targets[:limit]
+    if 0 < limit < len(data):  # a random subset (the file is in no random order), the same for every rank
+        keep = np.sort(np.random.default_rng(seed).choice(len(data), limit, replace=False))
+        data, targets = data[keep], targets[keep]
     return ImageSet(_hwc_to_tensor(data), torch.from_numpy(targets.astype(np.int64)))
 
 
@@ -231,7 +240,7 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
         return _synthetic(cfg, seed)
     train, test = _read_cifar_batches(cfg.root, cfg.download)
     if cfg.name == "cifar10-ext":
-        extra = load_ti500k(cfg.ti500k_path, cfg.unlabeled_max)
+        extra = load_ti500k(cfg.ti500k_path, cfg.unlabeled_max, seed=seed)
         train = ImageSet(torch.cat([train.images, extra.images]), torch.cat([train.labels, extra.labels]))
     return Dataset(train, test, num_classes=10, channels=3, image_size=32)
 

@@ -36,10 +36,11 @@ class TrainingDiverged(ValueError):
 
 
 def native_bf16(device: torch.device) -> bool:
-    """bf16 runs natively on CUDA and on CPUs with AVX512-BF16 / AMX (elsewhere it would be emulated).
-    Measured on such a CPU (make bench): bf16 + channels_last made the 2-rank DAT step 2.0x faster."""
+    """bf16 runs natively on GPUs of compute capability 8.0+ (Ampere on) and on CPUs with AVX512-BF16 / AMX
+    (elsewhere it would be emulated, slower than fp32). Measured on such a CPU (make bench): bf16 +
+    channels_last made the 2-rank DAT step 2.0x faster."""
     if device.type == "cuda":
-        return True
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -68,8 +69,9 @@ def compiled_passes(setting: str, device: torch.device, have_compiler: bool = Tr
     if setting in ("attack", "all") and not have_compiler:
         raise ConfigError(f"perf.compile={setting}: torch.compile needs a C compiler ($CC, cc, gcc or clang) and "
                           "none is on PATH; install gcc in the image or set perf.compile=off")
-    if setting == "auto":
-        return "attack" if device.type == "cuda" and have_compiler else "off"
+    if setting == "auto":  # Triton's code generator needs compute capability 7.0+
+        return "attack" if (device.type == "cuda" and have_compiler
+                            and torch.cuda.get_device_capability(device) >= (7, 0)) else "off"
     return setting
 
 
@@ -77,6 +79,20 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """Every source of randomness in an epoch derives from (seed, epoch, rank): a resumed run replays
     exactly what an uninterrupted one would have done."""
     return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**63)
+
+
+# What a checkpoint's run was trained on, beyond the model and optimizer (compared on resume). Left out: where
+# files are, how batches are evaluated or placed (no effect on what is learnt); the batch size is named apart.
+EXPERIMENT_SECTIONS = ("data", "train", "attack", "eval", "jointspar")
+EXPERIMENT_IGNORED = {"data.root", "data.download", "data.device_resident", "data.eval_batch_size", "data.batch_size"}
+# A run found in run.output_dir that differs in these is another experiment, not this one's earlier attempt.
+EXPERIMENT_DEFINING = ("data.name", "train.loss")
+
+
+def experiment_settings(cfg: Config) -> dict[str, object]:
+    plain = cfg.to_dict()
+    return {f"{section}.{key}": value for section in EXPERIMENT_SECTIONS for key, value in plain[section].items()
+            if f"{section}.{key}" not in EXPERIMENT_IGNORED}
 
 
 def _state_differences(saved: dict, current: dict, show: int = 3) -> str:
@@ -134,7 +150,7 @@ class Trainer:
         self.timer = PhaseTimer(self.device)
         self.exporter = TrainingExporter()  # the real one starts with fit(); progress() is a no-op until then
         self.log = MetricsLog(cfg.run.output_dir, dist_info.is_main)
-        self.start_epoch, self.best_ra = 1, -1.0
+        self.start_epoch, self.best_ra, self.best_epoch = 1, -1.0, 0
         # device-side running sums of (loss, clean correct, adv correct, images) over the epoch: no host sync per step
         self.totals = torch.zeros(4, device=self.device)
 
@@ -154,10 +170,12 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "jointspar": self.jointspar.state_dict() if self.jointspar else None,
             "best_ra": self.best_ra,
+            "best_epoch": self.best_epoch,
             "seed": self.cfg.run.seed,  # with the epoch, this fixes every RNG stream of the next epoch
             "model_name": self.cfg.model.name,
             "optimizer_name": self.cfg.optim.name,
             "optim": self.cfg.to_dict()["optim"],  # plain values: a resumed run names what its config changed
+            "experiment": experiment_settings(self.cfg),
             "world_size": self.dist.world_size,
             "batch_size": self.cfg.data.batch_size,
         }
@@ -169,6 +187,16 @@ class Trainer:
         if state.get("model_name") != self.cfg.model.name:
             raise checkpoint.CheckpointError(
                 f"{path}: checkpoint is for model {state.get('model_name')!r}, config says {self.cfg.model.name!r}")
+        now = experiment_settings(self.cfg)
+        moved = {k: (v, now.get(k)) for k, v in (state.get("experiment") or {}).items() if now.get(k, v) != v}
+        if self.cfg.run.resume == "auto":  # found in run.output_dir, not named by the user
+            for key in EXPERIMENT_DEFINING:
+                if key in moved:
+                    raise checkpoint.CheckpointError(
+                        f"{path}: this folder's run trained {key}={moved[key][0]!r}, the config says "
+                        f"{moved[key][1]!r}: another experiment? Give it its own run.output_dir, start fresh here "
+                        f"with --no-resume (the earlier run is set aside), or continue that run on purpose with "
+                        f"--resume {path}")
         if (state.get("jointspar") is None) != (self.jointspar is None):
             raise checkpoint.CheckpointError(f"{path}: jointspar.enabled differs from the checkpoint's run")
         differs = _state_differences(state["model"], self.model.state_dict())
@@ -213,10 +241,18 @@ class Trainer:
                                 ("run.seed", state.get("seed"), self.cfg.run.seed)):
             if saved is not None and saved != now:
                 changed.append(f"{key} ({saved} -> {now})")
+        changed += [f"{k} ({a!r} -> {b!r})" for k, (a, b) in moved.items()]
+        if state.get("world_size") not in (None, self.dist.world_size):
+            changed.append(f"world size ({state['world_size']} -> {self.dist.world_size})")
+        if any(k.startswith("eval.") for k in moved) and self.dist.is_main:
+            log.warning("evaluation settings changed: the robust accuracy of checkpoint-best.pt (%.4f) was "
+                        "measured under the checkpoint's, so a new best is only kept if it beats that value",
+                        float(state["best_ra"]))
         if changed and self.dist.is_main:
             log.info("resumed with this config's settings, which differ from the checkpoint's: %s "
                      "(the LR schedule continues from epoch %d)", ", ".join(changed), int(state["epoch"]))
         self.start_epoch, self.best_ra = int(state["epoch"]) + 1, float(state["best_ra"])
+        self.best_epoch = int(state.get("best_epoch") or 0)
 
     def save(self, epoch: int, robust_acc: float | None) -> None:
         if not self.dist.is_main:
@@ -224,7 +260,7 @@ class Trainer:
         out = self.cfg.run.output_dir
         better = robust_acc is not None and robust_acc > self.best_ra
         if better:
-            self.best_ra = robust_acc
+            self.best_ra, self.best_epoch = robust_acc, epoch
         state = self.state_dict(epoch)
         checkpoint.save_atomic(state, os.path.join(out, checkpoint.LATEST))  # first: what a restart resumes from
         if better:
@@ -480,6 +516,9 @@ def run(cfg: Config, dist_info: DistInfo) -> dict | None:
                 for name in names:
                     if os.path.isfile(os.path.join(source, name)):
                         shutil.copyfile(os.path.join(source, name), os.path.join(out, name))
+        elif checkpoint.restore_best(out, {"epoch": trainer.start_epoch - 1, "best_epoch": trainer.best_epoch}):
+            print(f"restored {checkpoint.BEST} from {checkpoint.LATEST}: the last run stopped between saving "
+                  "the two after its best epoch", flush=True)
     trainer.log.truncate_after(trainer.start_epoch - 1)  # epochs after the checkpoint are trained again
     if dist_info.is_main:
         save_resolved(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
