@@ -440,6 +440,11 @@ def _data_problems(v: dict[str, Any], trainer: dict[str, Any]) -> list[str]:
         problems.append("data.claimName: required when data.source is pvc")
     if dataset in ("cifar10", "cifar10-ext") and source == "none":
         problems.append(f"data.source: trainer data.name {dataset} needs a data volume (pvc or download)")
+    download = tdata.get("download")
+    if source == "pvc" and (download is True or str(download).lower() in ("true", "yes", "on", "1")):
+        problems.append("trainer.data.download: the data volume is mounted read-only in the pods, so nothing can "
+                        "be fetched into it; use data.source: download (an init container fetches CIFAR-10) or "
+                        "put the files on the PVC")
     if dataset == "cifar10-ext" and source == "download":
         problems.append("data.source: download fetches CIFAR-10 only; cifar10-ext needs the TI-500K pickle "
                         "on a PVC (data.source: pvc)")
@@ -668,8 +673,10 @@ def check(spec: dict[str, Any], origin: str = "trainer") -> dict[str, Any]:
                 problems += rule(v)
     if isinstance(v.get("trainer"), dict):  # the trainer's checks need only the node and process counts
         trainer_found = _trainer_problems(v["trainer"], world_sizes(v), origin)
-        if not trainer_found and origin == "trainer":  # inline: helm validates it too, with stricter types
-            trainer_found = _helm_trainer_problems(v["trainer"])
+        if origin == "trainer":  # inline: helm validates it too, with stricter types (a key once: the trainer's)
+            named = {line.split(": ", 2)[1] for line in trainer_found if line.count(": ") >= 2}
+            trainer_found += [line for line in _helm_trainer_problems(v["trainer"])
+                              if line.split(":", 1)[0].removeprefix("trainer.") not in named]
         problems += trainer_found
     if problems:
         raise SpecError(problems)
@@ -776,6 +783,8 @@ def render(job: JobSpec, namespace: str | None = None, api: str | None = None,
         set_manager_label(obj, "datctl")
     config = yaml.safe_load(next(o for o in objects if o["kind"] == "ConfigMap")["data"]["config.yaml"])
     warnings = render_warnings(values, spec["trainer"], config, job.trainer_origin)
+    warnings += [f"{job.trainer_origin}: {note}" for note in trainer_config.ineffective_settings(
+        trainer_config.config_from_dict(config))]
     result = Rendered(values=values, namespace=namespace, objects=objects, warnings=warnings)
     result.warnings += _crd_problems(result.job, values)
     if result.job["kind"] == "PyTorchJob":

@@ -6,7 +6,7 @@ import yaml
 
 from conftest import PYTHON, ROOT, torch_env, train_cli
 from trainer import config
-from trainer.config import ConfigError, config_from_dict, load_config, validate
+from trainer.config import ConfigError, config_from_dict, ineffective_settings, load_config, validate
 
 
 def test_defaults_are_valid():
@@ -186,3 +186,22 @@ def test_print_config_is_a_config_file_of_the_same_run(tmp_path):
     (tmp_path / "resolved.yaml").write_text(proc.stdout)
     again = load_config(str(tmp_path / "resolved.yaml"))
     assert again == load_config(None, ["attack.eps=8/255", "optim.name=lars"])
+
+
+@pytest.mark.parametrize("overrides, note", [
+    (["model.name=resnet18", "model.width=64"], "model.width 64 has no effect on resnet18 (small_cnn only)"),
+    (["data.name=digits", "data.ti500k_path=/data/ti.pickle"], "data.ti500k_path has no effect with data.name=digits"),
+    (["data.name=cifar10", "data.unlabeled_max=1000"], "data.unlabeled_max has no effect with data.name=cifar10"),
+    (["run.epochs=10", "optim.warmup_epochs=10"], "the learning rate never reaches optim.lr"),
+    (["run.epochs=10", "jointspar.enabled=true", "jointspar.warmup_epochs=12"], "JointSpar never samples"),
+])
+def test_settings_without_effect_are_noted(overrides, note):
+    cfg = load_config(None, overrides, check_paths=False)
+    assert [n for n in ineffective_settings(cfg) if note in n], ineffective_settings(cfg)
+    assert ineffective_settings(load_config(None, [], check_paths=False)) == []  # the defaults: nothing to say
+
+
+def test_the_cli_prints_the_notes_before_training():
+    proc = train_cli(["--check", "--set", "data.name=digits", "--set", "model.name=small_cnn",
+                      "--set", "data.unlabeled_max=5"])
+    assert proc.returncode == 0 and "dat-train: note: data.unlabeled_max has no effect" in proc.stderr, proc.stderr

@@ -490,6 +490,22 @@ def test_what_helm_would_refuse_or_change_is_refused_in_one_line(changes: dict, 
     assert code == 2 and line in err and "Traceback" not in err, err
 
 
+def test_download_into_the_read_only_data_volume_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = render(capsys, str(write_spec(tmp_path, {"data": {"source": "pvc", "claimName": "dat-data"},
+                                                            "trainer/data/name": "cifar10",
+                                                            "trainer/data/download": True})))
+    assert code == 2 and "trainer.data.download: the data volume is mounted read-only" in err, err
+
+
+def test_trainer_and_helm_schema_problems_come_in_one_round(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A trainer-config error does not hide what helm's stricter schema refuses elsewhere; a key that both
+    refuse is named once, in the trainer's words."""
+    code, _, err = render(capsys, str(write_spec(tmp_path, {"trainer/run/epochs": "3", "trainer/optim/name": "adam"})))
+    assert code == 2 and "optim.name: 'adam' is not one of lamb, lars, sgd" in err, err
+    assert "trainer.run.epochs: expected integer, got '3' (helm's values schema refuses it)" in err
+    assert "trainer.optim.name" not in err
+
+
 def test_set_json_spacing_and_empty_values_as_helm_reads_them(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     objects = rendered_objects(capsys, str(write_spec(tmp_path)), "--set-json", 'env.A= "x" ,env.B=2 ',
                                "--set-json", "resources.limits=")

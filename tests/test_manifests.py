@@ -150,7 +150,7 @@ def test_published_setup(name: str, optimizer: str, jointspar: bool, tmp_path: P
     container = pytorch_container(job)
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     pod = replicas["Worker"]["template"]["spec"]
-    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-p100"}
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
 
     cfg = trainer_config_of(objects, world_size=8, tmp_path=tmp_path)

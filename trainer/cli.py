@@ -10,7 +10,7 @@ import sys
 import yaml
 
 from trainer.checkpoint import CheckpointError
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError, ineffective_settings, load_config
 from trainer.data import DataError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # every rank reads the same config: one message is enough
             print(f"dat-train: config error: {'; '.join(errors)}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") == "0":
+        for note in ineffective_settings(cfg):
+            print(f"dat-train: note: {note}", file=sys.stderr)
     from trainer.train import TrainingDiverged, run
 
     if args.print_config:

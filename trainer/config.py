@@ -405,6 +405,25 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
     return found
 
 
+def ineffective_settings(cfg: Config) -> list[str]:
+    """Settings that are valid but change nothing in this config (not errors: a note each, so that a user who
+    set them is not left believing they took effect)."""
+    data, default_data = cfg.data, DataConfig()
+    notes = []
+    if cfg.model.name != "small_cnn" and cfg.model.width != ModelConfig().width:
+        notes.append(f"model.width {cfg.model.width} has no effect on {cfg.model.name} (small_cnn only)")
+    if data.name != "cifar10-ext":
+        notes += [f"data.{key} has no effect with data.name={data.name} (cifar10-ext only)"
+                  for key in ("ti500k_path", "unlabeled_max") if getattr(data, key) != getattr(default_data, key)]
+    if cfg.optim.warmup_epochs >= cfg.run.epochs > 0:
+        notes.append(f"optim.warmup_epochs {cfg.optim.warmup_epochs:g} >= run.epochs {cfg.run.epochs}: the learning "
+                     f"rate never reaches optim.lr")
+    if cfg.jointspar.enabled and cfg.jointspar.warmup_epochs >= cfg.run.epochs > 0:
+        notes.append(f"jointspar.warmup_epochs {cfg.jointspar.warmup_epochs} >= run.epochs {cfg.run.epochs}: "
+                     "every epoch is dense, JointSpar never samples")
+    return notes
+
+
 def world_size_problems(cfg: Config, world_size: int) -> list[str]:
     """The rules that depend on the world size (datctl checks them at every size an elastic job can run at)."""
     batch, micro = cfg.data.batch_size, max(1, cfg.train.micro_batches)
