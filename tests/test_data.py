@@ -193,3 +193,50 @@ def test_crop_flip_keeps_content_and_shape():
     assert out.shape == x.shape
     # every output is a shifted (maybe flipped) window: its non-padded pixels come from the input
     assert torch.isin(out[out > 0], x).all()
+
+
+def _indexed(n: int) -> "ImageSet":
+    from trainer.data import ImageSet
+    return ImageSet(torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n))  # label = index
+
+
+def test_cifar10_ext_batches_hold_the_configured_share_of_pseudo_labelled_images():
+    """RST-style mixing: every batch of every rank is half CIFAR-10, half TI (not ~9% CIFAR-10 as in one
+    shuffle of 50K + 500K); within a step the ranks' images are disjoint; the labelled set is cycled."""
+    labelled, total, per_rank, world = 40, 440, 8, 2
+    steps = total // world // per_rank
+    seen = {rank: [] for rank in range(world)}
+    for rank in range(world):
+        tb = TrainBatches(_indexed(total), per_rank, rank, world, seed=3, device=torch.device("cpu"),
+                          augment=False, resident=True, labelled=labelled, unlabeled_fraction=0.5)
+        batches = [y for _, y in tb.epoch(1)]
+        assert len(batches) == len(tb) == steps
+        for y in batches:
+            assert int((y < labelled).sum()) == 4 and len(set(y.tolist())) == per_rank
+        assert any(bool((y[:4] >= labelled).any()) for y in batches)  # mixed inside the batch, not halves
+        seen[rank] = batches
+        again = [y for _, y in tb.epoch(1)]
+        assert all(torch.equal(a, b) for a, b in zip(batches, again))  # a resumed epoch replays the same
+        assert not all(torch.equal(a, b) for a, b in zip(batches, [y for _, y in tb.epoch(2)]))
+    for step in range(steps):
+        both = torch.cat([seen[0][step], seen[1][step]]).tolist()
+        assert len(set(both)) == len(both)
+    used = torch.cat([y for rank in seen for y in seen[rank]])
+    counts = torch.bincount(used[used < labelled], minlength=labelled)
+    assert counts.min() >= 2 and counts.max() - counts.min() <= 1  # 216 labelled draws over 40 images: cycled
+
+
+def test_unlabeled_fraction_zero_is_one_shuffle_and_a_batch_too_small_to_mix_is_one_line():
+    tb = TrainBatches(_indexed(440), 8, 0, 2, seed=3, device=torch.device("cpu"), augment=False, resident=True,
+                      labelled=40, unlabeled_fraction=0.0)
+    assert tb.split is None and len(list(tb.epoch(1))) == 27
+    with pytest.raises(DataError, match="data.unlabeled_fraction 0.9 of 2 images per rank leaves no room"):
+        TrainBatches(_indexed(440), 2, 0, 2, seed=3, device=torch.device("cpu"), augment=False, resident=True,
+                     labelled=40, unlabeled_fraction=0.9)
+
+
+def test_cifar10_ext_says_which_images_are_labelled(tmp_path):
+    _write_cifar(tmp_path)
+    _write_ti500k(tmp_path / "ti.pickle", n=30)
+    ds = load_dataset(DataConfig(name="cifar10-ext", root=str(tmp_path), ti500k_path=str(tmp_path / "ti.pickle")))
+    assert ds.labelled == 100 and len(ds.train) == 130

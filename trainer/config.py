@@ -44,6 +44,7 @@ class DataConfig:
     download: bool = False  # cifar10: fetch the archive into root (clusters with internet only)
     ti500k_path: str = ""  # cifar10-ext: the TI-500K pseudo-labelled pickle (or a converted .npz)
     unlabeled_max: int = 0  # cifar10-ext: use at most this many TI images (0 = all)
+    unlabeled_fraction: float = 0.5  # cifar10-ext: share of every batch drawn from the TI images (0: one shuffle)
     batch_size: int = 128  # global batch, split evenly over ranks
     eval_batch_size: int = 256  # per rank
     augment: str = "auto"  # auto: crop(pad 4)+flip for 32x32 data; on; off
@@ -350,6 +351,7 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
         (cfg.data.eval_batch_size >= 1, "data.eval_batch_size must be >= 1"),
         (cfg.train.micro_batches >= 1, "train.micro_batches must be >= 1"),
         (cfg.data.unlabeled_max >= 0, "data.unlabeled_max must be >= 0"),
+        (0 <= cfg.data.unlabeled_fraction < 1, "data.unlabeled_fraction must be in [0, 1)"),
         (cfg.data.synthetic_train_size >= 1 and cfg.data.synthetic_test_size >= 1,
          "data.synthetic_train_size and data.synthetic_test_size must be >= 1"),
         (cfg.data.synthetic_channels in (1, 3), "data.synthetic_channels must be 1 or 3"),
@@ -414,7 +416,8 @@ def ineffective_settings(cfg: Config) -> list[str]:
         notes.append(f"model.width {cfg.model.width} has no effect on {cfg.model.name} (small_cnn only)")
     if data.name != "cifar10-ext":
         notes += [f"data.{key} has no effect with data.name={data.name} (cifar10-ext only)"
-                  for key in ("ti500k_path", "unlabeled_max") if getattr(data, key) != getattr(default_data, key)]
+                  for key in ("ti500k_path", "unlabeled_max", "unlabeled_fraction")
+                  if getattr(data, key) != getattr(default_data, key)]
     if cfg.optim.warmup_epochs >= cfg.run.epochs > 0:
         notes.append(f"optim.warmup_epochs {cfg.optim.warmup_epochs:g} >= run.epochs {cfg.run.epochs}: the learning "
                      f"rate never reaches optim.lr")

@@ -44,6 +44,7 @@ class Dataset:
     num_classes: int
     channels: int
     image_size: int
+    labelled: int = -1  # the first `labelled` training images carry true labels, the rest pseudo-labels (-1: all)
 
 
 # ---------------------------------------------------------------- safe pickle reading
@@ -239,10 +240,11 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     if cfg.name == "synthetic":
         return _synthetic(cfg, seed)
     train, test = _read_cifar_batches(cfg.root, cfg.download)
+    labelled = len(train)
     if cfg.name == "cifar10-ext":
         extra = load_ti500k(cfg.ti500k_path, cfg.unlabeled_max, seed=seed)
         train = ImageSet(torch.cat([train.images, extra.images]), torch.cat([train.labels, extra.labels]))
-    return Dataset(train, test, num_classes=10, channels=3, image_size=32)
+    return Dataset(train, test, num_classes=10, channels=3, image_size=32, labelled=labelled)
 
 
 # ---------------------------------------------------------------- batching
@@ -263,17 +265,33 @@ def augment_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4)
 
 
 class TrainBatches:
-    """This rank's shard of the training set, reshuffled every epoch, as float batches in [0, 1]."""
+    """This rank's shard of the training set, reshuffled every epoch, as float batches in [0, 1].
+
+    An epoch is len(data) // global batch steps. With `labelled` < len(data) (CIFAR10-Ext: CIFAR-10 first, then
+    the pseudo-labelled TI images) and 0 < unlabeled_fraction < 1, every batch draws that share from the TI
+    images and the rest from CIFAR-10, as in Carmon et al.'s robust self-training (0.5): each set is walked in
+    fresh random orders (the smaller one is cycled), the same on every rank, each rank taking its own slice of
+    every step. Otherwise one shuffle of all images is split over the ranks (DistributedSampler)."""
 
     def __init__(self, data: ImageSet, batch_per_rank: int, rank: int, world_size: int, seed: int,
-                 device: torch.device, augment: bool, resident: bool) -> None:
+                 device: torch.device, augment: bool, resident: bool, labelled: int = -1,
+                 unlabeled_fraction: float = 0.0) -> None:
         if len(data) < batch_per_rank * world_size:
             raise DataError(f"training set has {len(data)} images, fewer than one global batch "
                             f"({batch_per_rank * world_size})")
         self.sampler = DistributedSampler(range(len(data)), num_replicas=world_size, rank=rank,
                                           shuffle=True, seed=seed, drop_last=True)
         self.data, self.batch, self.device, self.augment = data, batch_per_rank, device, augment
-        self.rank, self.seed = rank, seed
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.labelled = len(data) if labelled < 0 else labelled
+        self.split = None  # (labelled, unlabelled) images per rank and step, when batches mix the two sets
+        if 0 < unlabeled_fraction < 1 and 0 < self.labelled < len(data):
+            unlabelled = round(batch_per_rank * unlabeled_fraction)
+            if not 0 < unlabelled < batch_per_rank:
+                raise DataError(f"data.unlabeled_fraction {unlabeled_fraction:g} of {batch_per_rank} images per "
+                                "rank leaves no room for both labelled and pseudo-labelled images: raise "
+                                "data.batch_size or set data.unlabeled_fraction=0")
+            self.split = (batch_per_rank - unlabelled, unlabelled)
         self.images = data.images.to(device) if resident else data.images
         self.labels = data.labels.to(device) if resident else data.labels
         if not resident and device.type == "cuda":
@@ -282,13 +300,28 @@ class TrainBatches:
     def __len__(self) -> int:
         return len(self.sampler) // self.batch
 
+    def _order(self, epoch: int) -> torch.Tensor:
+        """(steps, batch) indices of this rank's images for the epoch."""
+        if self.split is None:
+            self.sampler.set_epoch(epoch)
+            return torch.tensor(list(iter(self.sampler)), dtype=torch.long)[:len(self) * self.batch].view(
+                len(self), self.batch)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch * 7919) % 2**63)  # the same on every rank
+        steps, parts = len(self), []
+        for (first, size), per_rank in zip(((0, self.labelled), (self.labelled, len(self.data) - self.labelled)),
+                                           self.split):
+            need = steps * self.world_size * per_rank
+            walks = torch.cat([torch.randperm(size, generator=g) for _ in range(-(-need // size))])
+            parts.append(walks[:need].view(steps, self.world_size, per_rank)[:, self.rank] + first)
+        order = torch.cat(parts, dim=1)
+        # mixed within each batch, so that micro-batches (and the batch's first images) hold both sets
+        return order.gather(1, torch.rand(order.shape, generator=g).argsort(dim=1))
+
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.sampler.set_epoch(epoch)
-        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long).to(self.images.device)
+        order = self._order(epoch).to(self.images.device)
         g = torch.Generator(device=self.device).manual_seed(
             (self.seed * 1_000_003 + epoch * 1009 + self.rank) % 2**63)
-        for i in range(len(self)):
-            idx = order[i * self.batch:(i + 1) * self.batch]
+        for idx in order:
             x = self.images[idx].to(self.device, non_blocking=True).float().div_(255)
             y = self.labels[idx].to(self.device, non_blocking=True)
             if self.augment:

@@ -119,7 +119,8 @@ class Trainer:
             cfg.data.device_resident == "auto" and self.device.type == "cuda"
             and data.train.images.numel() < 8 * 2**30)
         self.batches = TrainBatches(data.train, cfg.data.batch_size // dist_info.world_size, dist_info.rank,
-                                    dist_info.world_size, cfg.run.seed, self.device, augment, resident)
+                                    dist_info.world_size, cfg.run.seed, self.device, augment, resident,
+                                    labelled=data.labelled, unlabeled_fraction=cfg.data.unlabeled_fraction)
 
         model = build_model(cfg.model.name, data.num_classes, data.channels, cfg.model.width).to(self.device)
         self.channels_last = _resolve_auto(cfg.perf.channels_last, self.device)
