@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -345,17 +346,23 @@ def phase(job: dict[str, Any], kind: Kind) -> str:
 
 
 def epoch_figures(text: str) -> list[str]:
-    """The trainer's rank-0 gauges (latest epoch, accuracies, throughput, ...) from a /metrics scrape."""
-    lines = []
+    """The trainer's rank-0 gauges (latest epoch, accuracies, throughput, ...) from a /metrics scrape; none
+    before the first epoch has ended (the trainer exports epoch 0, its start time and a heartbeat from the
+    start). Timestamps as UTC times."""
+    lines, epoch = [], None
     for family in text_string_to_metric_families(text):
         if family.type != "gauge" or not family.name.startswith("dat_") or family.name == "dat_run_info":
             continue
         for sample in family.samples:
             if sample.labels.get("rank", "0") != "0":
                 continue
+            if sample.name == "dat_epoch":
+                epoch = sample.value
             extra = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k not in RANK_LABELS)
-            lines.append(f"  {sample.name + (f'{{{extra}}}' if extra else ''):<48} {sample.value:g}")
-    return lines
+            value = (datetime.fromtimestamp(sample.value, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+                     if sample.name.endswith("_timestamp_seconds") else f"{sample.value:g}")
+            lines.append(f"  {sample.name + (f'{{{extra}}}' if extra else ''):<48} {value}")
+    return [] if epoch == 0 else lines
 
 
 def status_report(cluster: Cluster, kind: Kind, name: str) -> list[str]:

@@ -205,3 +205,10 @@ def test_the_cli_prints_the_notes_before_training():
     proc = train_cli(["--check", "--set", "data.name=digits", "--set", "model.name=small_cnn",
                       "--set", "data.unlabeled_max=5"])
     assert proc.returncode == 0 and "dat-train: note: data.unlabeled_max has no effect" in proc.stderr, proc.stderr
+
+
+def test_a_batch_too_small_to_mix_both_sets_is_refused_at_its_world_size():
+    cfg = load_config(None, ["data.name=cifar10-ext", "data.batch_size=128"], check_paths=False)
+    assert config.world_size_problems(cfg, 64) == []  # 2 images per rank: one of each
+    (problem,) = config.world_size_problems(cfg, 128)
+    assert "data.unlabeled_fraction 0.5 of 1 images per rank at world size 128 leaves no room" in problem

@@ -300,3 +300,14 @@ def test_broken_kubeconfig_from_the_environment(tmp_path: Path, capsys: pytest.C
     assert cli.main(["status", "dat-smoke"]) == 2
     assert capsys.readouterr().err == f"datctl: kubeconfig {broken}: not a kubeconfig (a mapping with clusters, " \
                                       "users and contexts), got list\n"
+
+
+def test_epoch_figures_wait_for_the_first_epoch_and_show_times_as_dates() -> None:
+    from controller.kube import epoch_figures
+    labels = 'job_name="j",local_rank="0",node_rank="0",rank="0"'
+    starting = (f"# TYPE dat_epoch gauge\ndat_epoch{{{labels}}} 0.0\n"
+                f"# TYPE dat_progress_timestamp_seconds gauge\ndat_progress_timestamp_seconds{{{labels}}} 1.8e9\n")
+    assert epoch_figures(starting) == []  # status prints "(no epoch finished yet)"
+    lines = epoch_figures(starting.replace("} 0.0", "} 2.0"))
+    assert lines[0].split() == ["dat_epoch", "2"]
+    assert lines[1].split()[1:] == ["2027-01-15", "08:00:00", "UTC"]

@@ -280,3 +280,18 @@ def test_progress_heartbeat_is_throttled_written_and_never_pushed(tmp_path, monk
     assert find(text, "dat_progress_timestamp_seconds")[0] > started[0]
     assert "push to" not in capsys.readouterr().err
     ex.finish()
+
+
+@pytest.mark.parametrize("outcome, waits", [("completed", False), ("diverged", True), ("error", True)])
+def test_after_a_failure_every_local_rank_waits_out_the_grace(tmp_path, monkeypatch, outcome, waits):
+    """torchrun stops a pod's workers as soon as one exits non-zero: a rank other than the serving one that
+    left at once would take the outcome down with local rank 0 before Prometheus scraped it."""
+    monkeypatch.setenv("DAT_METRICS_DIR", str(tmp_path))
+    ex = TrainingExporter.start(MetricsConfig(port=free_port(), grace_seconds=0.5), rank=1, local_rank=1,
+                                node_rank=0, world_size=2, local_world_size=2, run_info=RUN_INFO,
+                                default_job_name="j")
+    assert ex.server is None  # local rank 1 does not serve
+    started = time.monotonic()
+    ex.finish(outcome)
+    assert (time.monotonic() - started >= 0.5) is waits
+    assert find((tmp_path / "local-rank-1.prom").read_text(), "dat_training_outcome", outcome=outcome) == [1.0]

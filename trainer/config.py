@@ -432,6 +432,12 @@ def world_size_problems(cfg: Config, world_size: int) -> list[str]:
     batch, micro = cfg.data.batch_size, max(1, cfg.train.micro_batches)
     if batch % world_size:
         return [f"data.batch_size {batch} is not divisible by the world size {world_size}"]
+    fraction = cfg.data.unlabeled_fraction
+    if cfg.data.name == "cifar10-ext" and 0 < fraction < 1 and not 0 < round(batch // world_size * fraction) < (
+            batch // world_size):
+        return [f"data.unlabeled_fraction {fraction:g} of {batch // world_size} images per rank at world size "
+                f"{world_size} leaves no room for both CIFAR-10 and TI images: raise data.batch_size or set "
+                "data.unlabeled_fraction=0"]
     if batch % (world_size * micro):
         return [f"data.batch_size {batch} does not split into {world_size} rank(s) x {micro} micro-batches"]
     # BatchNorm in training mode needs more than one value per channel: a ResNet's last stage is 1x1 for

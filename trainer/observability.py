@@ -39,6 +39,7 @@ _PHASE_KEYS = {"data": "data_seconds", "attack": "attack_seconds", "compute": "c
 RANK_LABELS = ("job_name", "rank", "local_rank", "node_rank")
 OUTCOMES = ("completed", "diverged", "error")
 PROGRESS_SECONDS = 15.0  # the heartbeat's period: how stale dat_progress_timestamp_seconds gets while healthy
+PUSH_PROGRESS_SECONDS = 60.0  # a Pushgateway gets the heartbeat this often (hundreds of ranks push to one)
 _POD_HOSTNAME = re.compile(r"^(?P<job>[a-z]([-a-z0-9]*[a-z0-9])?)-(master|worker)-\d+$")
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
@@ -118,7 +119,7 @@ class TrainingExporter:
         self.world_size = world_size
         self._labels = labels or {}
         self._finished = False
-        self._last_beat = time.monotonic()
+        self._last_beat = self._last_push = time.monotonic()
         if self.enabled:
             self._define_metrics()
 
@@ -298,15 +299,19 @@ class TrainingExporter:
 
     def progress(self, done: int | None = None, total: int | None = None) -> None:
         """The heartbeat: called after every training step (done of total) and evaluation batch; refreshes
-        the progress metrics and the scrape file at most every PROGRESS_SECONDS (never pushed: a Pushgateway
-        gets the epoch ends). Costs a clock read otherwise, and never touches the device."""
-        if not self.enabled or time.monotonic() - self._last_beat < PROGRESS_SECONDS:
+        the progress metrics and the scrape file at most every PROGRESS_SECONDS, a Pushgateway at most every
+        PUSH_PROGRESS_SECONDS. Costs a clock read otherwise, and never touches the device."""
+        now = time.monotonic()
+        if not self.enabled or now - self._last_beat < PROGRESS_SECONDS:
             return
-        self._last_beat = time.monotonic()
+        self._last_beat = now
         self._progress_time.labels(**self._labels).set(time.time())
         if self.job_wide and done is not None and total:
             self._epoch_progress.labels(**self._labels).set(done / total)
-        self._publish(push=False)
+        push = now - self._last_push >= PUSH_PROGRESS_SECONDS
+        if push:
+            self._last_push = now
+        self._publish(push=push)
 
     def _publish(self, write_file: bool = True, push: bool = True) -> None:
         if self.rank_file and write_file:
@@ -331,9 +336,15 @@ class TrainingExporter:
         self._finished_gauge.labels(**self._labels).set(1)
         self._outcome.labels(**self._labels, outcome=outcome).set(1)
         self._publish()
+        # After a failure every local rank waits: torchrun stops the whole pod as soon as one worker exits
+        # non-zero, which would take the endpoint (and the outcome) down before Prometheus scraped it.
+        wait = self.grace_seconds if (self.server is not None or (outcome != "completed" and self.rank_file)) else 0.0
+        if wait > 0 and outcome != "completed" and self.server is not None:
+            _warn(f"training ended: {outcome}; serving the metrics {wait:g} s more (metrics.grace_seconds) so "
+                  "that Prometheus scrapes the outcome")
+        if wait > 0:
+            time.sleep(wait)
         if self.server is not None:
-            if self.grace_seconds > 0:
-                time.sleep(self.grace_seconds)
             self.server.shutdown()
             self.server.server_close()
             self.server = None

@@ -84,15 +84,20 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 # What a checkpoint's run was trained on, beyond the model and optimizer (compared on resume). Left out: where
 # files are, how batches are evaluated or placed (no effect on what is learnt); the batch size is named apart.
 EXPERIMENT_SECTIONS = ("data", "train", "attack", "eval", "jointspar")
-EXPERIMENT_IGNORED = {"data.root", "data.download", "data.device_resident", "data.eval_batch_size", "data.batch_size"}
+EXPERIMENT_IGNORED = {"data.root", "data.download", "data.device_resident", "data.eval_batch_size", "data.batch_size",
+                      "data.ti500k_path"}
+# Settings added after checkpoints began to record these: what a checkpoint without them was trained with.
+EXPERIMENT_BEFORE = {"data.unlabeled_fraction": 0.0}
 # A run found in run.output_dir that differs in these is another experiment, not this one's earlier attempt.
 EXPERIMENT_DEFINING = ("data.name", "train.loss")
 
 
 def experiment_settings(cfg: Config) -> dict[str, object]:
     plain = cfg.to_dict()
+    ignored = EXPERIMENT_IGNORED | ({"data.unlabeled_max", "data.unlabeled_fraction"} if cfg.data.name != "cifar10-ext"
+                                    else set())  # no effect on other data
     return {f"{section}.{key}": value for section in EXPERIMENT_SECTIONS for key, value in plain[section].items()
-            if f"{section}.{key}" not in EXPERIMENT_IGNORED}
+            if f"{section}.{key}" not in ignored}
 
 
 def _state_differences(saved: dict, current: dict, show: int = 3) -> str:
@@ -189,7 +194,8 @@ class Trainer:
             raise checkpoint.CheckpointError(
                 f"{path}: checkpoint is for model {state.get('model_name')!r}, config says {self.cfg.model.name!r}")
         now = experiment_settings(self.cfg)
-        moved = {k: (v, now.get(k)) for k, v in (state.get("experiment") or {}).items() if now.get(k, v) != v}
+        saved = {**EXPERIMENT_BEFORE, **(state.get("experiment") or {})}
+        moved = {k: (v, now.get(k)) for k, v in saved.items() if now.get(k, v) != v}
         if self.cfg.run.resume == "auto":  # found in run.output_dir, not named by the user
             for key in EXPERIMENT_DEFINING:
                 if key in moved:
