@@ -4,6 +4,7 @@ import pickle
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,6 +114,42 @@ def test_ti500k_refuses_a_pickle_that_would_execute_code(tmp_path):
     with pytest.raises(DataError, match="refusing to load posix.system|refusing to load os.system"):
         load_ti500k(str(path))
     assert not os.path.exists("/tmp/dat-pwned")
+
+
+def _dotted_global_chain(marker: Path) -> bytes:
+    """A protocol-4 pickle whose globals are dotted paths from the numpy module (allowed) to a code compiler
+    and a function constructor, then calls what it built: code execution if names are merely prefix-checked."""
+    def global_(name: str) -> bytes:
+        m, n = b"numpy", name.encode()
+        return (pickle.SHORT_BINUNICODE + bytes([len(m)]) + m + pickle.SHORT_BINUNICODE + bytes([len(n)]) + n
+                + pickle.STACK_GLOBAL)
+
+    def text(x: str) -> bytes:
+        b = x.encode()
+        return pickle.SHORT_BINUNICODE + bytes([len(b)]) + b
+
+    source = f"open({str(marker)!r}, 'w').write('code ran')"
+    return (pickle.PROTO + b"\x04" + global_("dtypes._add_dtype_helper.__class__") + pickle.MARK
+            + global_("dtypes.__loader__.source_to_code") + pickle.MARK + text(source) + text("<x>") + pickle.TUPLE
+            + pickle.REDUCE + global_("dtypes._add_dtype_helper.__globals__") + pickle.TUPLE + pickle.REDUCE
+            + pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.STOP)
+
+
+def test_dotted_names_cannot_walk_from_numpy_to_code(tmp_path):
+    path, marker = tmp_path / "ti.pickle", tmp_path / "ran"
+    path.write_bytes(_dotted_global_chain(marker))
+    with pytest.raises(DataError, match=r"refusing to load numpy.dtypes._add_dtype_helper.__class__"):
+        load_ti500k(str(path))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_numpy_pickles_of_every_protocol_still_load(tmp_path, protocol):
+    obj = {"data": np.arange(2 * 32 * 32 * 3, dtype=np.uint8).reshape(2, 32, 32, 3),
+           "extrapolated_targets": np.array([3, 4], dtype=np.int64)}
+    (tmp_path / "ti.pickle").write_bytes(pickle.dumps(obj, protocol=protocol))
+    s = load_ti500k(str(tmp_path / "ti.pickle"))
+    assert s.labels.tolist() == [3, 4] and s.images.permute(0, 2, 3, 1).numpy().tobytes() == obj["data"].tobytes()
 
 
 def test_corrupt_data_is_one_line_error(tmp_path):

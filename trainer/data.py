@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import tarfile
 import zipfile
 from dataclasses import dataclass
@@ -63,8 +64,14 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
     }
 
+    # numpy >= 2 names its dtype classes numpy.dtypes.<Kind>DType. Nothing else: from protocol 4 on a name may
+    # be a dotted path (numpy, "dtypes.__loader__...") that walks from an allowed module to arbitrary code.
+    DTYPE_CLASS = re.compile(r"[A-Z][A-Za-z0-9]*DType")
+
     def find_class(self, module: str, name: str):
-        if (module, name) in self.ALLOWED or (module == "numpy" and name.startswith("dtypes")):
+        dtype_class = ((module == "numpy" and name.startswith("dtypes.") and self.DTYPE_CLASS.fullmatch(name[7:]))
+                       or (module == "numpy.dtypes" and self.DTYPE_CLASS.fullmatch(name)))
+        if (module, name) in self.ALLOWED or dtype_class:
             return super().find_class(module, name)
         raise DataError(f"refusing to load {module}.{name} from a data pickle (only numpy arrays allowed)")
 
