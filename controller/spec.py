@@ -674,7 +674,7 @@ def check(spec: dict[str, Any], origin: str = "trainer") -> dict[str, Any]:
     if isinstance(v.get("trainer"), dict):  # the trainer's checks need only the node and process counts
         trainer_found = _trainer_problems(v["trainer"], world_sizes(v), origin)
         if origin == "trainer":  # inline: helm validates it too, with stricter types (a key once: the trainer's)
-            named = {line.split(": ", 2)[1] for line in trainer_found if line.count(": ") >= 2}
+            named = {key for line in trainer_found for key in re.findall(r"\b[a-z_]+\.[a-z_0-9]+\b", line)}
             trainer_found += [line for line in _helm_trainer_problems(v["trainer"])
                               if line.split(":", 1)[0].removeprefix("trainer.") not in named]
         problems += trainer_found
