@@ -311,7 +311,7 @@ def _describe(error: jsonschema.ValidationError) -> list[str]:
     description = error.schema.get("description", "")
     if "quantity" in description:
         return [f"{where}: {value!r} is not a valid quantity (e.g. 500m, 2, 16Gi)"]
-    if kind in ("pattern", "anyOf") and description:
+    if kind in ("pattern", "anyOf", "not") and description:
         return [f"{where}: {value!r} is invalid: {description}"]
     return [f"{where}: {error.message}"]
 
@@ -628,7 +628,16 @@ def _port_problems(v: dict[str, Any]) -> list[str]:
 
 # Each cross-field rule with the top-level keys it reads: it runs when those are well-typed, so a schema
 # problem in one part of a spec does not hide the rules about the others (one round of fixes, not two).
+def _helm_only_problems(v: dict[str, Any]) -> list[str]:
+    if (v.get("networkPolicy") or {}).get("enabled"):
+        return ["networkPolicy.enabled: datctl does not create NetworkPolicies; install this spec with helm (`helm "
+                "install NAME charts/dat-training -f SPEC`), or apply `helm template ... --show-only "
+                "templates/networkpolicy.yaml` next to what datctl submits"]
+    return []
+
+
 CROSS_FIELD_RULES = (
+    (_helm_only_problems, ("networkPolicy",)),
     (_name_problems, ("name", "nodes", "api", "elastic")),
     (_process_problems, ("gpusPerNode", "nprocPerNode")),
     (_port_problems, ("metrics",)),

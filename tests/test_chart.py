@@ -93,6 +93,7 @@ def test_trainer_config_file_is_the_same_as_inline(tmp_path: Path) -> None:
     ("trainer.optim.name=adam", "at '/trainer/optim/name': value must be one of 'lamb', 'lars', 'sgd'"),
     ("trainer.perf.amp=fp16", "at '/trainer/perf/amp': value must be one of"),
     ("trainer.data.name=imagenet", "at '/trainer/data/name': value must be one of"),
+    ("exporter.args={--namespace=}", "at '/exporter/args/0': 'not' failed"),
 ])
 def test_values_schema_rejects(setting: str, complaint: str) -> None:
     proc = helm("template", "run", str(CHART), "--set", setting, check=False)
@@ -203,7 +204,7 @@ def test_exporter_is_least_privilege(api: str, group: str, plural: str) -> None:
     role = rendered[("Role", "run-exporter")]
     assert role["metadata"]["namespace"] == "team-a"
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
-    assert rules == {((group,), (plural, f"{plural}/status")): {"get", "list", "watch"}}
+    assert rules == {((group,), (plural,)): {"get", "list", "watch"}}  # list/watch return .status: no subresource
     assert not any(kind == "ClusterRole" for kind, _ in rendered)
     binding = rendered[("RoleBinding", "run-exporter")]
     assert binding["roleRef"]["name"] == "run-exporter"
@@ -222,6 +223,41 @@ def test_exporter_is_least_privilege(api: str, group: str, plural: str) -> None:
     assert parsed.api == api
     service = rendered[("Service", "run-exporter")]
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+@pytest.mark.parametrize("api", ["pytorchjob", "trainjob"])
+def test_network_policy_lets_in_only_the_job_and_prometheus(api: str) -> None:
+    import kubernetes_validate
+    objects = template("--set", "networkPolicy.enabled=true", "--set", f"api={api}", "--namespace", "team-a")
+    (policy,) = [obj for source, obj in objects if source == "networkpolicy.yaml"]
+    kubernetes_validate.validate(policy, "1.33", strict=True)
+    job_pods = {"app.kubernetes.io/name": "dat-training", "app.kubernetes.io/instance": "run",
+                "app.kubernetes.io/component": "trainer"}
+    # it selects exactly the trainer pods the job creates
+    pods = [p for _, obj in objects for p in pod_templates_meta(obj)]
+    assert pods and all(job_pods.items() <= p["labels"].items() for p in pods)
+    assert policy["spec"]["podSelector"] == {"matchLabels": job_pods}
+    ingress = policy["spec"]["ingress"]
+    assert ingress[0] == {"from": [{"podSelector": {"matchLabels": job_pods}}]}  # rendezvous and NCCL, any port
+    assert ingress[1]["ports"] == [{"protocol": "TCP", "port": 9400}]
+    assert ingress[1]["from"][0]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
+    egress = policy["spec"]["egress"]
+    assert egress[0] == {"to": [{"podSelector": {"matchLabels": job_pods}}]}
+    assert {p["port"] for p in egress[1]["ports"]} == {53} and len(egress) == 2  # nothing else goes out
+    download = template("--set", "networkPolicy.enabled=true", "--set", "data.source=download")
+    (policy,) = [obj for source, obj in download if source == "networkpolicy.yaml"]
+    assert policy["spec"]["egress"][2] == {"ports": [{"protocol": "TCP", "port": 443}]}
+    assert not [obj for source, obj in template() if source == "networkpolicy.yaml"]  # off by default
+
+
+def pod_templates_meta(obj: dict) -> list[dict]:
+    """The metadata of every trainer pod template of a PyTorchJob or TrainJob."""
+    if obj["kind"] == "PyTorchJob":
+        return [r["template"]["metadata"] for r in obj["spec"]["pytorchReplicaSpecs"].values()]
+    if obj["kind"] == "TrainJob":
+        return [j["template"]["spec"]["template"]["metadata"] for p in obj["spec"]["runtimePatches"]
+                for j in p["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]]
+    return []
 
 
 def pod_templates(obj: dict) -> list[dict]:

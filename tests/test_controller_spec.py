@@ -533,3 +533,8 @@ def test_a_null_section_is_named_not_left_to_helm_internals(tmp_path: Path, caps
 
 def without_warning_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if not line.startswith("datctl: warning: ")]
+
+
+def test_a_network_policy_is_not_silently_dropped_by_datctl(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = render(capsys, str(write_spec(tmp_path, {"networkPolicy/enabled": True})))
+    assert code == 2 and "networkPolicy.enabled: datctl does not create NetworkPolicies; install this spec with helm" in err
