@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,3 +219,27 @@ def test_resume_names_schedule_changes_and_survives_a_newer_optimizer_library(tm
     proc = train_cli([*common, "--set", "run.epochs=2", "--set", "optim.schedule=multistep"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "differ from the checkpoint's: optim.schedule" in proc.stderr
+
+
+def test_a_run_killed_within_an_epoch_resumes_from_its_last_step_checkpoint(tmp_path):
+    """run.checkpoint_every_steps: killed at step 7 of epoch 2 (16 steps per epoch on 2 ranks, a checkpoint
+    every 3), the restarted run goes on from step 6, not from the epoch's start, and ends where an
+    uninterrupted run ends: same weights, same per-epoch loss, accuracy and bytes, same RNG streams (the PGD
+    random starts and the augmentation)."""
+    worker = str(Path(__file__).parent / "workers" / "crash_mid_epoch.py")
+    killed = torchrun([worker, str(tmp_path / "run"), "7", "{}"], nproc=2, check=False)
+    assert killed.returncode != 0
+    state = checkpoint.load(str(tmp_path / "run" / "checkpoint-latest.pt"))
+    assert (state["epoch"], state["step"]) == (1, 6)
+    resumed = torchrun([worker, str(tmp_path / "run"), "0", "{}"], nproc=2)
+    assert "resumed from" in resumed.stdout and "(saved after step 6 of epoch 2)" in resumed.stdout
+    torchrun([worker, str(tmp_path / "whole"), "0", "{}"], nproc=2)
+    got, want = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("run", "whole"))
+    assert [r["epoch"] for r in got] == [1, 2, 3] and got[1]["resumed_at_step"] == 6
+    for a, b in zip(got, want):
+        for key in ("train_loss", "train_clean_acc", "train_adv_acc", "test_clean_acc", "test_robust_acc", "lr",
+                    "images", "comm_bytes", "dense_comm_bytes", "comm_calls"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["epoch"], key)
+    final = [checkpoint.load(str(tmp_path / name / "checkpoint-latest.pt"))["model"] for name in ("run", "whole")]
+    for key in final[1]:
+        assert torch.allclose(final[0][key].float(), final[1][key].float(), rtol=1e-4, atol=1e-6), key

@@ -88,8 +88,8 @@ def restore_best(output_dir: str, state: dict) -> bool:
     """A run killed between writing LATEST and BEST of its best epoch has no (or an older) BEST: LATEST is that
     best epoch's checkpoint, so copy it (atomically). True when it did."""
     latest, best = os.path.join(output_dir, LATEST), os.path.join(output_dir, BEST)
-    if state.get("best_epoch") != state.get("epoch") or not os.path.isfile(latest):
-        return False
+    if state.get("best_epoch") != state.get("epoch") or state.get("step") or not os.path.isfile(latest):
+        return False  # not the best epoch's end (or a checkpoint taken within the next epoch)
     if os.path.isfile(best) and os.path.getmtime(best) >= os.path.getmtime(latest):
         return False
     tmp = f"{best}.tmp-{os.getpid()}"

@@ -29,6 +29,7 @@ class RunConfig:
     epochs: int = 10
     resume: str = "auto"  # auto: resume when output_dir holds a checkpoint; never; or a checkpoint path
     progress: bool = True  # rank-0 progress bar within the epoch
+    checkpoint_every_steps: int = 0  # also checkpoint every N training steps within an epoch (0: epoch ends only)
 
 
 @dataclass
@@ -351,6 +352,7 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
         (cfg.data.eval_batch_size >= 1, "data.eval_batch_size must be >= 1"),
         (cfg.train.micro_batches >= 1, "train.micro_batches must be >= 1"),
         (cfg.data.unlabeled_max >= 0, "data.unlabeled_max must be >= 0"),
+        (cfg.run.checkpoint_every_steps >= 0, "run.checkpoint_every_steps must be >= 0"),
         (0 <= cfg.data.unlabeled_fraction < 1, "data.unlabeled_fraction must be in [0, 1)"),
         (cfg.data.synthetic_train_size >= 1 and cfg.data.synthetic_test_size >= 1,
          "data.synthetic_train_size and data.synthetic_test_size must be >= 1"),

@@ -324,14 +324,16 @@ class TrainBatches:
         # mixed within each batch, so that micro-batches (and the batch's first images) hold both sets
         return order.gather(1, torch.rand(order.shape, generator=g).argsort(dim=1))
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self._order(epoch).to(self.images.device)
-        g = torch.Generator(device=self.device).manual_seed(
-            (self.seed * 1_000_003 + epoch * 1009 + self.rank) % 2**63)
-        for idx in order:
+    def epoch(self, epoch: int, first: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from step `first` on (a run resumed within an epoch): each step's images and
+        augmentation depend on (seed, epoch, rank, step) only."""
+        order = self._order(epoch)[first:].to(self.images.device)
+        g = torch.Generator(device=self.device)
+        for step, idx in enumerate(order, start=first):
             x = self.images[idx].to(self.device, non_blocking=True).float().div_(255)
             y = self.labels[idx].to(self.device, non_blocking=True)
             if self.augment:
+                g.manual_seed((self.seed * 1_000_003 + epoch * 1009 + self.rank * 7 + step * 104_729) % 2**63)
                 x = augment_crop_flip(x, g)
             yield x, y
 

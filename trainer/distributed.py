@@ -77,6 +77,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_gather_objects(obj: object) -> list[object]:
+    """Every rank's `obj` (small, picklable), in rank order."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
     """Start every rank from rank 0's weights and buffers (what DDP does at construction)."""
     if not (dist.is_available() and dist.is_initialized()):

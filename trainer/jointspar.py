@@ -413,4 +413,6 @@ class JointSpar:
         if "sq_norm_estimate" in state:  # older checkpoints: budget_unit=arms, which does not use it
             self.sq_norm_estimate = state["sq_norm_estimate"].to(torch.float64).clone()
         self.round_steps = int(state["round_steps"])
+        if "stats" in state:  # the epoch's counts so far (a checkpoint within an epoch)
+            self._stats_steps, self._stats_sparse_steps, self._stats_active_arms, self._stats_active_numel = state["stats"]
         self._stats_steps, self._stats_sparse_steps, self._stats_active_arms, self._stats_active_numel = state["stats"]

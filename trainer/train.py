@@ -18,10 +18,11 @@ from tqdm import tqdm
 
 from trainer import checkpoint
 from trainer.attacks import attack_mode, craft
-from trainer.communication import GradientSync
+from trainer.communication import CommStats, GradientSync
 from trainer.config import Config, ConfigError, save_resolved
 from trainer.data import TrainBatches, eval_batches, load_dataset
-from trainer.distributed import DistInfo, all_reduce_sum, average_buffers, barrier, broadcast_parameters
+from trainer.distributed import (DistInfo, all_gather_objects, all_reduce_sum, average_buffers, barrier,
+                                 broadcast_parameters)
 from trainer.jointspar import JointSpar
 from trainer.metrics import MetricsLog, PhaseTimer, table_header, table_row
 from trainer.models import build_model
@@ -157,6 +158,7 @@ class Trainer:
         self.exporter = TrainingExporter()  # the real one starts with fit(); progress() is a no-op until then
         self.log = MetricsLog(cfg.run.output_dir, dist_info.is_main)
         self.start_epoch, self.best_ra, self.best_epoch = 1, -1.0, 0
+        self.start_step, self.within_epoch = 0, None  # a checkpoint taken within start_epoch: where, what it held
         # device-side running sums of (loss, clean correct, adv correct, images) over the epoch: no host sync per step
         self.totals = torch.zeros(4, device=self.device)
 
@@ -168,9 +170,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def state_dict(self, epoch: int) -> dict:
+    def state_dict(self, epoch: int, step: int = 0, within_epoch: dict | None = None) -> dict:
+        """epoch: the last finished epoch; step > 0: that many steps of the next one are done too, and
+        within_epoch holds that epoch's running totals and every rank's RNG state."""
         return {
             "epoch": epoch,
+            "step": step,
+            "within_epoch": within_epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
@@ -238,8 +244,18 @@ class Trainer:
             changed = sorted({"lr" if k == "initial_lr" else k  # initial_lr: the configured LR; lr: the schedule's
                               for saved, now in zip(saved_groups, configured) for k, v in now.items()
                               if k not in ("lr", "max_lr_snapshot") and saved.get(k) != v})  # + timm's copy of lr
+        within = state.get("within_epoch") if state.get("step") else None
+        if within and (within["world_size"], within["batch_size"]) != (self.dist.world_size, self.cfg.data.batch_size):
+            if self.dist.is_main:
+                log.warning("the checkpoint was taken after step %d of epoch %d at world size %d, batch %d: with "
+                            "another world size or batch the epoch's order differs, so epoch %d starts over",
+                            state["step"], int(state["epoch"]) + 1, within["world_size"], within["batch_size"],
+                            int(state["epoch"]) + 1)
+            within = None
+        self.start_step, self.within_epoch = (int(state["step"]), within) if within else (0, None)
         sched = self.schedule
-        sched.last_epoch = int(state["epoch"]) * len(self.batches)  # by epochs done: the batch size may differ
+        # by epochs done (the batch size may differ), plus the steps done within the next one
+        sched.last_epoch = int(state["epoch"]) * len(self.batches) + self.start_step
         sched.base_lrs = [g["initial_lr"] for g in configured]
         for group, now, factor in zip(self.optimizer.param_groups, configured, sched.lr_lambdas):
             group.update(now)
@@ -272,6 +288,36 @@ class Trainer:
         checkpoint.save_atomic(state, os.path.join(out, checkpoint.LATEST))  # first: what a restart resumes from
         if better:
             checkpoint.save_atomic(state, os.path.join(out, checkpoint.BEST))
+
+    def save_within_epoch(self, epoch: int, step: int, lr: float) -> None:
+        """checkpoint-latest.pt after `step` steps of `epoch` (run.checkpoint_every_steps), so that a killed run
+        loses at most that many steps. Collective: every rank takes part. The BatchNorm statistics are averaged
+        first (as at an epoch end: linear, so the epoch's end result is unchanged) because only rank 0's are
+        saved; the epoch's running totals are summed into rank 0's, every rank's RNG state is kept."""
+        with self.timer.phase("comm"):
+            average_buffers(self.model, self.dist.world_size)
+            totals = all_reduce_sum(self.totals.tolist(), self.device)
+            rng = all_gather_objects({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device)
+                                      if self.device.type == "cuda" else None})
+        if not self.dist.is_main:
+            return
+        comm = self.grad_sync.stats
+        within = {"totals": totals, "comm": [comm.bytes, comm.dense_bytes, comm.calls, comm.steps], "rng": rng,
+                  "world_size": self.dist.world_size, "batch_size": self.cfg.data.batch_size, "lr": lr}
+        checkpoint.save_atomic(self.state_dict(epoch - 1, step, within),
+                               os.path.join(self.cfg.run.output_dir, checkpoint.LATEST))
+
+    def _restore_within_epoch(self, within: dict) -> float:
+        """The epoch's totals (summed over ranks: rank 0 holds them), gradient bytes and this rank's RNG state
+        as they were at the checkpoint; returns the images already counted."""
+        if self.dist.is_main:
+            self.totals.copy_(torch.tensor(within["totals"], dtype=self.totals.dtype))
+        self.grad_sync.stats = CommStats(*within["comm"])
+        rng = within["rng"][self.dist.rank]
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        return float(within["totals"][3])
 
     # ------------------------------------------------------------------ training
 
@@ -324,18 +370,24 @@ class Trainer:
         self.model.train()
         torch.manual_seed(epoch_seed(self.cfg.run.seed, epoch, self.dist.rank))
         self.totals.zero_()
-        lr = self.optimizer.param_groups[0]["lr"]
+        first, images_before = 0, 0.0
+        if epoch == self.start_epoch and self.within_epoch:  # resumed within this epoch
+            first, images_before = self.start_step, self._restore_within_epoch(self.within_epoch)
+        lr = self.within_epoch["lr"] if first else self.optimizer.param_groups[0]["lr"]  # the epoch's first step's
         wall0 = time.perf_counter()
-        batches = iter(self.batches.epoch(epoch))
-        bar = tqdm(total=len(self.batches), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+        batches = iter(self.batches.epoch(epoch, first))
+        every, steps = self.cfg.run.checkpoint_every_steps, len(self.batches)
+        bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                    disable=None if (self.dist.is_main and self.cfg.run.progress) else True)
-        for step in range(len(self.batches)):
+        for step in range(first, steps):
             with self.timer.phase("data"):
                 x, y = next(batches)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
             self.train_step(x, y, epoch, step)
-            self.exporter.progress(step + 1, len(self.batches))
+            self.exporter.progress(step + 1, steps)
+            if every and (step + 1) % every == 0 and step + 1 < steps:
+                self.save_within_epoch(epoch, step + 1, lr)
             bar.update(1)
         bar.close()
         with self.timer.phase("comm"):
@@ -358,7 +410,7 @@ class Trainer:
             "dense_comm_bytes": comm.dense_bytes,
             "comm_calls": comm.calls,
             "images": int(n),
-            "images_per_second": n / max(1e-9, epoch_seconds - phases["eval"]),
+            "images_per_second": (n - images_before) / max(1e-9, epoch_seconds - phases["eval"]),
             "train_loss": loss_sum / n,
             "train_clean_acc": clean_ok / n if self.cfg.train.loss != "adv" else None,
             "train_adv_acc": adv_ok / n if self.cfg.train.loss != "clean" else None,
@@ -366,6 +418,8 @@ class Trainer:
             "test_robust_acc": robust_acc,
             "lr": lr,
         }
+        if first:
+            record["resumed_at_step"] = first  # the timings cover the steps from there on
         record.update(self.jointspar.epoch_stats() if self.jointspar else {
             "jointspar_active_arms": float(len(self.params)), "jointspar_active_fraction": 1.0,
             "jointspar_p_min": None, "jointspar_p_max": None, "jointspar_p_entropy": None})
@@ -498,7 +552,9 @@ def run(cfg: Config, dist_info: DistInfo) -> dict | None:
     if resume_from:
         trainer.resume(resume_from)  # checks and loads; writes nothing, so a refused checkpoint changes nothing
         if dist_info.is_main:
-            print(f"resumed from {resume_from} (saved after epoch {trainer.start_epoch - 1})", flush=True)
+            where = (f"step {trainer.start_step} of epoch {trainer.start_epoch}" if trainer.start_step else
+                     f"epoch {trainer.start_epoch - 1}")
+            print(f"resumed from {resume_from} (saved after {where})", flush=True)
     if trainer.start_epoch > cfg.run.epochs:  # config.yaml keeps describing the checkpoint's run
         if dist_info.is_main:
             print(f"nothing to do: the checkpoint is from epoch {trainer.start_epoch - 1} and run.epochs is "
@@ -523,7 +579,8 @@ def run(cfg: Config, dist_info: DistInfo) -> dict | None:
                 for name in names:
                     if os.path.isfile(os.path.join(source, name)):
                         shutil.copyfile(os.path.join(source, name), os.path.join(out, name))
-        elif checkpoint.restore_best(out, {"epoch": trainer.start_epoch - 1, "best_epoch": trainer.best_epoch}):
+        elif checkpoint.restore_best(out, {"epoch": trainer.start_epoch - 1, "step": trainer.start_step,
+                                           "best_epoch": trainer.best_epoch}):
             print(f"restored {checkpoint.BEST} from {checkpoint.LATEST}: the last run stopped between saving "
                   "the two after its best epoch", flush=True)
     trainer.log.truncate_after(trainer.start_epoch - 1)  # epochs after the checkpoint are trained again
