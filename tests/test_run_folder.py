@@ -92,7 +92,8 @@ def test_a_diverged_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert train_cli([*common, "--set", "run.epochs=1"]).returncode == 0
     good = (out / "checkpoint-latest.pt").read_bytes()
     proc = train_cli([*common, "--set", "run.epochs=2", "--set", "optim.lr=1e30", "--set",
-                      f"metrics.port={free_port()}"], DAT_METRICS_DIR=str(tmp_path / "metrics"))
+                      f"metrics.port={free_port()}", "--set", "run.checkpoint_every_steps=2"],
+                     DAT_METRICS_DIR=str(tmp_path / "metrics"))  # no checkpoint within the diverging epoch either
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     # what the pod served last (the file its endpoint reads): the run ended, and how
     served = (tmp_path / "metrics" / "local-rank-0.prom").read_text()

@@ -301,6 +301,9 @@ class Trainer:
                                       if self.device.type == "cuda" else None})
         if not self.dist.is_main:
             return
+        finite = math.isfinite(totals[0]) and bool(torch.stack([p.detach().isfinite().all() for p in self.params]).all())
+        if not finite:  # diverging: keep the last good checkpoint (the epoch's end reports the divergence)
+            return
         comm = self.grad_sync.stats
         within = {"totals": totals, "comm": [comm.bytes, comm.dense_bytes, comm.calls, comm.steps], "rng": rng,
                   "world_size": self.dist.world_size, "batch_size": self.cfg.data.batch_size, "lr": lr}
