@@ -201,6 +201,17 @@ tests:
         values: '0.40x5 0.45x4 stale'
       - series: 'dat_test_robust_accuracy{{namespace="c", job_name="restart", rank="0", instance="pod-b"}}'
         values: '_x10 0.10x5'
+      # "again": a run reached 0.52, then a new run of the same job name (another run_id) starts at 0.15
+      - series: 'dat_test_robust_accuracy{{namespace="c", job_name="again", run_id="r1", rank="0", instance="pod-a"}}'
+        values: '0.50x5 0.52x4 stale'
+      - series: 'dat_test_robust_accuracy{{namespace="c", job_name="again", run_id="r2", rank="0", instance="pod-c"}}'
+        values: '_x10 0.15x5'
+      # "rerun": 300 s epochs for 40 min, then a new run of the same name: 100 s epochs, then one of 200 s (slow
+      # for this run, though fast next to the earlier run's median)
+      - series: 'dat_epoch_train_duration_seconds{{namespace="a", job_name="rerun", run_id="r1", rank="0"}}'
+        values: '300x40 stale'
+      - series: 'dat_epoch_train_duration_seconds{{namespace="a", job_name="rerun", run_id="r2", rank="0"}}'
+        values: '_x41 100x5 200'
     alert_rule_test:
       - {{eval_time: 1m, alertname: DATJobFailed, exp_alerts: []}}
       - eval_time: 3m
@@ -256,6 +267,17 @@ tests:
             exp_annotations:
               summary: Training steps of the last epoch of a/slow took 3m 20s
               description: The last epoch's training steps (evaluation excluded) took more than 1.5 times their median over the last 1h (slow node, throttling, network).
+      - eval_time: 47m
+        alertname: DATEpochSlow
+        exp_alerts:
+          - exp_labels: {{severity: warning, namespace: a, job_name: slow}}
+            exp_annotations:
+              summary: Training steps of the last epoch of a/slow took 3m 20s
+              description: The last epoch's training steps (evaluation excluded) took more than 1.5 times their median over the last 1h (slow node, throttling, network).
+          - exp_labels: {{severity: warning, namespace: a, job_name: rerun, run_id: r2}}
+            exp_annotations:
+              summary: Training steps of the last epoch of a/rerun took 3m 20s
+              description: The last epoch's training steps (evaluation excluded) took more than 1.5 times their median over the last 1h (slow node, throttling, network).
       - {{eval_time: 5m, alertname: DATCommunicationDominant, exp_alerts: []}}
       - eval_time: 15m
         alertname: DATCommunicationDominant
@@ -271,11 +293,11 @@ tests:
           - exp_labels: {{severity: warning, namespace: c, job_name: fgsm}}
             exp_annotations:
               summary: Robust accuracy of c/fgsm fell 25% below its recent best
-              description: 'Robust test accuracy dropped by more than 0.2 (fraction) from its best in the last 6h, across restarts: catastrophic overfitting (common with FGSM training); lower the step size or use PGD.'
+              description: 'Robust test accuracy dropped by more than 0.2 (fraction) from the best of this run in the last 6h (across restarts and resumes, not across runs of the same name): catastrophic overfitting (common with FGSM training); lower the step size or use PGD.'
           - exp_labels: {{severity: warning, namespace: c, job_name: restart}}
             exp_annotations:
               summary: Robust accuracy of c/restart fell 35% below its recent best
-              description: 'Robust test accuracy dropped by more than 0.2 (fraction) from its best in the last 6h, across restarts: catastrophic overfitting (common with FGSM training); lower the step size or use PGD.'
+              description: 'Robust test accuracy dropped by more than 0.2 (fraction) from the best of this run in the last 6h (across restarts and resumes, not across runs of the same name): catastrophic overfitting (common with FGSM training); lower the step size or use PGD.'
 """
 
 

@@ -97,7 +97,10 @@ def test_a_diverged_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     # what the pod served last (the file its endpoint reads): the run ended, and how
     served = (tmp_path / "metrics" / "local-rank-0.prom").read_text()
-    assert 'dat_training_outcome{job_name="dat",local_rank="0",node_rank="0",outcome="diverged",rank="0"} 1.0' in served
+    outcome = [line for line in served.splitlines() if line.startswith("dat_training_outcome{")]
+    assert len(outcome) == 1 and 'outcome="diverged"' in outcome[0] and outcome[0].endswith(" 1.0"), outcome
+    # the run's id is the one its checkpoints carry (so a resumed run keeps its alerts' history)
+    assert f'run_id="{checkpoint.load(str(out / "checkpoint-latest.pt"))["run_id"]}"' in outcome[0]
     assert "epoch 2: the " in proc.stderr and "(diverged)" in proc.stderr
     assert "add --no-resume if that checkpoint is already broken" in proc.stderr
     assert (out / "checkpoint-latest.pt").read_bytes() == good

@@ -86,6 +86,15 @@ def all_gather_objects(obj: object) -> list[object]:
     return out
 
 
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank src's `obj` (small, picklable) on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
 def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
     """Start every rank from rank 0's weights and buffers (what DDP does at construction)."""
     if not (dist.is_available() and dist.is_initialized()):

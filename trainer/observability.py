@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 PHASES = ("data", "attack", "compute", "communication", "optimizer", "eval")
 _PHASE_KEYS = {"data": "data_seconds", "attack": "attack_seconds", "compute": "compute_seconds",
                "communication": "comm_seconds", "optimizer": "optimizer_seconds", "eval": "eval_seconds"}
-RANK_LABELS = ("job_name", "rank", "local_rank", "node_rank")
+RANK_LABELS = ("job_name", "run_id", "rank", "local_rank", "node_rank")
 OUTCOMES = ("completed", "diverged", "error")
 PROGRESS_SECONDS = 15.0  # the heartbeat's period: how stale dat_progress_timestamp_seconds gets while healthy
 PUSH_PROGRESS_SECONDS = 60.0  # a Pushgateway gets the heartbeat this often (hundreds of ranks push to one)
@@ -127,7 +127,7 @@ class TrainingExporter:
     @classmethod
     def start(cls, metrics_cfg, *, rank: int, local_rank: int, node_rank: int, world_size: int,
               local_world_size: int, run_info: dict[str, str], default_job_name: str,
-              epochs_done: int = 0) -> "TrainingExporter":
+              epochs_done: int = 0, run_id: str = "") -> "TrainingExporter":
         """Set up this rank's metrics; local rank 0 starts the pod's HTTP endpoint on metrics_cfg.port.
 
         With port 0 and no Pushgateway the returned exporter does nothing."""
@@ -135,7 +135,7 @@ class TrainingExporter:
         if port == 0 and not metrics_cfg.pushgateway:
             return cls()
         job_name = resolve_job_name(metrics_cfg.job_name, default_job_name)
-        labels = {"job_name": job_name, "rank": str(rank), "local_rank": str(local_rank),
+        labels = {"job_name": job_name, "run_id": run_id, "rank": str(rank), "local_rank": str(local_rank),
                   "node_rank": str(node_rank)}
         disable_created_metrics()  # *_created series per counter: noise at hundreds of ranks, unused here
         registry = CollectorRegistry()

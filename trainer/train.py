@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,7 @@ from trainer.communication import CommStats, GradientSync
 from trainer.config import Config, ConfigError, save_resolved
 from trainer.data import TrainBatches, eval_batches, load_dataset
 from trainer.distributed import (DistInfo, all_gather_objects, all_reduce_sum, average_buffers, barrier,
-                                 broadcast_parameters)
+                                 broadcast_object, broadcast_parameters)
 from trainer.jointspar import JointSpar
 from trainer.metrics import MetricsLog, PhaseTimer, table_header, table_row
 from trainer.models import build_model
@@ -159,6 +160,9 @@ class Trainer:
         self.log = MetricsLog(cfg.run.output_dir, dist_info.is_main)
         self.start_epoch, self.best_ra, self.best_epoch = 1, -1.0, 0
         self.start_step, self.within_epoch = 0, None  # a checkpoint taken within start_epoch: where, what it held
+        # One id per run, kept across resumes: the metrics' run_id label, so that the alerts never compare a run
+        # with an earlier one of the same job name.
+        self.run_id = broadcast_object(uuid.uuid4().hex[:12])
         # device-side running sums of (loss, clean correct, adv correct, images) over the epoch: no host sync per step
         self.totals = torch.zeros(4, device=self.device)
 
@@ -183,6 +187,7 @@ class Trainer:
             "jointspar": self.jointspar.state_dict() if self.jointspar else None,
             "best_ra": self.best_ra,
             "best_epoch": self.best_epoch,
+            "run_id": self.run_id,
             "seed": self.cfg.run.seed,  # with the epoch, this fixes every RNG stream of the next epoch
             "model_name": self.cfg.model.name,
             "optimizer_name": self.cfg.optim.name,
@@ -276,6 +281,7 @@ class Trainer:
                      "(the LR schedule continues from epoch %d)", ", ".join(changed), int(state["epoch"]))
         self.start_epoch, self.best_ra = int(state["epoch"]) + 1, float(state["best_ra"])
         self.best_epoch = int(state.get("best_epoch") or 0)
+        self.run_id = str(state.get("run_id") or self.run_id)  # older checkpoints: a new id
 
     def save(self, epoch: int, robust_acc: float | None) -> None:
         if not self.dist.is_main:
@@ -469,7 +475,7 @@ class Trainer:
         exporter = self.exporter = TrainingExporter.start(
             cfg.metrics, rank=self.dist.rank, local_rank=self.dist.local_rank, node_rank=self.dist.node_rank,
             world_size=self.dist.world_size, local_world_size=self.dist.local_world_size,
-            default_job_name=cfg.run.name, epochs_done=self.start_epoch - 1,
+            default_job_name=cfg.run.name, epochs_done=self.start_epoch - 1, run_id=self.run_id,
             run_info={"model": cfg.model.name, "attack": f"{cfg.attack.name}-{cfg.attack.steps}",
                       "optimizer": cfg.optim.name, "loss": cfg.train.loss,
                       "jointspar": "on" if self.jointspar else "off", "world_size": str(self.dist.world_size)})
