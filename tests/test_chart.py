@@ -260,6 +260,30 @@ def pod_templates_meta(obj: dict) -> list[dict]:
     return []
 
 
+@pytest.mark.parametrize("api", ["pytorchjob", "trainjob"])
+def test_secrets_reach_the_trainer_as_secret_references(api: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """extraEnv: EnvVars with valueFrom, so a credential never sits in the job spec; helm and datctl agree,
+    and the job still matches its CRD."""
+    from controller.schemas import crd_problems
+    values = tmp_path / "values.yaml"
+    ref = {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}}}
+    values.write_text(yaml.safe_dump({"api": api, "extraEnv": [ref]}))
+    (job,) = [obj for _, obj in template("-f", str(values)) if obj["kind"] in ("PyTorchJob", "TrainJob")]
+    assert crd_problems(job) == []
+    if api == "pytorchjob":
+        envs = [c["env"] for r in job["spec"]["pytorchReplicaSpecs"].values()
+                for c in r["template"]["spec"]["containers"]]
+    else:
+        envs = [job["spec"]["trainer"]["env"]]
+    assert envs and all(ref in env for env in envs)
+    assert "api-key" not in yaml.safe_dump([o for _, o in template("-f", str(values)) if o["kind"] == "ConfigMap"])
+    assert cli.main(["render", str(values), "--set", "name=run"]) == 0
+    assert yaml.safe_dump(ref["valueFrom"]).strip().splitlines()[0] in capsys.readouterr().out
+    bad = helm("template", "run", str(CHART), "--set", "extraEnv[0].value=x", check=False)
+    assert bad.returncode != 0 and "extraEnv/0" in bad.stderr  # an EnvVar needs its name
+
+
 def pod_templates(obj: dict) -> list[dict]:
     """(pod spec, containers) of every pod a rendered object creates."""
     if obj["kind"] == "PyTorchJob":

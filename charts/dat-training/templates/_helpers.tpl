@@ -229,6 +229,9 @@ Scratch directories live on the writable /tmp volume; the root filesystem is rea
 - name: {{ $key }}
   value: {{ include "dat-training.envValue" $value }}
 {{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{- define "dat-training.volumeMounts" -}}
