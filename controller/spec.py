@@ -712,6 +712,7 @@ def normalized_trainer(trainer: dict[str, Any]) -> dict[str, Any]:
 CHART_OWNED_TRAINER_SETTINGS = {
     ("run", "output_dir"): "on the checkpoint volume, checkpoint.mountPath/name, so a restarted pod resumes",
     ("metrics", "port"): "the job spec's metrics.port, which the pods and the PodMonitor use; set metrics.port instead",
+    ("metrics", "job_name"): "the job's name, which the alerts and dashboard match the job's metrics with",
     ("data", "root"): "the data volume, data.mountPath",
 }
 

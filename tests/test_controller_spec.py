@@ -317,7 +317,7 @@ def warnings(err: str) -> list[str]:
 
 def test_replaced_trainer_settings_are_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = write_spec(tmp_path, {"trainer/run/output_dir": "runs/mine", "trainer/metrics/port": 9100,
-                                 "checkpoint/claimName": "ckpt"})
+                                 "trainer/metrics/job_name": "my-run", "checkpoint/claimName": "ckpt"})
     code, out, err = render(capsys, str(path))
     assert code == 0 and out
     assert warnings(err) == [
@@ -325,9 +325,12 @@ def test_replaced_trainer_settings_are_warned_about(tmp_path: Path, capsys: pyte
         "checkpoint volume, checkpoint.mountPath/name, so a restarted pod resumes)",
         "datctl: warning: trainer: metrics.port 9100 is replaced by 9400 (the job spec's metrics.port, which the "
         "pods and the PodMonitor use; set metrics.port instead)",
+        "datctl: warning: trainer: metrics.job_name 'my-run' is replaced by 'dat-smoke' (the job's name, which the "
+        "alerts and dashboard match the job's metrics with)",
     ]
     config = yaml.safe_load(yaml.safe_load_all(out).__next__()["data"]["config.yaml"])
     assert config["run"]["output_dir"] == "/checkpoints/dat-smoke" and config["metrics"]["port"] == 9400
+    assert config["metrics"]["job_name"] == "dat-smoke"
     # the same values as the chart's: nothing to say
     path = write_spec(tmp_path, {"trainer/run/output_dir": "/checkpoints/dat-smoke/", "trainer/metrics/port": 9400,
                                  "checkpoint/claimName": "ckpt"})

@@ -121,7 +121,7 @@ The trainer config in the ConfigMap: .Values.trainer with the settings the job s
 */}}
 {{- define "dat-training.trainerConfig" -}}
 {{- $cfg := deepCopy (.Values.trainer | default dict) }}
-{{- $metrics := dict "port" (int .Values.metrics.port) }}
+{{- $metrics := dict "port" (int .Values.metrics.port) "job_name" (include "dat-training.jobName" .) }}
 {{- if and (gt (int .Values.metrics.port) 0) (not (hasKey (get $cfg "metrics" | default dict) "grace_seconds")) }}
 {{- $_ := set $metrics "grace_seconds" .Values.metrics.graceSeconds }}
 {{- end }}
