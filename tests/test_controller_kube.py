@@ -3,13 +3,13 @@ recorded API server answers (tests/recorded/*.json): success, CRD missing (404),
 a failed create rolled back, a Failed job, an unreachable server and a missing kubeconfig."""
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import free_port
 from controller import cli, schemas, spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "recorded"))
@@ -235,9 +235,7 @@ def test_delete(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 
 
 def test_unreachable_cluster(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nobody listens on it
     config = kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{port}")
     code = cli.main(["status", "dat-smoke", "--kubeconfig", str(config)])
     err = capsys.readouterr().err

@@ -1,4 +1,3 @@
-import io
 import os
 import pickle
 import subprocess
@@ -12,7 +11,7 @@ import torch
 
 from conftest import ROOT, train_cli
 from trainer.config import DataConfig
-from trainer.data import DataError, TrainBatches, augment_crop_flip, convert_ti500k, load_dataset, load_ti500k
+from trainer.data import DataError, ImageSet, TrainBatches, augment_crop_flip, convert_ti500k, load_dataset, load_ti500k
 
 
 def _write_cifar(root, n_train=20, n_test=10, seed=0):
@@ -232,8 +231,7 @@ def test_crop_flip_keeps_content_and_shape():
     assert torch.isin(out[out > 0], x).all()
 
 
-def _indexed(n: int) -> "ImageSet":
-    from trainer.data import ImageSet
+def _indexed(n: int) -> ImageSet:
     return ImageSet(torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n))  # label = index
 
 

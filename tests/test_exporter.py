@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,20 +14,14 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import free_port
 from controller.schemas import crd_problems
 from recorded_watch.replay import HERE as RECORDED, ReplayServer
 
 ROOT = Path(__file__).resolve().parents[1]
 PJ = {"kind": "PyTorchJob"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import free_port
+
 from trainer.config import MetricsConfig
 from trainer import observability
 from trainer.observability import TrainingExporter, resolve_job_name
@@ -23,12 +25,6 @@ from trainer.observability import TrainingExporter, resolve_job_name
 ROOT = Path(__file__).resolve().parents[1]
 RUN_INFO = {"model": "small_cnn", "attack": "pgd", "optimizer": "lamb", "loss": "dat", "jointspar": "on",
             "world_size": "2"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int, timeout: float = 5.0) -> str:
@@ -119,7 +115,7 @@ def test_two_ranks_of_one_pod_share_one_port_then_grace_then_stop(tmp_path):
 
     for rank in (0, 1):
         base = {"job_name": "pod-test", "rank": str(rank), "local_rank": str(rank), "node_rank": "0"}
-        last, first = records[str(rank)][1], records[str(rank)][0]
+        last = records[str(rank)][1]
         # per rank: timings, bytes, images, heartbeat, end
         assert find(text, "dat_epoch_duration_seconds", **base) == [pytest.approx(last["epoch_seconds"])]
         assert find(text, "dat_epoch_train_duration_seconds", **base) == [

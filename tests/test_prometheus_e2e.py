@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import SYNTHETIC, read_jsonl, torch_env, torchrun
+from conftest import SYNTHETIC, free_port, read_jsonl, torch_env, torchrun
 from recorded_watch.replay import ReplayServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,12 +32,6 @@ NAMESPACE = "dat-e2e"
 RECORDED_NAMESPACE = "team-a"  # jobs in tests/recorded_watch
 EPOCHS = 4
 PHASES = ("data", "attack", "compute", "communication", "optimizer", "eval")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tool(name: str, installer: str) -> str:

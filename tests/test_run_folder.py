@@ -1,11 +1,10 @@
 """What a run leaves in run.output_dir when it starts over, diverges, is killed while saving or resumes
 with another batch size: no earlier run is lost or wrongly resumed, no broken model is saved."""
 import json
-import socket
 
 import pytest
 
-from conftest import read_jsonl, train_cli
+from conftest import free_port, read_jsonl, train_cli
 from trainer import checkpoint
 from trainer.metrics import MetricsLog
 
@@ -77,12 +76,6 @@ def test_fresh_starts_in_the_same_second_get_folders_of_their_own(tmp_path):
         folders.append(set_aside_earlier_run(str(tmp_path)))
     assert len(set(folders)) == 3
     assert [open(f"{folder}/metrics.jsonl").read() for folder in folders] == ["run1", "run2", "run3"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_diverged_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_args):
