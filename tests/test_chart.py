@@ -250,6 +250,34 @@ def test_network_policy_lets_in_only_the_job_and_prometheus(api: str) -> None:
     assert not [obj for source, obj in template() if source == "networkpolicy.yaml"]  # off by default
 
 
+def test_network_policy_for_the_exporter_lets_in_prometheus_and_out_the_api() -> None:
+    import kubernetes_validate
+    objects = template("--set", "networkPolicy.enabled=true", "--set", "exporter.enabled=true")
+    policies = {obj["metadata"]["name"]: obj for source, obj in objects if source == "networkpolicy.yaml"}
+    assert set(policies) == {"run", "run-exporter"}
+    policy = policies["run-exporter"]
+    kubernetes_validate.validate(policy, "1.33", strict=True)
+    (deployment,) = [obj for _, obj in objects if obj["kind"] == "Deployment"]
+    exporter_pods = deployment["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"] == {"matchLabels": exporter_pods}
+    assert not exporter_pods.items() <= policies["run"]["spec"]["podSelector"]["matchLabels"].items()
+    (ingress,) = policy["spec"]["ingress"]
+    assert ingress["ports"] == [{"protocol": "TCP", "port": 9469}]
+    assert ingress["from"][0]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}
+    dns, api = policy["spec"]["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert {p["port"] for p in api["ports"]} == {443, 6443} and "to" not in api
+    # an ipBlock for the API endpoint replaces the default; no metricsFrom: nothing gets in
+    values = ["--set", "networkPolicy.enabled=true", "--set", "exporter.enabled=true",
+              "--set-json", 'networkPolicy.apiServerEgress=[{"to":[{"ipBlock":{"cidr":"10.0.0.1/32"}}],'
+              '"ports":[{"protocol":"TCP","port":443}]}]', "--set-json", "networkPolicy.metricsFrom=[]"]
+    (policy,) = [obj for source, obj in template(*values)
+                 if source == "networkpolicy.yaml" and obj["metadata"]["name"] == "run-exporter"]
+    kubernetes_validate.validate(policy, "1.33", strict=True)
+    assert policy["spec"]["egress"][1]["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}]
+    assert policy["spec"]["ingress"] == []
+
+
 def pod_templates_meta(obj: dict) -> list[dict]:
     """The metadata of every trainer pod template of a PyTorchJob or TrainJob."""
     if obj["kind"] == "PyTorchJob":

@@ -32,7 +32,8 @@ PINNED = re.search(r"^CHECKOV_VERSION := (\S+)$", (ROOT / "Makefile").read_text(
 
 # What gets scanned: case name -> helm template arguments (chart cases) or a manifest file.
 CHART_CASES = {"chart-defaults": [], "chart-defaults-exporter": ["--set", "exporter.enabled=true"],
-               "chart-networkpolicy": ["--set", "networkPolicy.enabled=true", "--set", "data.source=download"]} | {
+               "chart-networkpolicy": ["--set", "networkPolicy.enabled=true", "--set", "data.source=download",
+                                       "--set", "exporter.enabled=true"]} | {
     f"chart-ci-{p.stem}": ["-f", str(p)] for p in sorted((CHART / "ci").glob("*.yaml"))}
 MANIFESTS = {f"manifests-{p.stem}": p for p in sorted((ROOT / "manifests").rglob("*.yaml"))
              if any(d and "kind" in d for d in yaml.safe_load_all(p.read_text()))}  # specs/ are values files
