@@ -25,7 +25,9 @@ from trainer import config as trainer_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # The templates datctl renders; the chart's other objects (exporter, dashboard, alerts) are helm-only.
-RUN_TEMPLATES = ("configmap.yaml", "serviceaccount.yaml", "pytorchjob.yaml", "trainjob.yaml", "podmonitor.yaml")
+RUN_TEMPLATES = ("configmap.yaml", "serviceaccount.yaml", "networkpolicy.yaml", "pytorchjob.yaml", "trainjob.yaml",
+                 "podmonitor.yaml")
+COMPONENT = "app.kubernetes.io/component"
 MONITORING_API = "monitoring.coreos.com/v1"
 
 
@@ -84,6 +86,13 @@ def helm_template(values: dict[str, Any], release: str, namespace: str,
         text = proc.stderr[proc.stderr.find("Error:"):] if "Error:" in proc.stderr else proc.stderr
         raise ChartError(f"helm template failed: {' '.join(text.split()) or proc.returncode}")
     return parse_rendered(proc.stdout)
+
+
+def run_objects(rendered: list[tuple[str, dict]]) -> list[dict]:
+    """The objects of one training run among `helm template`'s: those of RUN_TEMPLATES, less the exporter's
+    (a namespace's exporter is installed with helm, once)."""
+    return [obj for source, obj in rendered if source in RUN_TEMPLATES
+            and obj["metadata"].get("labels", {}).get(COMPONENT) != "exporter"]
 
 
 def parse_rendered(text: str) -> list[tuple[str, dict]]:

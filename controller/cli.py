@@ -148,9 +148,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
     kind = kube.KINDS[args.api or "pytorchjob"]
     cluster.delete(kind, args.name)
-    what = "ConfigMap, ServiceAccount (if it made one)" if kind is kube.TRAINJOB else "ConfigMap"
-    print(f"{kind.kind.lower()}/{args.name} deleted (its pods, and the {what} and PodMonitor datctl created, "
-          "are garbage-collected)")
+    what = "ConfigMap, ServiceAccount" if kind is kube.TRAINJOB else "ConfigMap"
+    print(f"{kind.kind.lower()}/{args.name} deleted (its pods, and the {what}, NetworkPolicy and PodMonitor "
+          "datctl created with it, are garbage-collected)")
     return 0
 
 

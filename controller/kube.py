@@ -189,7 +189,8 @@ class Cluster:
                          kind.group, kind.version, self.namespace, kind.plural, name)
 
     def submit(self, objects: list[dict[str, Any]], kind: Kind, out: IO[str] | None = None) -> dict[str, Any]:
-        """Create the ConfigMap (and a TrainJob's ServiceAccount), the job and the PodMonitor (when given).
+        """Create the ConfigMap (and a TrainJob's ServiceAccount, the NetworkPolicy when given), the job and the
+        PodMonitor (when given).
         Server-side dry runs of the job and the PodMonitor first catch a missing CRD, RBAC, the operator's webhook
         and admission before anything is created; the other objects get the job as owner, so deleting the job
         removes them."""
@@ -207,13 +208,14 @@ class Cluster:
                       PODMONITOR.group, PODMONITOR.version, ns, PODMONITOR.plural, monitor, dry_run="All")
         for account in (o for o in objects if o["kind"] == "ServiceAccount"):  # RBAC often forbids creating these
             try:
-                self.call(None, f"ServiceAccount {ns}/{account['metadata']['name']} (dry run)",
-                          self.core.create_namespaced_service_account, ns, account, dry_run="All")
+                self._core(account, "create", ns, account, dry_run="All")
             except ClusterError as exc:
                 if exc.status != 403 or "quota" in str(exc):  # RBAC, not a ResourceQuota
                     raise
                 raise ClusterError(f"{exc}; set serviceAccountName in the spec to an existing ServiceAccount "
                                    "(one without a token: automountServiceAccountToken: false)") from None
+        for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):  # the job must not start unprotected
+            self._core(policy, "create", ns, policy, dry_run="All")
         created_core: list[dict[str, Any]] = []
         try:
             for obj in core:
@@ -238,17 +240,22 @@ class Cluster:
         return created
 
     def _core_calls(self) -> dict[str, dict[str, Callable]]:
-        """The CoreV1Api calls for the core kinds a rendered job comes with."""
-        return {"ConfigMap": {"create": self.core.create_namespaced_config_map,
+        """The calls for the built-in kinds a rendered job comes with."""
+        networking = client.NetworkingV1Api(self.api)
+        return {"NetworkPolicy": {"create": networking.create_namespaced_network_policy,
+                                  "delete": networking.delete_namespaced_network_policy,
+                                  "patch": networking.patch_namespaced_network_policy},
+                "ConfigMap": {"create": self.core.create_namespaced_config_map,
                               "delete": self.core.delete_namespaced_config_map,
                               "patch": self.core.patch_namespaced_config_map},
                 "ServiceAccount": {"create": self.core.create_namespaced_service_account,
                                    "delete": self.core.delete_namespaced_service_account,
                                    "patch": self.core.patch_namespaced_service_account}}
 
-    def _core(self, obj: dict[str, Any], verb: str, *args: Any) -> Any:
-        return self.call(None, f"{obj['kind']} {self.namespace}/{obj['metadata']['name']}",
-                         self._core_calls()[obj["kind"]][verb], *args)
+    def _core(self, obj: dict[str, Any], verb: str, *args: Any, **kwargs: Any) -> Any:
+        dry_run = " (dry run)" if kwargs.get("dry_run") else ""
+        return self.call(None, f"{obj['kind']} {self.namespace}/{obj['metadata']['name']}{dry_run}",
+                         self._core_calls()[obj["kind"]][verb], *args, **kwargs)
 
     def delete(self, kind: Kind, name: str) -> None:
         self.call(kind, f"{kind.kind} {self.namespace}/{name}", self.custom.delete_namespaced_custom_object,

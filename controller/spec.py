@@ -628,16 +628,7 @@ def _port_problems(v: dict[str, Any]) -> list[str]:
 
 # Each cross-field rule with the top-level keys it reads: it runs when those are well-typed, so a schema
 # problem in one part of a spec does not hide the rules about the others (one round of fixes, not two).
-def _helm_only_problems(v: dict[str, Any]) -> list[str]:
-    if (v.get("networkPolicy") or {}).get("enabled"):
-        return ["networkPolicy.enabled: datctl does not create NetworkPolicies; install this spec with helm (`helm "
-                "install NAME charts/dat-training -f SPEC`), or apply `helm template ... --show-only "
-                "templates/networkpolicy.yaml` next to what datctl submits"]
-    return []
-
-
 CROSS_FIELD_RULES = (
-    (_helm_only_problems, ("networkPolicy",)),
     (_name_problems, ("name", "nodes", "api", "elastic")),
     (_process_problems, ("gpusPerNode", "nprocPerNode")),
     (_port_problems, ("metrics",)),
@@ -741,6 +732,9 @@ def render_warnings(v: dict[str, Any], given: dict[str, Any], rendered: dict[str
                 mine, default = (mine or {}).get(key), (default or {}).get(key)
             if mine is not None and mine != default:
                 out.append(f"{path}: {mine!r} is not applied with api trainjob (its TrainingRuntime decides it)")
+    if (v.get("exporter") or {}).get("enabled"):
+        out.append("exporter.enabled: datctl submits the run's own objects, not the exporter; it comes with "
+                   "`helm install NAME charts/dat-training -f SPEC`")
     if not v["checkpoint"]["claimName"]:
         out.append("checkpoint.claimName is empty: checkpoints go to an emptyDir and are lost with the pod "
                    "(a rescheduled or deleted pod starts over); set checkpoint.claimName to a PVC to keep them")
@@ -751,7 +745,8 @@ def render_warnings(v: dict[str, Any], given: dict[str, Any], rendered: dict[str
 class Rendered:
     values: dict[str, Any]  # the spec merged with the chart defaults
     namespace: str
-    objects: list[dict[str, Any]]  # ConfigMap, (TrainJob) ServiceAccount, the job, PodMonitor when monitoring is on
+    # ConfigMap, (TrainJob) ServiceAccount, NetworkPolicy when enabled, the job, PodMonitor when monitoring is on
+    objects: list[dict[str, Any]]
     warnings: list[str] = dataclasses.field(default_factory=list)  # not errors: one line each, for stderr
 
     @property
@@ -786,9 +781,8 @@ def render(job: JobSpec, namespace: str | None = None, api: str | None = None,
         raise SpecError([f"-n {namespace}: not a namespace name (lower-case letters, digits and '-', at most 63)"])
     rendered = chart.helm_template(spec, release=values["name"], namespace=namespace,
                                    api_versions=(chart.MONITORING_API,) if monitoring_api else ())
-    order = {"ConfigMap": 0, "ServiceAccount": 0, "PyTorchJob": 1, "TrainJob": 1, "PodMonitor": 2}
-    objects = sorted((obj for source, obj in rendered if source in chart.RUN_TEMPLATES),
-                     key=lambda o: order.get(o["kind"], 3))
+    order = {"ConfigMap": 0, "ServiceAccount": 0, "NetworkPolicy": 0, "PyTorchJob": 1, "TrainJob": 1, "PodMonitor": 2}
+    objects = sorted(chart.run_objects(rendered), key=lambda o: order.get(o["kind"], 3))
     for obj in objects:  # datctl, not a Helm release, applies these: say so (Helm would adopt them otherwise)
         set_manager_label(obj, "datctl")
     config = yaml.safe_load(next(o for o in objects if o["kind"] == "ConfigMap")["data"]["config.yaml"])

@@ -60,6 +60,33 @@ def test_submit_creates_everything_owned_by_the_job(tmp_path: Path, capsys: pyte
     assert all(r["headers"].get("authorization") == "Bearer recorded-token" for r in server.requests)
 
 
+def test_a_network_policy_is_in_place_before_the_job_and_owned_by_it(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    code, out, err, server = datctl(capsys, "submit-networkpolicy", tmp_path, "submit", SMOKE,
+                                    "--set", "networkPolicy.enabled=true")
+    assert code == 0, err
+    assert out.splitlines()[:4] == ["networkpolicy/dat-smoke created", "configmap/dat-smoke-config created",
+                                    "pytorchjob/dat-smoke created", "podmonitor/dat-smoke created"]
+    policies = [r for r in server.requests if r["path"].startswith("/apis/networking.k8s.io/v1/")]
+    dry_run, create, patch = policies
+    assert dry_run["query"] == {"dryRun": "All"} and dry_run["body"]["kind"] == "NetworkPolicy"
+    assert create["body"] == dry_run["body"] and create["body"]["spec"]["podSelector"]["matchLabels"][
+        "app.kubernetes.io/component"] == "trainer"
+    assert server.requests.index(create) < next(i for i, r in enumerate(server.requests)
+                                                if r["path"] == JOBS and not r["query"])
+    assert patch["method"] == "PATCH" and patch["path"].endswith("/networkpolicies/dat-smoke")
+    assert patch["body"]["metadata"]["ownerReferences"][0]["kind"] == "PyTorchJob"
+
+
+def test_a_network_policy_rbac_forbids_is_reported_before_anything_is_created(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err, server = datctl(capsys, "submit-networkpolicy-forbidden", tmp_path, "submit", SMOKE,
+                                    "--set", "networkPolicy.enabled=true")
+    assert code == 1 and out == ""
+    assert without_warnings(err).startswith("datctl: NetworkPolicy team-a/dat-smoke (dry run): forbidden by RBAC: ")
+    assert all(r["method"] == "GET" or r["query"] == {"dryRun": "All"} for r in server.requests)
+
+
 def test_a_refused_podmonitor_creates_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, err, server = datctl(capsys, "submit-podmonitor-refused", tmp_path, "submit", SMOKE)
     assert code == 1 and out == ""

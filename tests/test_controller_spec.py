@@ -538,6 +538,14 @@ def without_warning_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if not line.startswith("datctl: warning: ")]
 
 
-def test_a_network_policy_is_not_silently_dropped_by_datctl(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, _, err = render(capsys, str(write_spec(tmp_path, {"networkPolicy/enabled": True})))
-    assert code == 2 and "networkPolicy.enabled: datctl does not create NetworkPolicies; install this spec with helm" in err
+def test_datctl_renders_the_network_policy_but_not_the_exporter(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    path = str(write_spec(tmp_path, {"networkPolicy/enabled": True, "exporter/enabled": True}))
+    code, out, _ = render(capsys, path)
+    assert code == 0
+    objects = list(yaml.safe_load_all(out))
+    kinds = [o["kind"] for o in objects]
+    assert kinds.index("NetworkPolicy") < kinds.index("PyTorchJob") and "Deployment" not in kinds
+    (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy"]  # the trainer's; the exporter is helm's
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "trainer"
+    assert render(capsys, path)[2].count("exporter.enabled: datctl submits the run's own objects") == 1
