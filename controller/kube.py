@@ -20,12 +20,12 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
+from trainer.observability import RANK_LABELS  # labels of every trainer metric
 from trainer.yamlfile import describe_yaml_error
 
 OPERATOR_INSTALL = ("install the Kubeflow training operator v1.9: kubectl apply --server-side -k "
                     "\"github.com/kubeflow/trainer.git/manifests/overlays/standalone?ref=v1.9.4\"")
 TRAINER_INSTALL = "install Kubeflow Trainer v2 (https://www.kubeflow.org/docs/components/trainer/)"
-RANK_LABELS = ("job_name", "run_id", "rank", "local_rank", "node_rank")  # labels of every trainer metric
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 

@@ -1,3 +1,4 @@
+import os
 import pickle
 import shutil
 
@@ -92,6 +93,7 @@ def test_best_is_restored_when_a_kill_fell_between_the_two_saves(tmp_path):
     latest, best = tmp_path / checkpoint.LATEST, tmp_path / checkpoint.BEST
     checkpoint.save_atomic({"epoch": 2, "model": {}, "best_epoch": 1}, str(best))
     checkpoint.save_atomic({"epoch": 3, "model": {}, "best_epoch": 3}, str(latest))  # then killed
+    os.utime(best, (latest.stat().st_mtime + 5,) * 2)  # a network volume's clock: the stale best looks newer
     assert checkpoint.restore_best(str(tmp_path), {"epoch": 3, "best_epoch": 3})
     assert best.read_bytes() == latest.read_bytes()
     assert not checkpoint.restore_best(str(tmp_path), {"epoch": 3, "best_epoch": 3})  # already current

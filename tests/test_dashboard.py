@@ -74,7 +74,7 @@ def test_panels_and_layout(dashboard):
     assert "dat_epoch_duration_seconds" in query("Epoch duration per job")
     phases = by_title["Epoch phase breakdown"]
     assert phases["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
-    assert 'phase=~"data|attack|compute|communication|optimizer"' in query("Epoch phase breakdown")
+    assert 'phase=~"data|attack|compute|communication|optimizer|checkpoint"' in query("Epoch phase breakdown")
     assert 'phase="communication"' in query("Communication share of training time")
     assert "dat_epoch_train_duration_seconds" in query("Communication share of training time")
     assert "dat_epoch_progress_ratio" in query("Training progress")

@@ -353,7 +353,9 @@ def test_dense_warmup_then_sparse_with_epoch_stats():
     counts = []
     for t in range(200):
         counts.append(len(js.begin_step(2, t)))
-        model.loss(torch.ones(10, 16), torch.linspace(0.1, 3, 10)).backward()
+        loss = model.loss(torch.ones(10, 16), torch.linspace(0.1, 3, 10))
+        if loss is not None:  # an independent draw may (rarely) leave every arm out
+            loss.backward()
         js.end_step()
         model.zero_grad(set_to_none=True)
     sparse = js.epoch_stats()

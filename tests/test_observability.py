@@ -255,26 +255,30 @@ def test_unusable_metrics_dir_warns_and_training_goes_on(tmp_path, monkeypatch, 
     assert ex.server is None and ex.rank_file == ""
 
 
-def test_progress_heartbeat_is_throttled_written_and_never_pushed(tmp_path, monkeypatch, capsys):
+def test_progress_heartbeat_is_throttled_and_pushed_less_often(tmp_path, monkeypatch, capsys):
     """During an epoch the pod's file gets the heartbeat at most every PROGRESS_SECONDS (the stall alert reads
-    it); a Pushgateway only gets epoch ends (pushing every step of hundreds of ranks would flood it)."""
+    it); a Pushgateway at most every PUSH_PROGRESS_SECONDS (hundreds of ranks push to one)."""
     monkeypatch.setenv("DAT_METRICS_DIR", str(tmp_path))
-    ex = TrainingExporter.start(MetricsConfig(port=free_port(), pushgateway=f"127.0.0.1:{free_port()}"), rank=0,
+    now = [1000.0]
+    monkeypatch.setattr(TrainingExporter, "clock", staticmethod(lambda: now[0]))
+    pushes = []
+    monkeypatch.setattr(observability, "push_to_gateway", lambda *args, **kwargs: pushes.append(now[0]))
+    ex = TrainingExporter.start(MetricsConfig(port=free_port(), pushgateway="127.0.0.1:9091"), rank=0,
                                 local_rank=0, node_rank=0, world_size=1, local_world_size=1, run_info=RUN_INFO,
                                 default_job_name="beat", epochs_done=3)
-    capsys.readouterr()
     file = tmp_path / "local-rank-0.prom"
-    started = find(file.read_text(), "dat_progress_timestamp_seconds")
     assert find(file.read_text(), "dat_epoch") == [3.0]  # resumed after epoch 3
+    pushes.clear()
+    now[0] += observability.PROGRESS_SECONDS - 1
     ex.progress(4, 10)  # within PROGRESS_SECONDS of the start: nothing written
-    assert find(file.read_text(), "dat_epoch_progress_ratio") == [0.0]
-    ex._last_beat -= observability.PROGRESS_SECONDS
-    time.sleep(0.01)
+    assert find(file.read_text(), "dat_epoch_progress_ratio") == [0.0] and pushes == []
+    now[0] += 1
     ex.progress(4, 10)
-    text = file.read_text()
-    assert find(text, "dat_epoch_progress_ratio") == [0.4]
-    assert find(text, "dat_progress_timestamp_seconds")[0] > started[0]
-    assert "push to" not in capsys.readouterr().err
+    assert find(file.read_text(), "dat_epoch_progress_ratio") == [0.4] and pushes == []  # the file, not the gateway
+    for _ in range(int(observability.PUSH_PROGRESS_SECONDS // observability.PROGRESS_SECONDS)):
+        now[0] += observability.PROGRESS_SECONDS
+        ex.progress(5, 10)
+    assert pushes == [1000.0 + observability.PUSH_PROGRESS_SECONDS]  # one push a minute
     ex.finish()
 
 
@@ -287,7 +291,16 @@ def test_after_a_failure_every_local_rank_waits_out_the_grace(tmp_path, monkeypa
                                 node_rank=0, world_size=2, local_world_size=2, run_info=RUN_INFO,
                                 default_job_name="j")
     assert ex.server is None  # local rank 1 does not serve
-    started = time.monotonic()
+    slept = []
+    monkeypatch.setattr(observability.time, "sleep", slept.append)
     ex.finish(outcome)
-    assert (time.monotonic() - started >= 0.5) is waits
+    assert slept == ([0.5] if waits else [])
     assert find((tmp_path / "local-rank-1.prom").read_text(), "dat_training_outcome", outcome=outcome) == [1.0]
+
+
+def test_an_unknown_outcome_is_a_bug_not_a_new_label(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAT_METRICS_DIR", str(tmp_path))
+    ex = TrainingExporter.start(MetricsConfig(port=0), rank=0, local_rank=0, node_rank=0, world_size=1,
+                                local_world_size=1, run_info=RUN_INFO, default_job_name="x")
+    with pytest.raises(ValueError, match="not one of completed, diverged, error"):
+        ex.finish("crashed")

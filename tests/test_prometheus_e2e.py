@@ -31,7 +31,7 @@ JOB = "dat-e2e-run"
 NAMESPACE = "dat-e2e"
 RECORDED_NAMESPACE = "team-a"  # jobs in tests/recorded_watch
 EPOCHS = 4
-PHASES = ("data", "attack", "compute", "communication", "optimizer", "eval")
+PHASES = ("data", "attack", "compute", "communication", "optimizer", "eval", "checkpoint")
 
 
 def tool(name: str, installer: str) -> str:

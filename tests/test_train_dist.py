@@ -223,8 +223,9 @@ def test_resume_names_schedule_changes_and_survives_a_newer_optimizer_library(tm
 def test_a_run_killed_within_an_epoch_resumes_from_its_last_step_checkpoint(tmp_path):
     """run.checkpoint_every_steps: killed at step 7 of epoch 2 (16 steps per epoch on 2 ranks, a checkpoint
     every 3), the restarted run goes on from step 6, not from the epoch's start, and ends where an
-    uninterrupted run ends: same weights, same per-epoch loss, accuracy and bytes, same RNG streams (the PGD
-    random starts and the augmentation)."""
+    uninterrupted run without step checkpoints ends: same weights, same per-epoch loss, accuracy and bytes,
+    same RNG streams (the PGD random starts and the augmentation), same per-rank BatchNorm statistics (the
+    attack reads them in eval mode)."""
     worker = str(Path(__file__).parent / "workers" / "crash_mid_epoch.py")
     killed = torchrun([worker, str(tmp_path / "run"), "7", "{}"], nproc=2, check=False)
     assert killed.returncode != 0
@@ -232,7 +233,7 @@ def test_a_run_killed_within_an_epoch_resumes_from_its_last_step_checkpoint(tmp_
     assert (state["epoch"], state["step"]) == (1, 6)
     resumed = torchrun([worker, str(tmp_path / "run"), "0", "{}"], nproc=2)
     assert "resumed from" in resumed.stdout and "(saved after step 6 of epoch 2)" in resumed.stdout
-    torchrun([worker, str(tmp_path / "whole"), "0", "{}"], nproc=2)
+    torchrun([worker, str(tmp_path / "whole"), "0", '{"run": {"checkpoint_every_steps": 0}}'], nproc=2)
     got, want = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("run", "whole"))
     assert [r["epoch"] for r in got] == [1, 2, 3] and got[1]["resumed_at_step"] == 6
     for a, b in zip(got, want):
@@ -242,3 +243,28 @@ def test_a_run_killed_within_an_epoch_resumes_from_its_last_step_checkpoint(tmp_
     final = [checkpoint.load(str(tmp_path / name / "checkpoint-latest.pt"))["model"] for name in ("run", "whole")]
     for key in final[1]:
         assert torch.allclose(final[0][key].float(), final[1][key].float(), rtol=1e-4, atol=1e-6), key
+
+
+def test_a_step_checkpoint_resumed_at_another_world_size_replays_its_epoch(tmp_path):
+    """Killed within epoch 2 on 2 ranks, restarted on 1: the batch order differs, so epoch 2 starts over from
+    the step checkpoint's weights, and its record counts the replayed epoch alone (images, JointSpar steps)."""
+    worker = str(Path(__file__).parent / "workers" / "crash_mid_epoch.py")
+    sparse = json.dumps({"optim": {"name": "lars"}, "jointspar": {"enabled": True, "budget": 4}})
+    assert torchrun([worker, str(tmp_path / "run"), "7", sparse], nproc=2, check=False).returncode != 0
+    # in this process: the JointSpar counts of the 6 steps done on 2 ranks are dropped with them
+    from trainer.config import config_from_dict
+    from trainer.distributed import DistInfo
+    from trainer.train import Trainer
+    cfg = config_from_dict({"run": {"output_dir": str(tmp_path / "probe")},
+                            "data": {"name": "synthetic", "synthetic_train_size": 256, "synthetic_image_size": 16,
+                                     "batch_size": 16}, "model": {"name": "small_cnn", "width": 8},
+                            **json.loads(sparse)})
+    probe = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0,
+                                  device=torch.device("cpu")))
+    probe.resume(str(tmp_path / "run" / checkpoint.LATEST))
+    assert (probe.start_epoch, probe.start_step) == (2, 0)
+    assert probe.jointspar.epoch_stats()["jointspar_active_arms"] is None  # no step counted yet
+    resumed = torchrun([worker, str(tmp_path / "run"), "0", sparse], nproc=1)
+    assert "so epoch 2 starts over" in resumed.stderr
+    second = read_jsonl(tmp_path / "run" / "metrics.jsonl")[1]
+    assert second["epoch"] == 2 and "resumed_at_step" not in second and second["images"] == 256

@@ -84,14 +84,22 @@ def find_resume(output_dir: str, resume: str) -> str | None:
     return path if resume == "auto" and os.path.exists(path) else None
 
 
+def _saved_epoch(path: str) -> int | None:
+    """The epoch a checkpoint file was saved after, read without loading its tensors; None if unreadable."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    except Exception:  # damaged or not a checkpoint: treated as stale, to be replaced
+        return None
+
+
 def restore_best(output_dir: str, state: dict) -> bool:
     """A run killed between writing LATEST and BEST of its best epoch has no (or an older) BEST: LATEST is that
     best epoch's checkpoint, so copy it (atomically). True when it did."""
     latest, best = os.path.join(output_dir, LATEST), os.path.join(output_dir, BEST)
     if state.get("best_epoch") != state.get("epoch") or state.get("step") or not os.path.isfile(latest):
         return False  # not the best epoch's end (or a checkpoint taken within the next epoch)
-    if os.path.isfile(best) and os.path.getmtime(best) >= os.path.getmtime(latest):
-        return False
+    if os.path.isfile(best) and _saved_epoch(best) == state.get("epoch"):
+        return False  # already that epoch's (by content: timestamps on network volumes can tie or lag)
     tmp = f"{best}.tmp-{os.getpid()}"
     try:
         shutil.copyfile(latest, tmp)

@@ -1,7 +1,8 @@
 """Data sets held in memory as uint8 (N, C, H, W) tensors, sharded per rank, augmented in batch.
 
 Loading everything once and indexing batches (on the GPU when it fits) keeps per-sample PIL work and
-DataLoader workers out of the hot loop; sharding and per-epoch reshuffling come from DistributedSampler.
+DataLoader workers out of the hot loop; sharding and per-epoch reshuffling come from DistributedSampler, or,
+when labelled and unlabelled images are mixed in each batch (CIFAR10-Ext), from a seeded walk of each set.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from trainer.config import DataConfig
+from trainer.seeding import derive_seed
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -198,7 +200,8 @@ def load_ti500k(path: str, limit: int = 0, seed: int = 0) -> ImageSet:
     if len(targets) and (targets.min() < 0 or targets.max() > 9):
         raise DataError(f"{path}: extrapolated_targets outside 0..9 (found {targets.min()}..{targets.max()})")
     if 0 < limit < len(data):  # a random subset (the file is in no random order), the same for every rank
-        keep = np.sort(np.random.default_rng(seed).choice(len(data), limit, replace=False))
+        keep = np.sort(np.random.default_rng(derive_seed(seed, "unlabeled-subset")).choice(len(data), limit,
+                                                                                       replace=False))
         data, targets = data[keep], targets[keep]
     return ImageSet(_hwc_to_tensor(data), torch.from_numpy(targets.astype(np.int64)))
 
@@ -229,7 +232,7 @@ def _digits() -> Dataset:
 
 def _synthetic(cfg: DataConfig, seed: int) -> Dataset:
     """Learnable random data: each class has its own mean image; samples are that plus noise."""
-    g = torch.Generator().manual_seed(seed + 12345)
+    g = torch.Generator().manual_seed(derive_seed(seed, "synthetic-data"))
     c, s, k = cfg.synthetic_channels, cfg.synthetic_image_size, 10
     prototypes = torch.rand(k, c, s, s, generator=g) * 160 + 48
 
@@ -313,7 +316,7 @@ class TrainBatches:
             self.sampler.set_epoch(epoch)
             return torch.tensor(list(iter(self.sampler)), dtype=torch.long)[:len(self) * self.batch].view(
                 len(self), self.batch)
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch * 7919) % 2**63)  # the same on every rank
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "batch-order", epoch))  # the same on every rank
         steps, parts = len(self), []
         for (first, size), per_rank in zip(((0, self.labelled), (self.labelled, len(self.data) - self.labelled)),
                                            self.split):
@@ -333,7 +336,7 @@ class TrainBatches:
             x = self.images[idx].to(self.device, non_blocking=True).float().div_(255)
             y = self.labels[idx].to(self.device, non_blocking=True)
             if self.augment:
-                g.manual_seed((self.seed * 1_000_003 + epoch * 1009 + self.rank * 7 + step * 104_729) % 2**63)
+                g.manual_seed(derive_seed(self.seed, "augmentation", epoch, self.rank, step))
                 x = augment_crop_flip(x, g)
             yield x, y
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from trainer.config import ConfigError, JointSparConfig
+from trainer.seeding import derive_seed
 
 log = logging.getLogger("trainer.jointspar")
 
@@ -226,7 +227,7 @@ class JointSpar:
         # budget_unit=bytes: running estimate of each arm's squared gradient norm; -1 until first observed
         self.sq_norm_estimate = torch.full((L,), -1.0, dtype=torch.float64)
         self.G = 0.0
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(derive_seed(seed, "jointspar"))
         self.mask: torch.Tensor | None = None  # the current active set; None while dense
         self.mask_epoch = -1
         self.steps_since_sample = 0
@@ -235,7 +236,7 @@ class JointSpar:
         self.round_steps = 0
         self._sparse_step = False
         self._before_update: list[tuple[nn.Parameter, torch.Tensor, float]] = []  # scale=update, this step
-        self._reset_stats()
+        self.reset_epoch_stats()
         log.info("JointSpar: L = %d arms (%s grouping, %d parameters always trained), budget %g %s, p_min = %g, "
                  "eta = %g, sampling = %s, resample every %s", L, cfg.arms, self.always_numel, s,
                  "of the bytes" if self.by_bytes else "arms", p_min, cfg.eta, cfg.sampling, every)
@@ -351,7 +352,7 @@ class JointSpar:
 
     # ---- metrics and checkpoints ----------------------------------------------------------------------
 
-    def _reset_stats(self) -> None:
+    def reset_epoch_stats(self) -> None:
         self._stats_steps = 0
         self._stats_sparse_steps = 0
         self._stats_active_arms = 0
@@ -371,7 +372,7 @@ class JointSpar:
             out["jointspar_p_min"] = float(self.p.min())
             out["jointspar_p_max"] = float(self.p.max())
             out["jointspar_p_entropy"] = float(-(q * q.log()).sum())  # nats; log(L) when uniform
-        self._reset_stats()
+        self.reset_epoch_stats()
         return out
 
     def state_dict(self) -> dict:
@@ -413,6 +414,5 @@ class JointSpar:
         if "sq_norm_estimate" in state:  # older checkpoints: budget_unit=arms, which does not use it
             self.sq_norm_estimate = state["sq_norm_estimate"].to(torch.float64).clone()
         self.round_steps = int(state["round_steps"])
-        if "stats" in state:  # the epoch's counts so far (a checkpoint within an epoch)
-            self._stats_steps, self._stats_sparse_steps, self._stats_active_arms, self._stats_active_numel = state["stats"]
+        # the epoch's counts so far (a checkpoint within an epoch)
         self._stats_steps, self._stats_sparse_steps, self._stats_active_arms, self._stats_active_numel = state["stats"]

@@ -14,7 +14,8 @@ import torch
 
 log = logging.getLogger("trainer")
 
-PHASES = ("data", "attack", "compute", "comm", "optimizer", "eval")
+# The parts of an epoch, each timed as <name>_seconds in metrics.jsonl; together they make up epoch_seconds.
+PHASES = ("data", "attack", "compute", "comm", "optimizer", "eval", "checkpoint")
 
 
 class PhaseTimer:

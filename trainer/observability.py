@@ -33,9 +33,10 @@ from prometheus_client.exposition import write_to_textfile
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-PHASES = ("data", "attack", "compute", "communication", "optimizer", "eval")
-_PHASE_KEYS = {"data": "data_seconds", "attack": "attack_seconds", "compute": "compute_seconds",
-               "communication": "comm_seconds", "optimizer": "optimizer_seconds", "eval": "eval_seconds"}
+from trainer.metrics import PHASES
+
+# The `phase` label of each metrics.PHASES entry (its metrics.jsonl key: <entry>_seconds).
+PHASE_LABELS = {name: {"comm": "communication"}.get(name, name) for name in PHASES}
 RANK_LABELS = ("job_name", "run_id", "rank", "local_rank", "node_rank")
 OUTCOMES = ("completed", "diverged", "error")
 PROGRESS_SECONDS = 15.0  # the heartbeat's period: how stale dat_progress_timestamp_seconds gets while healthy
@@ -103,6 +104,8 @@ class _RankFilesCollector:
 class TrainingExporter:
     """Epoch-level training metrics of one rank; local rank 0 also serves the pod's endpoint."""
 
+    clock = staticmethod(time.monotonic)  # what the heartbeat's throttling reads (tests give it their own)
+
     def __init__(self, *, registry: CollectorRegistry | None = None, job_name: str = "",
                  labels: dict[str, str] | None = None, rank_file: str = "", pushgateway: str = "",
                  push_grouping: dict[str, str] | None = None, server: Any = None,
@@ -119,7 +122,7 @@ class TrainingExporter:
         self.world_size = world_size
         self._labels = labels or {}
         self._finished = False
-        self._last_beat = self._last_push = time.monotonic()
+        self._last_beat = self._last_push = self.clock()
         if self.enabled:
             self._define_metrics()
 
@@ -266,8 +269,8 @@ class TrainingExporter:
         if seconds is not None:
             self._epoch_seconds.labels(**lab).set(seconds)
             self._train_seconds.labels(**lab).set(max(seconds - eval_seconds, 0.0))
-        for phase in PHASES:
-            v = value(_PHASE_KEYS[phase])
+        for key, phase in PHASE_LABELS.items():
+            v = value(f"{key}_seconds")
             if v is not None:
                 self._phase_seconds.labels(**lab, phase=phase).set(v)
                 self._phase_total.labels(**lab, phase=phase).inc(max(v, 0.0))
@@ -294,14 +297,14 @@ class TrainingExporter:
         now = time.time()
         self._last_epoch_time.labels(**lab).set(now)
         self._progress_time.labels(**lab).set(now)
-        self._last_beat = time.monotonic()
+        self._last_beat = self.clock()
         self._publish()
 
     def progress(self, done: int | None = None, total: int | None = None) -> None:
         """The heartbeat: called after every training step (done of total) and evaluation batch; refreshes
         the progress metrics and the scrape file at most every PROGRESS_SECONDS, a Pushgateway at most every
         PUSH_PROGRESS_SECONDS. Costs a clock read otherwise, and never touches the device."""
-        now = time.monotonic()
+        now = self.clock()
         if not self.enabled or now - self._last_beat < PROGRESS_SECONDS:
             return
         self._last_beat = now
@@ -330,6 +333,8 @@ class TrainingExporter:
     def finish(self, outcome: str = "completed") -> None:
         """Mark the run finished with its outcome (one of OUTCOMES), publish, keep the endpoint up for
         grace_seconds (so that Prometheus scrapes the last epoch and the outcome), then stop it."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome {outcome!r}: not one of {', '.join(OUTCOMES)}")
         if not self.enabled or self._finished:
             return
         self._finished = True

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import glob
 import logging
@@ -29,6 +30,7 @@ from trainer.metrics import MetricsLog, PhaseTimer, table_header, table_row
 from trainer.models import build_model
 from trainer.observability import TrainingExporter
 from trainer.optim import build_optimizer, build_schedule
+from trainer.seeding import derive_seed
 
 log = logging.getLogger("trainer")
 
@@ -75,12 +77,6 @@ def compiled_passes(setting: str, device: torch.device, have_compiler: bool = Tr
         return "attack" if (device.type == "cuda" and have_compiler
                             and torch.cuda.get_device_capability(device) >= (7, 0)) else "off"
     return setting
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Every source of randomness in an epoch derives from (seed, epoch, rank): a resumed run replays
-    exactly what an uninterrupted one would have done."""
-    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**63)
 
 
 # What a checkpoint's run was trained on, beyond the model and optimizer (compared on resume). Left out: where
@@ -257,6 +253,8 @@ class Trainer:
                             state["step"], int(state["epoch"]) + 1, within["world_size"], within["batch_size"],
                             int(state["epoch"]) + 1)
             within = None
+            if self.jointspar:
+                self.jointspar.reset_epoch_stats()  # the epoch's counts so far belong to the steps now replayed
         self.start_step, self.within_epoch = (int(state["step"]), within) if within else (0, None)
         sched = self.schedule
         # by epochs done (the batch size may differ), plus the steps done within the next one
@@ -297,35 +295,43 @@ class Trainer:
 
     def save_within_epoch(self, epoch: int, step: int, lr: float) -> None:
         """checkpoint-latest.pt after `step` steps of `epoch` (run.checkpoint_every_steps), so that a killed run
-        loses at most that many steps. Collective: every rank takes part. The BatchNorm statistics are averaged
-        first (as at an epoch end: linear, so the epoch's end result is unchanged) because only rank 0's are
-        saved; the epoch's running totals are summed into rank 0's, every rank's RNG state is kept."""
+        loses at most that many steps. Collective: every rank takes part. The epoch's running totals are summed
+        into rank 0's; every rank's RNG state and BatchNorm statistics are kept as they are (the attack reads
+        the latter in eval mode, so averaging them here would change the training), and the checkpoint's
+        model holds their average, as at an epoch's end."""
         with self.timer.phase("comm"):
-            average_buffers(self.model, self.dist.world_size)
             totals = all_reduce_sum(self.totals.tolist(), self.device)
-            rng = all_gather_objects({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device)
-                                      if self.device.type == "cuda" else None})
+            ranks = all_gather_objects({
+                "cpu_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                "buffers": {name: b.detach().cpu() for name, b in self.model.named_buffers()}})
         if not self.dist.is_main:
             return
         finite = math.isfinite(totals[0]) and bool(torch.stack([p.detach().isfinite().all() for p in self.params]).all())
         if not finite:  # diverging: keep the last good checkpoint (the epoch's end reports the divergence)
             return
-        comm = self.grad_sync.stats
-        within = {"totals": totals, "comm": [comm.bytes, comm.dense_bytes, comm.calls, comm.steps], "rng": rng,
-                  "world_size": self.dist.world_size, "batch_size": self.cfg.data.batch_size, "lr": lr}
-        checkpoint.save_atomic(self.state_dict(epoch - 1, step, within),
-                               os.path.join(self.cfg.run.output_dir, checkpoint.LATEST))
+        with self.timer.phase("checkpoint"):
+            within = {"totals": totals, "comm": dataclasses.asdict(self.grad_sync.stats), "ranks": ranks,
+                      "world_size": self.dist.world_size, "batch_size": self.cfg.data.batch_size, "lr": lr}
+            state = self.state_dict(epoch - 1, step, within)
+            for name, value in state["model"].items():
+                if value.is_floating_point() and name in ranks[0]["buffers"]:
+                    state["model"][name] = torch.stack([r["buffers"][name] for r in ranks]).mean(0)
+            checkpoint.save_atomic(state, os.path.join(self.cfg.run.output_dir, checkpoint.LATEST))
 
     def _restore_within_epoch(self, within: dict) -> float:
-        """The epoch's totals (summed over ranks: rank 0 holds them), gradient bytes and this rank's RNG state
-        as they were at the checkpoint; returns the images already counted."""
+        """The epoch's totals (summed over ranks: rank 0 holds them), gradient bytes, and this rank's RNG state
+        and BatchNorm statistics as they were at the checkpoint; returns the images already counted."""
         if self.dist.is_main:
             self.totals.copy_(torch.tensor(within["totals"], dtype=self.totals.dtype))
-        self.grad_sync.stats = CommStats(*within["comm"])
-        rng = within["rng"][self.dist.rank]
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.grad_sync.stats = CommStats(**within["comm"])
+        mine = within["ranks"][self.dist.rank]
+        torch.set_rng_state(mine["cpu_rng"])
+        if mine["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+        with torch.no_grad():
+            for name, b in self.model.named_buffers():
+                b.copy_(mine["buffers"][name])
         return float(within["totals"][3])
 
     # ------------------------------------------------------------------ training
@@ -377,7 +383,7 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict:
         self.model.train()
-        torch.manual_seed(epoch_seed(self.cfg.run.seed, epoch, self.dist.rank))
+        torch.manual_seed(derive_seed(self.cfg.run.seed, "training", epoch, self.dist.rank))  # PGD starts
         self.totals.zero_()
         first, images_before = 0, 0.0
         if epoch == self.start_epoch and self.within_epoch:  # resumed within this epoch

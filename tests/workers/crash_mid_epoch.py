@@ -10,15 +10,17 @@ from trainer.train import Trainer, run
 
 out_dir, crash_at, overrides = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 info = setup("gloo")
-cfg = config_from_dict({
+settings = {
     "run": {"output_dir": out_dir, "progress": False, "epochs": 3, "checkpoint_every_steps": 3},
     "data": {"name": "synthetic", "synthetic_train_size": 256, "synthetic_image_size": 16, "batch_size": 16,
              "augment": "on"},
     "model": {"name": "small_cnn", "width": 8},
     "attack": {"steps": 2, "eps": 0.1},
     "eval": {"steps": 2, "every": 1},
-    **overrides,
-})
+}
+for section, values in overrides.items():  # {"section": {"key": value}}: merged into that section
+    settings.setdefault(section, {}).update(values)
+cfg = config_from_dict(settings)
 if crash_at:
     train_step = Trainer.train_step
 
