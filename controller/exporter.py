@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from controller import kube
+from trainer.observability import serve_metrics
 
 JOB_LABELS = ["job_namespace", "job_name", "kind"]
 
@@ -282,7 +283,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="job kinds to watch, comma-separated: pytorchjob, trainjob (default pytorchjob)")
     parser.add_argument("--namespace", "-n", default="", help="watch one namespace (default: all namespaces)")
     parser.add_argument("--port", type=int, default=9469, help="port to serve /metrics on (default 9469)")
-    parser.add_argument("--address", default="0.0.0.0", help="address to serve on (default 0.0.0.0)")
+    parser.add_argument("--address", default="", help="address to serve on (default: every address, IPv4 and "
+                        "IPv6, as the trainer serves)")
     parser.add_argument("--kubeconfig", default=None,
                         help="kubeconfig file (default: in-cluster service account, else $KUBECONFIG / ~/.kube/config)")
     parser.add_argument("--context", default=None, help="kubeconfig context")
@@ -337,9 +339,13 @@ def run(args: argparse.Namespace) -> int:
     registry = CollectorRegistry()
     registry.register(JobCollector(watched))
     try:
-        server, _ = start_http_server(args.port, addr=args.address, registry=registry)
+        if args.address:
+            server, _ = start_http_server(args.port, addr=args.address, registry=registry)
+        else:
+            server = serve_metrics(args.port, registry)
     except OSError as exc:
-        print(f"datctl exporter: cannot listen on {args.address}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"datctl exporter: cannot listen on {args.address or '*'}:{args.port}: {exc.strerror or exc}",
+              file=sys.stderr)
         return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -352,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
         threading.Thread(target=watcher.run, name=f"{watcher.resource.plural}-watch", daemon=True).start()
     scope = f"namespace {args.namespace}" if args.namespace else "all namespaces"
     kinds = ", ".join(store.exported.resource.kind for store, _ in watched)
-    log.info("serving %s metrics of %s on %s:%d/metrics", kinds, scope, args.address, args.port)
+    log.info("serving %s metrics of %s on %s:%d/metrics", kinds, scope, args.address or "*", args.port)
     while not stop.wait(1.0):
         pass
     server.shutdown()

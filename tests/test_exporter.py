@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,10 +35,10 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def metrics(port: int) -> dict[tuple, float]:
+def metrics(port: int, host: str = "127.0.0.1") -> dict[tuple, float]:
     """{(name, sorted label items): value} of one scrape, or {} while the endpoint is not up."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
     except OSError:
         return {}
@@ -53,11 +54,12 @@ def ts(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def start_exporter(tmp_path: Path, replay: ReplayServer, *extra: str) -> tuple[subprocess.Popen, int]:
+def start_exporter(tmp_path: Path, replay: ReplayServer, *extra: str,
+                   address: str | None = "127.0.0.1") -> tuple[subprocess.Popen, int]:
     port = free_port()
     cmd = [sys.executable, "-m", "controller.exporter", "--kubeconfig", str(replay.kubeconfig(tmp_path)),
-           "--port", str(port), "--address", "127.0.0.1", "--retry-seconds", "0.05", "--max-retry-seconds", "0.2",
-           *extra]
+           "--port", str(port), *(["--address", address] if address else []), "--retry-seconds", "0.05",
+           "--max-retry-seconds", "0.2", *extra]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("KUBERNETES_SERVICE_HOST", None)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -84,6 +86,28 @@ def test_recorded_jobs_match_their_crds():
     assert len(objects) >= 20 and {o["kind"] for o in objects} == {"PyTorchJob", "TrainJob"}
     for obj in objects:
         assert crd_problems(obj) == [], obj["metadata"]["name"]
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_by_default_the_exporter_serves_ipv4_and_ipv6(tmp_path):
+    """As the trainer's endpoint does: a cluster may be IPv4, IPv6 or dual-stack."""
+    with ReplayServer() as replay:
+        proc, port = start_exporter(tmp_path, replay, address=None)
+        try:
+            assert wait_for(lambda: metrics(port), what="the exporter on 127.0.0.1")
+            if ipv6_loopback():
+                assert metrics(port, "[::1]")
+        finally:
+            out = stop(proc)
+    assert "on *:" in out
 
 
 def test_exporter_survives_api_error_expiry_and_dropped_connection(tmp_path):
