@@ -50,13 +50,10 @@ class GraphedAttack:
 
 
 @contextlib.contextmanager
-def attack_replaced(attack) -> Iterator[None]:
-    """Make Trainer.train_step call `attack` where it calls trainer.attacks.craft (this process only)."""
-    import trainer.train as train_module
-
-    original = train_module.craft
-    train_module.craft = attack
+def attack_replaced(trainer, attack) -> Iterator[None]:
+    """Make this Trainer's training steps call `attack` where they call trainer.attacks.craft."""
+    original, trainer.craft = trainer.craft, attack
     try:
         yield
     finally:
-        train_module.craft = original
+        trainer.craft = original

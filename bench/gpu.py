@@ -225,7 +225,7 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> di
             with attack_mode(trainer.model, trainer.cfg.attack.bn_eval):  # compile before capture
                 craft(trainer.cfg.attack.name, trainer.attack_forward, x, y, eps=trainer.cfg.attack.eps, alpha=0.0,
                       steps=1, autocast=trainer.autocast)
-            patch = attack_replaced(GraphedAttack(trainer, x, y))
+            patch = attack_replaced(trainer, GraphedAttack(trainer, x, y))
         with patch:
             for _ in range(args.warmup):
                 trainer.train_step(x, y, 1, step)

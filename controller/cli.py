@@ -159,7 +159,7 @@ EXPORTER_HELP = f"{EXPORTER_DESCRIPTION} (datctl exporter --help)"  # in datctl 
 
 
 def cmd_exporter(argv: list[str]) -> int:
-    # Imported here so every other command works without (or despite) the exporter module.
+    # Imported here: the other commands never load it, and a broken install of it is one line, not a traceback.
     try:
         exporter = importlib.import_module("controller.exporter")
     except ImportError as exc:

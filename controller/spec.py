@@ -526,7 +526,7 @@ def _trainer_problems(trainer: dict[str, Any], sizes: list[int], origin: str) ->
     found.update(dict.fromkeys(trainer_config.problems(cfg, world_size=sizes[0], check_paths=False)))
     for size in sizes[1:]:  # an elastic range: only the world-size rules differ from one size to the next
         found.update(dict.fromkeys(trainer_config.world_size_problems(cfg, size)))
-    from trainer.train import model_problems  # imports torch
+    from trainer.jointspar import model_problems  # imports torch
 
     found.update(dict.fromkeys(model_problems(cfg)))  # what `dat-train --check` adds: JointSpar's arms
     return [f"{origin}: {problem}" for problem in _collapse_repeats(list(found))]

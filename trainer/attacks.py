@@ -36,7 +36,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
         autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
     """Projected gradient ascent on the cross-entropy in the eps L-inf ball, clamped to [0, 1].
 
-    With several restarts, a sample keeps the first perturbation that fools the model (else the last one).
+    With several restarts, a sample keeps the first perturbation that fools the model (else the first restart's).
     Call it under ``attack_mode(model)``.
     """
     best = None

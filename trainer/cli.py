@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 def _model_and_machine_problems(cfg) -> list[str]:
     import torch
 
-    from trainer.train import c_compiler, compiled_passes, model_problems
+    from trainer.jointspar import model_problems
+    from trainer.train import c_compiler, compiled_passes
 
     found = model_problems(cfg)
     try:

@@ -126,7 +126,7 @@ class CommConfig:
 
 @dataclass
 class PerfConfig:
-    amp: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16; bf16; off
+    amp: str = "auto"  # auto: bf16 on GPUs of compute capability 8.0+ and on CPUs with native bf16; bf16; off
     channels_last: str = "auto"  # auto: as perf.amp; on; off
     compile: str = "auto"  # torch.compile: attack | all (+ the training pass) | off; auto: attack with CUDA
 

@@ -244,6 +244,11 @@ def _synthetic(cfg: DataConfig, seed: int) -> Dataset:
     return Dataset(make(cfg.synthetic_train_size), make(cfg.synthetic_test_size), k, c, s)
 
 
+def image_channels(cfg: DataConfig) -> int:
+    """The channels of the configured data's images, known without loading it."""
+    return {"digits": 1, "synthetic": cfg.synthetic_channels}.get(cfg.name, 3)
+
+
 def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     if cfg.name == "digits":
         return _digits()

@@ -24,10 +24,6 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))

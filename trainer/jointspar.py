@@ -31,7 +31,9 @@ import math
 import torch
 import torch.nn as nn
 
-from trainer.config import ConfigError, JointSparConfig
+from trainer.config import Config, ConfigError, JointSparConfig
+from trainer.data import image_channels
+from trainer.models import build_model
 from trainer.seeding import derive_seed
 
 log = logging.getLogger("trainer.jointspar")
@@ -346,7 +348,7 @@ class JointSpar:
                 observed = torch.where(active, scaled_sq / self.G ** 2 / p, torch.zeros_like(p))
                 log_w = self.cfg.eta * observed  # -eta * lhat_l, less the common -eta
                 log_w = (log_w - log_w.max()).clamp(min=MIN_LOG_WEIGHT)  # cannot overflow or flush to 0
-                self.p = project_kl(p * log_w.exp(), self.cfg.budget, self.cfg.p_min)
+                self.p = project_kl(p * log_w.exp(), self.arm_budget, self.cfg.p_min)
         self.round_sq_norm.zero_()
         self.round_steps = 0
 
@@ -416,3 +418,19 @@ class JointSpar:
         self.round_steps = int(state["round_steps"])
         # the epoch's counts so far (a checkpoint within an epoch)
         self._stats_steps, self._stats_sparse_steps, self._stats_active_arms, self._stats_active_numel = state["stats"]
+
+
+def model_problems(cfg: Config) -> list[str]:
+    """The checks that need the model (JointSpar's arms against its budget), for `dat-train --check` and
+    `datctl`: builds the model's shapes on the meta device, reads no data."""
+    if not cfg.jointspar.enabled:
+        return []
+    try:
+        with torch.device("meta"):  # shapes only: no memory, however wide the model
+            model = build_model(cfg.model.name, 10, image_channels(cfg.data), cfg.model.width)
+        JointSpar(cfg.jointspar, model, seed=cfg.run.seed)
+    except ConfigError as exc:
+        return [str(exc)]
+    except (ValueError, KeyError):  # a model setting the config checks report themselves
+        pass
+    return []

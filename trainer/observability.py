@@ -33,10 +33,10 @@ from prometheus_client.exposition import write_to_textfile
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from trainer.metrics import PHASES
-
-# The `phase` label of each metrics.PHASES entry (its metrics.jsonl key: <entry>_seconds).
-PHASE_LABELS = {name: {"comm": "communication"}.get(name, name) for name in PHASES}
+# The `phase` label of each trainer.metrics.PHASES entry (its metrics.jsonl key: <entry>_seconds). Written out,
+# not imported: this module stays free of torch, as datctl's exporter (a 256 Mi pod) imports it.
+PHASE_LABELS = {"data": "data", "attack": "attack", "compute": "compute", "comm": "communication",
+                "optimizer": "optimizer", "eval": "eval", "checkpoint": "checkpoint"}
 RANK_LABELS = ("job_name", "run_id", "rank", "local_rank", "node_rank")
 OUTCOMES = ("completed", "diverged", "error")
 PROGRESS_SECONDS = 15.0  # the heartbeat's period: how stale dat_progress_timestamp_seconds gets while healthy

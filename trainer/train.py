@@ -51,7 +51,8 @@ def native_bf16(device: torch.device) -> bool:
         return False
 
 
-def _resolve_auto(value: str, device: torch.device) -> bool:
+def fast_path_enabled(value: str, device: torch.device) -> bool:
+    """perf.amp / perf.channels_last resolved: on as asked, and with auto where bf16 runs natively."""
     return value in ("on", "bf16") or (value == "auto" and native_bf16(device))
 
 
@@ -126,7 +127,7 @@ class Trainer:
                                     labelled=data.labelled, unlabeled_fraction=cfg.data.unlabeled_fraction)
 
         model = build_model(cfg.model.name, data.num_classes, data.channels, cfg.model.width).to(self.device)
-        self.channels_last = _resolve_auto(cfg.perf.channels_last, self.device)
+        self.channels_last = fast_path_enabled(cfg.perf.channels_last, self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         broadcast_parameters(model)
@@ -141,9 +142,10 @@ class Trainer:
             log.warning("perf.compile=all: a compiled training pass hands over its gradients only at the end of "
                         "its backward, so the gradient all-reduce no longer overlaps it")
         self.attack_forward = self.forward = model  # the model as the attack and the training pass call it
+        self.craft = craft  # the training attack (bench/gpu.sh swaps in a CUDA-graphed one)
         if self.compiled != "off":
             self.use_compiled(torch.compile(model), training_pass=self.compiled == "all")
-        self.amp = _resolve_auto(cfg.perf.amp, self.device)
+        self.amp = fast_path_enabled(cfg.perf.amp, self.device)
         self.autocast = (functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16)
                          if self.amp else contextlib.nullcontext)
 
@@ -347,7 +349,7 @@ class Trainer:
                 x_adv = None
                 if cfg.train.loss != "clean":
                     with attack_mode(model, cfg.attack.bn_eval):
-                        x_adv = craft(cfg.attack.name, self.attack_forward, xs, ys, eps=cfg.attack.eps,
+                        x_adv = self.craft(cfg.attack.name, self.attack_forward, xs, ys, eps=cfg.attack.eps,
                                       alpha=cfg.attack.alpha, steps=cfg.attack.steps,
                                       random_start=cfg.attack.random_start, autocast=self.autocast)
             with t.phase("compute"):
@@ -468,8 +470,8 @@ class Trainer:
         cfg = self.cfg
         if self.dist.is_main:
             backend = dist.get_backend() if dist.is_initialized() else "none"
-            print(f"DAT: model={cfg.model.name} data={cfg.data.name} loss={cfg.train.loss} attack={cfg.attack.name}"
-                  f"-{cfg.attack.steps} eps={cfg.attack.eps:.4g} optim={cfg.optim.name} world={self.dist.world_size}"
+            print(f"DAT: model={cfg.model.name} data={cfg.data.name} loss={cfg.train.loss} attack={attack_name(cfg)}"
+                  f" eps={cfg.attack.eps:.4g} optim={cfg.optim.name} world={self.dist.world_size}"
                   f" batch={cfg.data.batch_size} steps/epoch={len(self.batches)}"
                   f" jointspar={'on' if self.jointspar else 'off'} params={sum(p.numel() for p in self.params)}"
                   f"\n     device={self.device} backend={backend} bf16={'on' if self.amp else 'off'}"
@@ -482,7 +484,7 @@ class Trainer:
             cfg.metrics, rank=self.dist.rank, local_rank=self.dist.local_rank, node_rank=self.dist.node_rank,
             world_size=self.dist.world_size, local_world_size=self.dist.local_world_size,
             default_job_name=cfg.run.name, epochs_done=self.start_epoch - 1, run_id=self.run_id,
-            run_info={"model": cfg.model.name, "attack": f"{cfg.attack.name}-{cfg.attack.steps}",
+            run_info={"model": cfg.model.name, "attack": attack_name(cfg),
                       "optimizer": cfg.optim.name, "loss": cfg.train.loss,
                       "jointspar": "on" if self.jointspar else "off", "world_size": str(self.dist.world_size)})
         record, outcome = None, "error"
@@ -511,21 +513,9 @@ class Trainer:
         return record
 
 
-def model_problems(cfg: Config) -> list[str]:
-    """The checks that need the model (JointSpar's arms against its budget), for `dat-train --check` and
-    `datctl`: builds the model's shapes on the meta device, reads no data."""
-    if not cfg.jointspar.enabled:
-        return []
-    channels = {"digits": 1, "synthetic": cfg.data.synthetic_channels}.get(cfg.data.name, 3)
-    try:
-        with torch.device("meta"):  # shapes only: no memory, however wide the model
-            model = build_model(cfg.model.name, 10, channels, cfg.model.width)
-        JointSpar(cfg.jointspar, model, seed=cfg.run.seed)
-    except ConfigError as exc:
-        return [str(exc)]
-    except (ValueError, KeyError):  # a model setting the config checks report themselves
-        pass
-    return []
+def attack_name(cfg: Config) -> str:
+    """The training attack as people name it: pgd-10, fgsm (one step whatever attack.steps says)."""
+    return "fgsm" if cfg.attack.name == "fgsm" else f"{cfg.attack.name}-{cfg.attack.steps}"
 
 
 def set_aside_earlier_run(output_dir: str, why: str = "starting fresh") -> str | None:
