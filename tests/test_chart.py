@@ -449,3 +449,35 @@ def test_a_blank_api_renders_the_default_job_as_datctl_does(tmp_path: Path) -> N
     (tmp_path / "blank.yaml").write_text("api:\n")
     assert "PyTorchJob" in kinds(template("-f", str(tmp_path / "blank.yaml")))
     assert "PyTorchJob" in kinds(template("--set", "api=null"))
+
+
+# Values helm would otherwise render into a broken job; datctl refuses them with the same words.
+BROKEN_COMBINATIONS = {
+    "trainjob-download": ({"api": "trainjob", "data": {"source": "download"}},
+                          "data.source: download needs an init container, which api trainjob cannot add"),
+    "cifar-without-data": ({"trainer": {"data": {"name": "cifar10"}}},
+                           "data.source: trainer data.name cifar10 needs a data volume (pvc or download)"),
+    "ext-download": ({"trainer": {"data": {"name": "cifar10-ext"}}, "data": {"source": "download"}},
+                     "data.source: download fetches CIFAR-10 only"),
+    "elastic-range": ({"elastic": {"enabled": True}}, "elastic: nodes 2 is outside minNodes..maxNodes (1..1)"),
+    "elastic-trainjob": ({"api": "trainjob", "elastic": {"enabled": True, "maxNodes": 2}},
+                         "elastic.enabled: not supported with api trainjob"),
+    "two-schedulers": ({"scheduling": {"kueueQueue": "q", "volcano": {"enabled": True}}},
+                       "scheduling: kueueQueue and volcano.enabled cannot be combined"),
+    "gang-too-big": ({"scheduling": {"volcano": {"enabled": True, "minAvailable": 3}}},
+                     "scheduling.volcano.minAvailable: 3 exceeds the 2 pods the job creates"),
+    "chart-label": ({"podLabels": {"app.kubernetes.io/instance": "other"}},
+                    "podLabels.app.kubernetes.io/instance: set by the chart"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_COMBINATIONS)
+def test_helm_refuses_what_datctl_refuses(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """GitOps users (Argo CD, Flux) never run datctl: the chart itself must fail on these, with one line."""
+    values, message = BROKEN_COMBINATIONS[case]
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump({"name": "run", **values}))
+    proc = helm("template", "run", str(CHART), "-f", str(path), check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert cli.main(["render", str(path)]) == 2
+    assert message in capsys.readouterr().err

@@ -138,6 +138,8 @@ def test_another_experiment_in_the_same_folder_is_not_resumed_silently(tmp_path,
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
     assert "this folder's run trained train.loss='dat', the config says 'adv': another experiment?" in refused.stderr
     assert (out / "checkpoint-latest.pt").read_bytes() == before
+    attack = train_cli([*common, "--set", "run.epochs=2", "--set", "attack.steps=2"])  # what is learnt: refused too
+    assert attack.returncode == 2 and "trained attack.steps=3, the config says 2: another experiment?" in attack.stderr
     on_purpose = train_cli([*common, "--set", "run.epochs=2", "--set", "train.loss=adv", "--set", "attack.steps=2",
                             "--resume", str(out)])
     assert on_purpose.returncode == 0, on_purpose.stderr[-2000:]

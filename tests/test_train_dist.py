@@ -212,8 +212,13 @@ def test_resume_names_schedule_changes_and_survives_a_newer_optimizer_library(tm
         group.pop("caution", None), group.pop("corrected_weight_decay", None)
     checkpoint.save_atomic(state, str(ckpt))
     config_before = (out / "config.yaml").read_bytes()
-    idle = train_cli([*common, "--set", "run.epochs=1", "--set", "optim.lr=0.5"])
+    idle = train_cli([*common, "--set", "run.epochs=1"])
     assert idle.returncode == 0 and "nothing to do" in idle.stdout
+    assert (out / "config.yaml").read_bytes() == config_before
+    # a finished run met with other settings: a new run was meant, and it must not end as a success
+    other = train_cli([*common, "--set", "run.epochs=1", "--set", "optim.lr=0.5"])
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-2000:]
+    assert "this folder's run is finished (1 epochs) and this config differs from it (optim.lr" in other.stderr
     assert (out / "config.yaml").read_bytes() == config_before
     proc = train_cli([*common, "--set", "run.epochs=2", "--set", "optim.schedule=multistep"])
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -255,16 +260,33 @@ def test_a_step_checkpoint_resumed_at_another_world_size_replays_its_epoch(tmp_p
     from trainer.config import config_from_dict
     from trainer.distributed import DistInfo
     from trainer.train import Trainer
-    cfg = config_from_dict({"run": {"output_dir": str(tmp_path / "probe")},
+    latest = str(tmp_path / "run" / checkpoint.LATEST)
+    cfg = config_from_dict({"run": {"output_dir": str(tmp_path / "probe"), "resume": latest},  # named: on purpose
                             "data": {"name": "synthetic", "synthetic_train_size": 256, "synthetic_image_size": 16,
                                      "batch_size": 16}, "model": {"name": "small_cnn", "width": 8},
                             **json.loads(sparse)})
     probe = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0,
                                   device=torch.device("cpu")))
-    probe.resume(str(tmp_path / "run" / checkpoint.LATEST))
+    probe.resume(latest)
     assert (probe.start_epoch, probe.start_step) == (2, 0)
     assert probe.jointspar.epoch_stats()["jointspar_active_arms"] is None  # no step counted yet
     resumed = torchrun([worker, str(tmp_path / "run"), "0", sparse], nproc=1)
     assert "so epoch 2 starts over" in resumed.stderr
     second = read_jsonl(tmp_path / "run" / "metrics.jsonl")[1]
     assert second["epoch"] == 2 and "resumed_at_step" not in second and second["images"] == 256
+
+
+def test_ranks_on_their_own_volumes_resume_together(tmp_path):
+    """A multi-node job whose pods keep run.output_dir on their own volumes (emptyDir): only rank 0's holds
+    checkpoints. A restart must resume every rank from rank 0's checkpoint (a rank starting fresh while the
+    others resume would wait in a collective until the timeout, then again after every restart)."""
+    worker = str(Path(__file__).parent / "workers" / "crash_mid_epoch.py")
+    per_rank = str(tmp_path / "node{rank}")
+    settings = {"dist": {"timeout_seconds": 60}}
+    torchrun([worker, per_rank, "0", json.dumps({**settings, "run": {"epochs": 1}})], nproc=2)
+    assert (tmp_path / "node0" / checkpoint.LATEST).exists()
+    assert not (tmp_path / "node1" / checkpoint.LATEST).exists()
+    resumed = torchrun([worker, per_rank, "0", json.dumps({**settings, "run": {"epochs": 2}})], nproc=2, timeout=240)
+    assert "resumed from" in resumed.stdout and "(saved after epoch 1)" in resumed.stdout
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "node0" / "metrics.jsonl")] == [1, 2]
+    assert checkpoint.load(str(tmp_path / "node0" / checkpoint.LATEST))["epoch"] == 2

@@ -87,8 +87,10 @@ EXPERIMENT_IGNORED = {"data.root", "data.download", "data.device_resident", "dat
                       "data.ti500k_path"}
 # Settings added after checkpoints began to record these: what a checkpoint without them was trained with.
 EXPERIMENT_BEFORE = {"data.unlabeled_fraction": 0.0}
-# A run found in run.output_dir that differs in these is another experiment, not this one's earlier attempt.
-EXPERIMENT_DEFINING = ("data.name", "train.loss")
+# A run found in run.output_dir that differs in these sections' settings is another experiment, not this one's
+# earlier attempt (a restarted pod never changes them). The optimizer's settings, run.epochs and evaluation may
+# change on an automatic resume: lowering the LR or extending a run is how one continues it.
+EXPERIMENT_DEFINING = ("data", "train", "attack", "jointspar")
 
 
 def experiment_settings(cfg: Config) -> dict[str, object]:
@@ -158,6 +160,7 @@ class Trainer:
         self.log = MetricsLog(cfg.run.output_dir, dist_info.is_main)
         self.start_epoch, self.best_ra, self.best_epoch = 1, -1.0, 0
         self.start_step, self.within_epoch = 0, None  # a checkpoint taken within start_epoch: where, what it held
+        self.config_changes: list[str] = []  # on resume: the settings this config changed from the checkpoint's
         # One id per run, kept across resumes: the metrics' run_id label, so that the alerts never compare a run
         # with an earlier one of the same job name.
         self.run_id = broadcast_object(uuid.uuid4().hex[:12])
@@ -196,7 +199,18 @@ class Trainer:
         }
 
     def resume(self, path: str) -> None:
-        state = checkpoint.load(path, map_location=self.device)
+        # Rank 0 reads the checkpoint and hands it to every rank: only rank 0 writes checkpoints, so the other
+        # pods of a multi-node job on their own volumes have none (a rank deciding alone would start fresh and
+        # wait forever for the resumed ones). A refusal reaches every rank, so all exit with the same line.
+        state, refused = None, None
+        if self.dist.is_main:
+            try:
+                state = checkpoint.load(path)
+            except checkpoint.CheckpointError as exc:
+                refused = str(exc)
+        state, refused = broadcast_object((state, refused))
+        if refused:
+            raise checkpoint.CheckpointError(refused)
         if state.get("model_name") is None:
             raise checkpoint.CheckpointError(f"{path}: not a dat-train checkpoint (it does not name its model)")
         if state.get("model_name") != self.cfg.model.name:
@@ -205,14 +219,15 @@ class Trainer:
         now = experiment_settings(self.cfg)
         saved = {**EXPERIMENT_BEFORE, **(state.get("experiment") or {})}
         moved = {k: (v, now.get(k)) for k, v in saved.items() if now.get(k, v) != v}
-        if self.cfg.run.resume == "auto":  # found in run.output_dir, not named by the user
-            for key in EXPERIMENT_DEFINING:
-                if key in moved:
-                    raise checkpoint.CheckpointError(
-                        f"{path}: this folder's run trained {key}={moved[key][0]!r}, the config says "
-                        f"{moved[key][1]!r}: another experiment? Give it its own run.output_dir, start fresh here "
-                        f"with --no-resume (the earlier run is set aside), or continue that run on purpose with "
-                        f"--resume {path}")
+        defining = [k for k in moved if k.split(".")[0] in EXPERIMENT_DEFINING]
+        if defining and self.cfg.run.resume == "auto":  # found in run.output_dir, not named by the user
+            key, more = defining[0], defining[1:]
+            also = f" (and {', '.join(more)})" if more else ""
+            raise checkpoint.CheckpointError(
+                f"{path}: this folder's run trained {key}={moved[key][0]!r}, the config says {moved[key][1]!r}{also}: "
+                f"another experiment? Give it its own run.output_dir (on Kubernetes: a new job name), start fresh "
+                f"here with --no-resume (the earlier run is set aside), or continue that run on purpose with "
+                f"--resume {path}")
         if (state.get("jointspar") is None) != (self.jointspar is None):
             raise checkpoint.CheckpointError(f"{path}: jointspar.enabled differs from the checkpoint's run")
         differs = _state_differences(state["model"], self.model.state_dict())
@@ -270,6 +285,7 @@ class Trainer:
             if saved is not None and saved != now:
                 changed.append(f"{key} ({saved} -> {now})")
         changed += [f"{k} ({a!r} -> {b!r})" for k, (a, b) in moved.items()]
+        self.config_changes = list(changed)  # what this config changed (the world size is the cluster's)
         if state.get("world_size") not in (None, self.dist.world_size):
             changed.append(f"world size ({state['world_size']} -> {self.dist.world_size})")
         if any(k.startswith("eval.") for k in moved) and self.dist.is_main:
@@ -553,7 +569,7 @@ def run(cfg: Config, dist_info: DistInfo) -> dict | None:
     except OSError as exc:
         raise ConfigError(f"run.output_dir: cannot write to {out} ({exc.strerror or exc})") from None
     trainer = Trainer(cfg, dist_info)
-    resume_from = checkpoint.find_resume(out, cfg.run.resume)
+    resume_from = broadcast_object(checkpoint.find_resume(out, cfg.run.resume))  # rank 0's volume decides
     if resume_from:
         trainer.resume(resume_from)  # checks and loads; writes nothing, so a refused checkpoint changes nothing
         if dist_info.is_main:
@@ -561,6 +577,12 @@ def run(cfg: Config, dist_info: DistInfo) -> dict | None:
                      f"epoch {trainer.start_epoch - 1}")
             print(f"resumed from {resume_from} (saved after {where})", flush=True)
     if trainer.start_epoch > cfg.run.epochs:  # config.yaml keeps describing the checkpoint's run
+        if trainer.config_changes and cfg.run.resume == "auto":  # a new run was meant: do not report success
+            raise checkpoint.CheckpointError(
+                f"{resume_from}: this folder's run is finished ({trainer.start_epoch - 1} epochs) and this config "
+                f"differs from it ({', '.join(trainer.config_changes)}): a new run needs its own run.output_dir (on "
+                "Kubernetes: a new job name) or --no-resume (the finished run is set aside); raise run.epochs to "
+                "train the finished run on")
         if dist_info.is_main:
             print(f"nothing to do: the checkpoint is from epoch {trainer.start_epoch - 1} and run.epochs is "
                   f"{cfg.run.epochs} (raise run.epochs to train on)")

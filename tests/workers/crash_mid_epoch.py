@@ -8,8 +8,9 @@ from trainer.config import config_from_dict
 from trainer.distributed import setup
 from trainer.train import Trainer, run
 
-out_dir, crash_at, overrides = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-info = setup("gloo")
+# "{rank}" in the folder gives each rank its own, as pods of a multi-node job on per-pod volumes have
+out_dir = sys.argv[1].format(rank=os.environ.get("RANK", "0"))
+crash_at, overrides = int(sys.argv[2]), json.loads(sys.argv[3])
 settings = {
     "run": {"output_dir": out_dir, "progress": False, "epochs": 3, "checkpoint_every_steps": 3},
     "data": {"name": "synthetic", "synthetic_train_size": 256, "synthetic_image_size": 16, "batch_size": 16,
@@ -21,6 +22,7 @@ settings = {
 for section, values in overrides.items():  # {"section": {"key": value}}: merged into that section
     settings.setdefault(section, {}).update(values)
 cfg = config_from_dict(settings)
+info = setup("gloo", timeout_seconds=cfg.dist.timeout_seconds)
 if crash_at:
     train_step = Trainer.train_step
 

@@ -114,6 +114,43 @@ Cross-field rules values.schema.json cannot express; `datctl render` reports the
 {{- if gt (len $pod) 63 }}
 {{- fail (printf "name %q is too long: pod name %q exceeds 63 characters" (include "dat-training.jobName" .) $pod) }}
 {{- end }}
+{{- $api := include "dat-training.api" . }}
+{{- $dataset := (((.Values.trainer | default dict).data | default dict).name | default "digits") }}
+{{- if and (eq $api "trainjob") (eq .Values.data.source "download") }}
+{{- fail "data.source: download needs an init container, which api trainjob cannot add; use data.source: pvc" }}
+{{- end }}
+{{- if and (has $dataset (list "cifar10" "cifar10-ext")) (eq .Values.data.source "none") }}
+{{- fail (printf "data.source: trainer data.name %s needs a data volume (pvc or download)" $dataset) }}
+{{- end }}
+{{- if and (eq $dataset "cifar10-ext") (eq .Values.data.source "download") }}
+{{- fail "data.source: download fetches CIFAR-10 only; cifar10-ext needs the TI-500K pickle on a PVC (data.source: pvc)" }}
+{{- end }}
+{{- $nodes := int .Values.nodes }}
+{{- if .Values.elastic.enabled }}
+{{- if eq $api "trainjob" }}
+{{- fail "elastic.enabled: not supported with api trainjob" }}
+{{- end }}
+{{- if or (lt $nodes (int .Values.elastic.minNodes)) (gt $nodes (int .Values.elastic.maxNodes)) }}
+{{- fail (printf "elastic: nodes %d is outside minNodes..maxNodes (%d..%d)" $nodes (int .Values.elastic.minNodes) (int .Values.elastic.maxNodes)) }}
+{{- end }}
+{{- end }}
+{{- $volcano := .Values.scheduling.volcano }}
+{{- if $volcano.enabled }}
+{{- if .Values.scheduling.kueueQueue }}
+{{- fail "scheduling: kueueQueue and volcano.enabled cannot be combined (pick one scheduler)" }}
+{{- end }}
+{{- if eq $api "trainjob" }}
+{{- fail "scheduling.volcano.enabled: not supported with api trainjob (use kueueQueue)" }}
+{{- end }}
+{{- if gt (int $volcano.minAvailable) $nodes }}
+{{- fail (printf "scheduling.volcano.minAvailable: %d exceeds the %d pods the job creates (the gang would never be scheduled)" (int $volcano.minAvailable) $nodes) }}
+{{- end }}
+{{- end }}
+{{- range $key := list "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/component" }}
+{{- if hasKey $.Values.podLabels $key }}
+{{- fail (printf "podLabels.%s: set by the chart (its selectors and the PodMonitor use it)" $key) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -291,9 +328,16 @@ data.source=download: fetch the CIFAR-10 archive (md5-checked) before torchrun s
     - python
     - -c
     - from torchvision.datasets.utils import download_url; from trainer.data import CIFAR10_URL, CIFAR10_MD5; download_url(CIFAR10_URL, "{{ .Values.data.mountPath }}", md5=CIFAR10_MD5)
-  env:
+  env:  # HOME, and the spec's env and extraEnv (an HTTPS proxy, its credentials)
     - name: HOME
       value: /tmp
+    {{- range $key, $value := .Values.env }}
+    - name: {{ $key }}
+      value: {{ include "dat-training.envValue" $value }}
+    {{- end }}
+    {{- with .Values.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
   resources:
     requests:
       cpu: 100m
