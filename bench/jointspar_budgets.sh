@@ -3,17 +3,19 @@
 # published budget in arms (10 of 16 arms, the published 40-of-62 ratio), and JointSpar with a budget of half
 # the gradient bytes over the weight tensors, with 1/p on the gradient and then on the update. Prints the bytes
 # sent against dense as the bandit learns, and the final clean / PGD-20 robust accuracy. About 3 minutes on
-# 2 cores; runs land in runs/jointspar-budgets/.
+# 2 cores; runs land in runs/jointspar-budgets/. Arguments are --set overrides for every run, e.g.
+#   bench/jointspar_budgets.sh --set optim.name=lars --set optim.lr=5 --set optim.lr_scaling=linear
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/jointspar-budgets}
 export OMP_NUM_THREADS=1
+EVERY_RUN=("$@")
 run() {
   local name=$1; shift
   rm -rf "$OUT/$name"
   "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 -m trainer --config configs/digits-dat.yaml \
-    --set run.progress=false --set run.output_dir="$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 \
+    --set run.progress=false --set run.output_dir="$OUT/$name" "${EVERY_RUN[@]}" "$@" > "$OUT/$name.log" 2>&1 \
     || { echo "$name failed: $OUT/$name.log"; exit 1; }
 }
 mkdir -p "$OUT"

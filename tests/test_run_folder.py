@@ -145,3 +145,23 @@ def test_another_experiment_in_the_same_folder_is_not_resumed_silently(tmp_path,
     assert on_purpose.returncode == 0, on_purpose.stderr[-2000:]
     assert "train.loss ('dat' -> 'adv')" in on_purpose.stderr and "attack.steps (3 -> 2)" in on_purpose.stderr
     assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+
+
+def test_evaluate_a_checkpoint_under_a_stronger_attack(tmp_path, synthetic_args):
+    """dat-train --evaluate: a trained checkpoint under other eval settings (here 3 restarts), as JSON; the run's
+    folder is left as it was, and a checkpoint of another model is one line."""
+    out = tmp_path / "run"
+    common = [*synthetic_args, "--set", f"run.output_dir={out}"]
+    assert train_cli([*common, "--set", "run.epochs=1"]).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    ckpt = str(out / "checkpoint-latest.pt")
+    proc = train_cli([*common, "--set", "eval.restarts=3", "--set", "eval.steps=4", "--evaluate", ckpt])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["checkpoint"] == ckpt and result["epoch"] == 1
+    assert (result["attack"], result["restarts"]) == ("pgd-4", 3) and result["alpha"] > 0
+    assert 0 <= result["test_robust_acc"] <= result["test_clean_acc"] <= 1
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    other = train_cli([*common, "--set", "model.width=16", "--evaluate", ckpt])
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert "the model differs from the checkpoint's" in other.stderr and len(other.stderr.strip().splitlines()) == 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
 import sys
@@ -29,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="continue from CHECKPOINT, or from OUTPUT_DIR's latest checkpoint (the default "
                              "whenever one exists)")
     parser.add_argument("--no-resume", action="store_true", help="start fresh even if OUTPUT_DIR has a checkpoint")
+    parser.add_argument("--evaluate", metavar="CHECKPOINT",
+                        help="print (as JSON) the clean and PGD accuracy of CHECKPOINT's model on the test set under "
+                             "this config's eval settings, e.g. --set eval.restarts=10; trains and writes nothing")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (defaults, file and --set merged) as YAML and exit")
@@ -39,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from trainer.distributed import env_world_size, setup, teardown
 
+    if args.evaluate and (args.resume or args.no_resume):
+        print("dat-train: --evaluate reads the checkpoint it names; --resume / --no-resume do not apply", file=sys.stderr)
+        return 2
     if args.resume and args.no_resume:
         print("dat-train: --resume and --no-resume contradict each other; give one", file=sys.stderr)
         return 2
@@ -64,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("RANK", "0") == "0":
         for note in ineffective_settings(cfg):
             print(f"dat-train: note: {note}", file=sys.stderr)
-    from trainer.train import TrainingDiverged, run
+    from trainer.train import TrainingDiverged, evaluate_checkpoint, run
 
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
@@ -82,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s")
     prefix = f"[rank {info.rank}] " if info.world_size > 1 else ""
     try:
-        run(cfg, info)
+        if args.evaluate:
+            result = evaluate_checkpoint(cfg, info, args.evaluate)
+            if info.is_main:
+                print(json.dumps(result), flush=True)
+        else:
+            run(cfg, info)
     except USER_ERRORS + (TrainingDiverged,) as exc:
         print(f"dat-train: {prefix}{exc}", file=sys.stderr)
         return 2

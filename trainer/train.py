@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from trainer import checkpoint
-from trainer.attacks import attack_mode, craft
+from trainer.attacks import attack_mode, craft, default_alpha
 from trainer.communication import CommStats, GradientSync
 from trainer.config import Config, ConfigError, save_resolved
 from trainer.data import TrainBatches, eval_batches, load_dataset
@@ -198,10 +198,11 @@ class Trainer:
             "batch_size": self.cfg.data.batch_size,
         }
 
-    def resume(self, path: str) -> None:
-        # Rank 0 reads the checkpoint and hands it to every rank: only rank 0 writes checkpoints, so the other
-        # pods of a multi-node job on their own volumes have none (a rank deciding alone would start fresh and
-        # wait forever for the resumed ones). A refusal reaches every rank, so all exit with the same line.
+    def read_checkpoint(self, path: str) -> dict:
+        """A checkpoint of this config's model, as rank 0 reads it, on every rank: only rank 0 writes
+        checkpoints, so the other pods of a multi-node job on their own volumes have none (a rank deciding
+        alone would start fresh and wait forever for the resumed ones). A refusal reaches every rank, so all
+        exit with the same line."""
         state, refused = None, None
         if self.dist.is_main:
             try:
@@ -216,6 +217,13 @@ class Trainer:
         if state.get("model_name") != self.cfg.model.name:
             raise checkpoint.CheckpointError(
                 f"{path}: checkpoint is for model {state.get('model_name')!r}, config says {self.cfg.model.name!r}")
+        differs = _state_differences(state["model"], self.model.state_dict())
+        if differs:
+            raise checkpoint.CheckpointError(f"{path}: the model differs from the checkpoint's ({differs})")
+        return state
+
+    def resume(self, path: str) -> None:
+        state = self.read_checkpoint(path)
         now = experiment_settings(self.cfg)
         saved = {**EXPERIMENT_BEFORE, **(state.get("experiment") or {})}
         moved = {k: (v, now.get(k)) for k, v in saved.items() if now.get(k, v) != v}
@@ -230,9 +238,6 @@ class Trainer:
                 f"--resume {path}")
         if (state.get("jointspar") is None) != (self.jointspar is None):
             raise checkpoint.CheckpointError(f"{path}: jointspar.enabled differs from the checkpoint's run")
-        differs = _state_differences(state["model"], self.model.state_dict())
-        if differs:
-            raise checkpoint.CheckpointError(f"{path}: the model differs from the checkpoint's ({differs})")
         saved_groups = state["optimizer"].get("param_groups", [])
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         saved_name = state.get("optimizer_name")  # older checkpoints: told apart by their settings' names
@@ -527,6 +532,21 @@ class Trainer:
         finally:
             exporter.finish(outcome)
         return record
+
+
+def evaluate_checkpoint(cfg: Config, dist_info: DistInfo, path: str) -> dict:
+    """Clean and robust test accuracy of a checkpoint's model under this config's eval settings (e.g. more
+    restarts or steps than training used), sharded over the ranks; writes nothing."""
+    trainer = Trainer(cfg, dist_info)
+    state = trainer.read_checkpoint(path)
+    trainer.model.load_state_dict(state["model"])
+    clean_acc, robust_acc = trainer.evaluate()
+    ev = cfg.eval
+    eps = cfg.attack.eps if ev.eps < 0 else ev.eps
+    return {"checkpoint": path, "epoch": int(state["epoch"]), "step": int(state.get("step") or 0),
+            "test_clean_acc": clean_acc, "test_robust_acc": robust_acc, "attack": f"pgd-{ev.steps}", "eps": eps,
+            "alpha": ev.alpha or default_alpha("pgd", eps, ev.steps), "restarts": ev.restarts,
+            "max_samples": ev.max_samples}
 
 
 def attack_name(cfg: Config) -> str:
