@@ -484,6 +484,8 @@ def _mount_problems(v: dict[str, Any]) -> list[str]:
     mounts = {"checkpoint.mountPath": v["checkpoint"]["mountPath"]}
     if v["data"]["source"] != "none":
         mounts["data.mountPath"] = v["data"]["mountPath"]
+    for i, mount in enumerate(v.get("extraVolumeMounts") or []):
+        mounts[f"extraVolumeMounts[{i}].mountPath"] = mount["mountPath"]
     problems, seen = [], {}
     for key, path in mounts.items():
         path = posixpath.normpath(path)
@@ -637,7 +639,7 @@ CROSS_FIELD_RULES = (
     (_resource_problems, ("resources", "shm")),
     (lambda v: _data_problems(v, v["trainer"]), ("data", "api", "trainer")),
     (_scheduling_problems, ("nodes", "elastic", "scheduling", "api")),
-    (_mount_problems, ("checkpoint", "data")),
+    (_mount_problems, ("checkpoint", "data", "extraVolumeMounts")),
 )
 
 
@@ -710,7 +712,8 @@ CHART_OWNED_TRAINER_SETTINGS = {
 
 # PyTorchJob settings a TrainJob has no place for: its TrainingRuntime sets them.
 TRAINJOB_IGNORED = ("restartPolicy", "runPolicy.backoffLimit", "runPolicy.cleanPodPolicy",
-                    "runPolicy.ttlSecondsAfterFinished", "scheduling.priorityClassName", "image.pullPolicy")
+                    "runPolicy.ttlSecondsAfterFinished", "scheduling.priorityClassName", "image.pullPolicy",
+                    "runtimeClassName", "nodePool.topologySpreadConstraints")
 
 
 def render_warnings(v: dict[str, Any], given: dict[str, Any], rendered: dict[str, Any], origin: str) -> list[str]:

@@ -481,3 +481,34 @@ def test_helm_refuses_what_datctl_refuses(case: str, tmp_path: Path, capsys: pyt
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
     assert cli.main(["render", str(path)]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("api", ["pytorchjob", "trainjob"])
+def test_pod_spec_escape_hatches_reach_every_trainer_pod(api: str, tmp_path: Path) -> None:
+    """extraVolumes / extraVolumeMounts (an InfiniBand device, a CSI volume), topologySpreadConstraints and
+    runtimeClassName: in the pod spec of both job kinds, valid against their CRDs; the chart's own volume
+    names are refused."""
+    from controller.schemas import crd_problems
+    spread = {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
+              "labelSelector": {"matchLabels": {"training.kubeflow.org/job-name": "run"}}}
+    values = {"api": api, "runtimeClassName": "nvidia", "nodePool": {"topologySpreadConstraints": [spread]},
+              "extraVolumes": [{"name": "ib", "hostPath": {"path": "/dev/infiniband"}}],
+              "extraVolumeMounts": [{"name": "ib", "mountPath": "/dev/infiniband"}]}
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    (job,) = [obj for _, obj in template("-f", str(path)) if obj["kind"] in ("PyTorchJob", "TrainJob")]
+    assert crd_problems(job) == []
+    if api == "pytorchjob":
+        pods = [r["template"]["spec"] for r in job["spec"]["pytorchReplicaSpecs"].values()]
+    else:
+        pods = [j["template"]["spec"]["template"]["spec"] for p in job["spec"]["runtimePatches"]
+                for j in p["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]]
+    assert pods
+    for pod in pods:
+        if api == "pytorchjob":  # a TrainJob's runtime decides these (datctl warns that they are not applied)
+            assert pod["runtimeClassName"] == "nvidia" and pod["topologySpreadConstraints"] == [spread]
+        assert {"name": "ib", "hostPath": {"path": "/dev/infiniband"}} in pod["volumes"]
+        assert {"name": "ib", "mountPath": "/dev/infiniband"} in pod["containers"][0]["volumeMounts"]
+    path.write_text(yaml.safe_dump({"api": api, "extraVolumes": [{"name": "tmp", "emptyDir": {}}]}))
+    proc = helm("template", "run", str(CHART), "-f", str(path), check=False)
+    assert proc.returncode != 0 and 'extraVolumes: the name "tmp" is the chart\'s own volume' in proc.stderr

@@ -44,6 +44,11 @@ def render(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
 # (changes to the smoke spec, the one line datctl must print)
 MISTAKES = {
     "unknown-key": ({"nodez": 3}, "nodez: unknown key (known: "),
+    "extra-mount-clash": ({"extraVolumes": [{"name": "ib", "emptyDir": {}}],
+                           "extraVolumeMounts": [{"name": "ib", "mountPath": "/tmp/x"}]},
+                          "extraVolumeMounts[0].mountPath: /tmp/x collides with the pod's /tmp mount"),
+    "extra-mount-relative": ({"extraVolumeMounts": [{"name": "ib", "mountPath": "dev/ib"}]},
+                             "extraVolumeMounts.0.mountPath: "),
     "unknown-nested-key": ({"data/sorce": "pvc"}, "data.sorce: unknown key (known: claimName, downloadSizeLimit,"),
     "bad-quantity": ({"resources/limits/memory": "10Gb"},
                      "resources.limits.memory: '10Gb' is not a valid quantity (e.g. 500m, 2, 16Gi)"),

@@ -146,6 +146,11 @@ Cross-field rules values.schema.json cannot express; `datctl render` reports the
 {{- fail (printf "scheduling.volcano.minAvailable: %d exceeds the %d pods the job creates (the gang would never be scheduled)" (int $volcano.minAvailable) $nodes) }}
 {{- end }}
 {{- end }}
+{{- range .Values.extraVolumes }}
+{{- if has .name (list "config" "dshm" "tmp" "checkpoints" "data") }}
+{{- fail (printf "extraVolumes: the name %q is the chart's own volume; pick another" .name) }}
+{{- end }}
+{{- end }}
 {{- range $key := list "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/component" }}
 {{- if hasKey $.Values.podLabels $key }}
 {{- fail (printf "podLabels.%s: set by the chart (its selectors and the PodMonitor use it)" $key) }}
@@ -286,6 +291,9 @@ Scratch directories live on the writable /tmp volume; the root filesystem is rea
   mountPath: {{ .Values.data.mountPath | quote }}
   readOnly: true
 {{- end }}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{- define "dat-training.volumes" -}}
@@ -314,6 +322,9 @@ Scratch directories live on the writable /tmp volume; the root filesystem is rea
 - name: data
   emptyDir:
     sizeLimit: {{ .Values.data.downloadSizeLimit }}
+{{- end }}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
 {{- end }}
 {{- end }}
 
@@ -415,6 +426,13 @@ spec:
   {{- with .Values.nodePool.affinity }}
   affinity:
     {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.nodePool.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.runtimeClassName }}
+  runtimeClassName: {{ . }}
   {{- end }}
   {{- if eq .Values.data.source "download" }}
   initContainers:
