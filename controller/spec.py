@@ -735,6 +735,10 @@ def render_warnings(v: dict[str, Any], given: dict[str, Any], rendered: dict[str
                 mine, default = (mine or {}).get(key), (default or {}).get(key)
             if mine is not None and mine != default:
                 out.append(f"{path}: {mine!r} is not applied with api trainjob (its TrainingRuntime decides it)")
+    repository = str(v["image"]["repository"])
+    if "/" not in repository and v["image"]["pullPolicy"] != "Never":  # e2e-kind loads the image: Never
+        out.append(f"image.repository: {repository!r} names no registry, so nodes pull docker.io/library/{repository}, "
+                   "which is not this project's image; push `make image` to your registry and set image.repository")
     if (v.get("exporter") or {}).get("enabled"):
         out.append("exporter.enabled: datctl submits the run's own objects, not the exporter; it comes with "
                    "`helm install NAME charts/dat-training -f SPEC`")

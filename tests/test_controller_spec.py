@@ -322,7 +322,8 @@ def warnings(err: str) -> list[str]:
 
 def test_replaced_trainer_settings_are_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = write_spec(tmp_path, {"trainer/run/output_dir": "runs/mine", "trainer/metrics/port": 9100,
-                                 "trainer/metrics/job_name": "my-run", "checkpoint/claimName": "ckpt"})
+                                 "trainer/metrics/job_name": "my-run", "checkpoint/claimName": "ckpt",
+                                 "image/repository": "ghcr.io/team/dat-k8s"})
     code, out, err = render(capsys, str(path))
     assert code == 0 and out
     assert warnings(err) == [
@@ -338,13 +339,24 @@ def test_replaced_trainer_settings_are_warned_about(tmp_path: Path, capsys: pyte
     assert config["metrics"]["job_name"] == "dat-smoke"
     # the same values as the chart's: nothing to say
     path = write_spec(tmp_path, {"trainer/run/output_dir": "/checkpoints/dat-smoke/", "trainer/metrics/port": 9400,
-                                 "checkpoint/claimName": "ckpt"})
+                                 "checkpoint/claimName": "ckpt", "image/repository": "ghcr.io/team/dat-k8s"})
     code, _, err = render(capsys, str(path))
     assert code == 0 and warnings(err) == []
 
 
+def test_an_image_without_a_registry_is_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The chart's default repository (`make image`'s local name) would be pulled from Docker Hub."""
+    code, _, err = render(capsys, str(write_spec(tmp_path, {"checkpoint/claimName": "ckpt"})))
+    assert code == 0 and warnings(err) == [
+        "datctl: warning: image.repository: 'dat-k8s' names no registry, so nodes pull docker.io/library/dat-k8s, "
+        "which is not this project's image; push `make image` to your registry and set image.repository"]
+    preloaded = write_spec(tmp_path, {"checkpoint/claimName": "ckpt", "image/pullPolicy": "Never"})  # kind
+    code, _, err = render(capsys, str(preloaded))
+    assert code == 0 and warnings(err) == []
+
+
 def test_checkpoints_on_an_empty_dir_are_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, err = render(capsys, str(write_spec(tmp_path)))
+    code, out, err = render(capsys, str(write_spec(tmp_path, {"image/repository": "ghcr.io/team/dat-k8s"})))
     assert code == 0 and out
     assert warnings(err) == ["datctl: warning: checkpoint.claimName is empty: checkpoints go to an emptyDir and "
                              "are lost with the pod (a rescheduled or deleted pod starts over); set "
