@@ -96,7 +96,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cluster(args: argparse.Namespace) -> kube.Cluster:
-    return kube.Cluster(kubeconfig=args.kubeconfig, context=args.context, namespace=args.namespace)
+    return kube.Cluster(kubeconfig=args.kubeconfig, context=args.context, namespace=args.namespace,
+                        request_timeout=args.request_timeout)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -207,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "context's namespace; in a pod, the pod's; else default)")
         p.add_argument("--kubeconfig", help="default: $KUBECONFIG, ~/.kube/config, else in-cluster")
         p.add_argument("--context", help="kubeconfig context")
+        p.add_argument("--request-timeout", type=_seconds(least=0.1), default=30.0, metavar="SECONDS",
+                       help="give up on an API call the server does not answer within SECONDS (default 30)")
         if api:
             p.add_argument("--api", choices=sorted(kube.KINDS), help="default: pytorchjob")
 

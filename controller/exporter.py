@@ -316,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         print(f"datctl exporter: --port must be in 1..65535, got {args.port}", file=sys.stderr)
         return 2
-    if args.watch_timeout < 1 or args.retry_seconds <= 0 or args.max_retry_seconds < args.retry_seconds:
+    if not (args.watch_timeout >= 1 and 0 < args.retry_seconds <= args.max_retry_seconds < float("inf")):  # NaN too
         print("datctl exporter: --watch-timeout must be >= 1 and 0 < --retry-seconds <= --max-retry-seconds",
               file=sys.stderr)
         return 2

@@ -114,7 +114,8 @@ class Cluster:
     """The API server named by a kubeconfig (or the in-cluster service account)."""
 
     def __init__(self, kubeconfig: str | None = None, context: str | None = None,
-                 namespace: str | None = None) -> None:
+                 namespace: str | None = None, request_timeout: float = 30.0) -> None:
+        self.request_timeout = request_timeout  # per API call: a silent server must not hang datctl
         configuration = client.Configuration()
         check_kubeconfig(kubeconfig, context)
         try:
@@ -146,13 +147,26 @@ class Cluster:
     # -- error translation ---------------------------------------------------------------------------------
     def call(self, kind: Kind | None, what: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         """fn(*args, **kwargs); API failures become ClusterError with a message naming `what`."""
+        kwargs.setdefault("_request_timeout", self.request_timeout)
+        not_kubernetes = ClusterError(f"{what}: the server at {self.host} did not answer as a Kubernetes API "
+                                      "server (not JSON): check the kubeconfig's server URL")
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except ApiException as exc:
             raise ClusterError(self._explain(exc, kind, what), status=exc.status) from None
+        except json.JSONDecodeError:  # an HTML login page of a proxy, a wrong server URL
+            raise not_kubernetes from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             reason = getattr(exc, "reason", None) or exc
+            timed_out = [e for e in (exc, reason) if isinstance(e, urllib3.exceptions.TimeoutError)
+                         and not isinstance(e, urllib3.exceptions.NewConnectionError)]  # refused: a subclass
+            if timed_out:
+                raise ClusterError(f"{what}: the Kubernetes API server at {self.host} did not answer within "
+                                   f"{self.request_timeout:g} s (--request-timeout)") from None
             raise ClusterError(f"cannot reach the Kubernetes API server at {self.host}: {reason}") from None
+        if kind is not None and isinstance(result, (str, bytes)):  # a custom object arrives as a dict
+            raise not_kubernetes
+        return result
 
     def _explain(self, exc: ApiException, kind: Kind | None, what: str) -> str:
         status, message = _status_message(exc)
@@ -274,7 +288,8 @@ class Cluster:
         pod = pods[0].metadata.name
         container = "pytorch" if kind is PYTORCHJOB else "node"
         stream = self.call(None, f"logs of pod {self.namespace}/{pod}", self.core.read_namespaced_pod_log,
-                           pod, self.namespace, container=container, follow=follow, _preload_content=False)
+                           pod, self.namespace, container=container, follow=follow, _preload_content=False,
+                           _request_timeout=(self.request_timeout, None) if follow else self.request_timeout)
         try:
             for chunk in stream.stream(4096):
                 out.write(chunk.decode(errors="replace"))

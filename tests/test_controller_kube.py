@@ -270,6 +270,52 @@ def test_unreachable_cluster(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert len(err.splitlines()) == 1
 
 
+def test_a_server_that_never_answers_times_out_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """It accepts the connection and says nothing (a hung API server, a black-holing proxy)."""
+    import socket
+    import time
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        config = kubeconfig(tmp_path / "kubeconfig", url)
+        for argv in (["status", "dat-smoke"], ["delete", "dat-smoke"], ["watch", "dat-smoke", "--timeout", "5"]):
+            started = time.monotonic()
+            code = cli.main([*argv, "--kubeconfig", str(config), "--request-timeout", "1"])
+            err = capsys.readouterr().err
+            assert code == 1 and f"the Kubernetes API server at {url} did not answer within 1 s" in err, err
+            assert len(err.splitlines()) == 1 and time.monotonic() - started < 30
+
+
+def test_a_server_that_is_not_kubernetes_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An HTML page where the API should be (an auth proxy's login page, a wrong server URL)."""
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            body = b"<html>sign in</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{server.server_address[1]}")
+        code = cli.main(["status", "dat-smoke", "--kubeconfig", str(config)])
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert code == 1 and "did not answer as a Kubernetes API server (not JSON)" in err and len(err.splitlines()) == 1
+
+
 def test_no_kubeconfig(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
     code = cli.main(["status", "dat-smoke"])

@@ -289,3 +289,12 @@ def test_datctl_exporter_runs_with_the_arguments_the_chart_passes(tmp_path):
             out = stop(proc)
     assert scrape is not True and proc.returncode == 0, out
     assert replay.mismatches == []
+
+
+@pytest.mark.parametrize("flags", [["--retry-seconds", "nan"], ["--retry-seconds", "0"],
+                                   ["--max-retry-seconds", "inf"], ["--watch-timeout", "0"]])
+def test_bad_retry_settings_are_refused(flags):
+    """A NaN pause slipped past `<= 0` and re-listed the API hundreds of times a second."""
+    proc = subprocess.run([sys.executable, "-m", "controller.exporter", *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 2 and "--watch-timeout must be >= 1 and 0 < --retry-seconds" in proc.stderr
