@@ -165,3 +165,19 @@ def test_evaluate_a_checkpoint_under_a_stronger_attack(tmp_path, synthetic_args)
     other = train_cli([*common, "--set", "model.width=16", "--evaluate", ckpt])
     assert other.returncode == 2 and "Traceback" not in other.stderr
     assert "the model differs from the checkpoint's" in other.stderr and len(other.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "environment: WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT not set"),
+    ({"WORLD_SIZE": "abc"}, "environment: WORLD_SIZE='abc' is not a whole number >= 1"),
+    ({"WORLD_SIZE": "0"}, "environment: WORLD_SIZE='0' is not a whole number >= 1"),
+    ({"LOCAL_RANK": "x"}, "environment: LOCAL_RANK='x' is not a whole number >= 0"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+     "environment: RANK=2 with WORLD_SIZE=2"),
+])
+def test_a_broken_launch_environment_is_one_line(tmp_path, synthetic_args, env, message):
+    """dat-train run by hand in a shell (or pod) with torchrun's variables half set: one line, never a wait
+    in the rendezvous or a traceback."""
+    proc = train_cli([*synthetic_args, "--set", f"run.output_dir={tmp_path}"], timeout=120, **env)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -54,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"run.resume={args.resume}")
     if args.no_resume:
         overrides.append("run.resume=never")
-    world_size = env_world_size()
+    try:
+        world_size = env_world_size()
+    except ConfigError as exc:
+        print(f"dat-train: {exc}", file=sys.stderr)
+        return 2
     errors: list[str] = []
     cfg = None
     try:
@@ -82,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         info = setup(cfg.dist.backend, cfg.dist.timeout_seconds)
-    except ConfigError as exc:
-        print(f"dat-train: config error: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # the launch environment or dist.backend
+        print(f"dat-train: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")

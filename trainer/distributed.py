@@ -25,8 +25,25 @@ class DistInfo:
         return self.rank == 0
 
 
+LAUNCH_HINT = "torchrun sets these variables: launch with `torchrun ... -m trainer`, or unset them to run one process"
+
+
+def env_int(name: str, default: int, least: int = 0) -> int:
+    """A whole-number launch variable (RANK, WORLD_SIZE, ...); ConfigError naming it when it is not one."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < least:
+        raise ConfigError(f"environment: {name}={text!r} is not a whole number >= {least} ({LAUNCH_HINT})")
+    return value
+
+
 def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return env_int("WORLD_SIZE", 1, least=1)
 
 
 def setup(backend: str = "auto", timeout_seconds: int = 1800) -> DistInfo:
@@ -34,12 +51,16 @@ def setup(backend: str = "auto", timeout_seconds: int = 1800) -> DistInfo:
 
     NCCL on ``cuda:LOCAL_RANK`` when CUDA is available, gloo on the CPU otherwise.
     """
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = env_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    rank, world_size = env_int("RANK", 0), env_world_size()
+    local_rank, local_world_size = env_int("LOCAL_RANK", 0), env_int("LOCAL_WORLD_SIZE", 1, least=1)
     # torchrun sets GROUP_RANK; the operator sets PET_NODE_RANK for torchrun to read.
-    node_rank = int(os.environ.get("GROUP_RANK", os.environ.get("PET_NODE_RANK", "0")))
+    node_rank = env_int("GROUP_RANK", env_int("PET_NODE_RANK", 0))
+    if rank >= world_size:
+        raise ConfigError(f"environment: RANK={rank} with WORLD_SIZE={world_size} (ranks are 0..WORLD_SIZE-1; "
+                          f"{LAUNCH_HINT})")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if world_size > 1 and not os.environ.get(name)]
+    if missing:
+        raise ConfigError(f"environment: WORLD_SIZE={world_size} but {' and '.join(missing)} not set ({LAUNCH_HINT})")
     if backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError("dist.backend: nccl needs CUDA GPUs and this process sees none (use auto or gloo)")
     use_cuda = torch.cuda.is_available() and backend != "gloo"
