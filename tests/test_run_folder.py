@@ -1,10 +1,12 @@
 """What a run leaves in run.output_dir when it starts over, diverges, is killed while saving or resumes
 with another batch size: no earlier run is lost or wrongly resumed, no broken model is saved."""
 import json
+import subprocess
+import time
 
 import pytest
 
-from conftest import free_port, read_jsonl, train_cli
+from conftest import PYTHON, ROOT, free_port, read_jsonl, torch_env, train_cli
 from trainer import checkpoint
 from trainer.metrics import MetricsLog
 
@@ -181,3 +183,25 @@ def test_a_broken_launch_environment_is_one_line(tmp_path, synthetic_args, env, 
     proc = train_cli([*synthetic_args, "--set", f"run.output_dir={tmp_path}"], timeout=120, **env)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_second_run_in_a_busy_folder_is_refused(tmp_path, synthetic_args):
+    """Two runs writing one run.output_dir (a replacement pod while the old one still writes to a shared
+    volume) would interleave their logs and overwrite each other's checkpoints: the second is refused while
+    the first holds the folder, and a killed holder releases it."""
+    out = tmp_path / "run"
+    common = [*synthetic_args, "--set", f"run.output_dir={out}"]
+    first = subprocess.Popen([PYTHON, "-m", "trainer", *common, "--set", "run.epochs=200"], cwd=ROOT,
+                             env=torch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline:  # holding it, training
+            time.sleep(0.2)
+        second = train_cli([*common, "--set", "run.epochs=200", "--set", "optim.lr=0.05"])
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+        assert f"another run is using this folder (pid {first.pid} on " in second.stderr
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    later = train_cli([*common, "--set", "run.epochs=1", "--no-resume"])
+    assert later.returncode == 0, later.stderr[-2000:]

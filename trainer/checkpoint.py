@@ -1,10 +1,14 @@
 """Atomic checkpoints (temporary file + rename) loaded with weights_only=True."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import pickle
 import shutil
+import socket
 import zipfile
+from typing import IO
 
 import torch
 
@@ -12,8 +16,34 @@ LATEST = "checkpoint-latest.pt"
 BEST = "checkpoint-best.pt"
 
 
+LOCK = ".dat-train.lock"
+
+
 class CheckpointError(ValueError):
     """An unreadable or incompatible checkpoint; printed as one line."""
+
+
+def hold_folder(output_dir: str) -> IO | None:
+    """An exclusive lock on OUTPUT_DIR/.dat-train.lock while the returned file stays open (the kernel drops it
+    when the process ends, a kill included): a second run in the same folder, e.g. a replacement pod started
+    while the old one still writes to a shared volume, is refused rather than mixing the two runs' checkpoints
+    and logs. None where the filesystem keeps no locks."""
+    handle = open(os.path.join(output_dir, LOCK), "a+")
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        if exc.errno in (errno.EACCES, errno.EAGAIN):
+            raise CheckpointError(f"{output_dir}: another run is using this folder ({holder or 'a process'}); "
+                                  "wait for it to end, or give this run its own run.output_dir") from None
+        return None  # e.g. ENOLCK: no lock service on this volume
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
 
 
 def save_atomic(state: dict, path: str) -> None:

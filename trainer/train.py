@@ -588,6 +588,15 @@ def run(cfg: Config, dist_info: DistInfo) -> dict | None:
         tempfile.TemporaryFile(dir=out).close()  # writable, before any work is done
     except OSError as exc:
         raise ConfigError(f"run.output_dir: cannot write to {out} ({exc.strerror or exc})") from None
+    lock, refused = None, None
+    if dist_info.is_main:  # rank 0 alone writes here
+        try:
+            lock = checkpoint.hold_folder(out)
+        except checkpoint.CheckpointError as exc:
+            refused = str(exc)
+    refused = broadcast_object(refused)  # every rank stops, none waits in a collective
+    if refused:
+        raise checkpoint.CheckpointError(refused)
     trainer = Trainer(cfg, dist_info)
     resume_from = broadcast_object(checkpoint.find_resume(out, cfg.run.resume))  # rank 0's volume decides
     if resume_from:
@@ -633,5 +642,9 @@ def run(cfg: Config, dist_info: DistInfo) -> dict | None:
     trainer.log.truncate_after(trainer.start_epoch - 1)  # epochs after the checkpoint are trained again
     if dist_info.is_main:
         save_resolved(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        if lock is not None:
+            lock.close()
 
