@@ -100,3 +100,31 @@ def test_best_is_restored_when_a_kill_fell_between_the_two_saves(tmp_path):
     assert not checkpoint.restore_best(str(tmp_path), {"epoch": 4, "best_epoch": 3})  # latest is not the best
     best.unlink()
     assert checkpoint.restore_best(str(tmp_path), {"epoch": 3, "best_epoch": 3}) and best.exists()
+
+
+GOOD = {"epoch": 2, "step": 0, "model": {"w": torch.zeros(2)}, "optimizer": {}, "schedule": {}, "best_ra": 0.5,
+        "experiment": {}, "optim": {}, "jointspar": None, "within_epoch": None}
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"epoch": -5}, "epoch -5 is not a whole number >= 0"),
+    ({"epoch": "x"}, "epoch 'x' is not a whole number >= 0"),
+    ({"step": 1.5}, "step 1.5 is not a whole number >= 0"),
+    ({"best_ra": None}, "best_ra None is not a number"),
+    ({"experiment": "str"}, "experiment is not a mapping"),
+    ({"optim": "str"}, "optim is not a mapping"),
+    ({"optimizer": [1]}, "optimizer is not a state dict"),
+    ({"model": {"w": 1}}, "model is not a state dict of tensors"),
+    ({"step": 3}, "taken within an epoch, but without that epoch's state"),
+    ({"step": 3, "within_epoch": {"totals": [0, 0, 0, 0]}}, "taken within an epoch, but without that epoch's state"),
+])
+def test_a_malformed_checkpoint_is_refused_in_one_line(tmp_path, change, problem):
+    """Hand-edited or foreign files whose bytes pass the CRC check: refused when loaded, never a TypeError or
+    KeyError halfway through a resume."""
+    path = tmp_path / "c.pt"
+    checkpoint.save_atomic({**GOOD, **change}, str(path))
+    with pytest.raises(checkpoint.CheckpointError, match="not a valid trainer checkpoint") as info:
+        checkpoint.load(str(path))
+    assert problem in str(info.value)
+    checkpoint.save_atomic(GOOD, str(path))
+    assert checkpoint.load(str(path))["epoch"] == 2  # and the good one loads

@@ -205,3 +205,15 @@ def test_a_second_run_in_a_busy_folder_is_refused(tmp_path, synthetic_args):
         first.wait(timeout=60)
     later = train_cli([*common, "--set", "run.epochs=1", "--no-resume"])
     assert later.returncode == 0, later.stderr[-2000:]
+
+
+def test_weights_only_checkpoint_cannot_be_resumed_but_evaluated(tmp_path, synthetic_args):
+    out = tmp_path / "run"
+    common = [*synthetic_args, "--set", f"run.output_dir={out}"]
+    assert train_cli([*common, "--set", "run.epochs=1"]).returncode == 0
+    state = checkpoint.load(str(out / checkpoint.LATEST))
+    weights = tmp_path / "weights.pt"
+    checkpoint.save_atomic({k: state[k] for k in ("epoch", "model", "model_name")}, str(weights))
+    refused = train_cli([*common, "--set", f"run.output_dir={tmp_path / 'again'}", "--resume", str(weights)])
+    assert refused.returncode == 2 and "cannot resume from it (no optimizer, schedule, best_ra in it" in refused.stderr
+    assert train_cli([*common, "--evaluate", str(weights)]).returncode == 0

@@ -290,3 +290,16 @@ def test_ranks_on_their_own_volumes_resume_together(tmp_path):
     assert "resumed from" in resumed.stdout and "(saved after epoch 1)" in resumed.stdout
     assert [r["epoch"] for r in read_jsonl(tmp_path / "node0" / "metrics.jsonl")] == [1, 2]
     assert checkpoint.load(str(tmp_path / "node0" / checkpoint.LATEST))["epoch"] == 2
+
+
+def test_a_step_checkpoint_past_a_shorter_epoch_replays_it(tmp_path):
+    """Resumed on purpose (--resume) with less data: the saved step 6 lies past the new 2-step epoch, so the
+    epoch starts over instead of ending with no step trained."""
+    worker = str(Path(__file__).parent / "workers" / "crash_mid_epoch.py")
+    assert torchrun([worker, str(tmp_path / "run"), "7", "{}"], nproc=2, check=False).returncode != 0
+    latest = str(tmp_path / "run" / checkpoint.LATEST)
+    smaller = {"run": {"resume": latest}, "data": {"synthetic_train_size": 64}}
+    resumed = torchrun([worker, str(tmp_path / "run"), "0", json.dumps(smaller)], nproc=2)
+    assert "so epoch 2 starts over" in resumed.stderr
+    second = read_jsonl(tmp_path / "run" / "metrics.jsonl")[1]
+    assert second["epoch"] == 2 and second["images"] == 64 and second["images_per_second"] > 0

@@ -102,7 +102,38 @@ def load(path: str, map_location: str | torch.device = "cpu") -> dict:
         raise CheckpointError(f"{path}: not a loadable checkpoint ({type(exc).__name__}: {first[:160]})") from None
     if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
         raise CheckpointError(f"{path}: not a trainer checkpoint (missing model/epoch)")
+    problem = _structure_problem(state)
+    if problem:
+        raise CheckpointError(f"{path}: not a valid trainer checkpoint ({problem})")
     return state
+
+
+WITHIN_EPOCH_KEYS = ("totals", "world_size", "batch_size", "lr")
+
+
+def _structure_problem(state: dict) -> str | None:
+    """What is malformed in a loaded checkpoint (a hand-edited or foreign file; bytes are CRC-checked)."""
+    def whole(key: str) -> bool:
+        return isinstance(state.get(key), int) and not isinstance(state.get(key), bool) and state[key] >= 0
+
+    if not whole("epoch"):
+        return f"epoch {state.get('epoch')!r} is not a whole number >= 0"
+    if "step" in state and not whole("step"):
+        return f"step {state.get('step')!r} is not a whole number >= 0"
+    if not isinstance(state["model"], dict) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        return "model is not a state dict of tensors"
+    for key in ("optimizer", "schedule"):
+        if key in state and not isinstance(state[key], dict):
+            return f"{key} is not a state dict"
+    for key in ("experiment", "optim", "jointspar", "within_epoch"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            return f"{key} is not a mapping"
+    if "best_ra" in state and (isinstance(state["best_ra"], bool) or not isinstance(state["best_ra"], (int, float))):
+        return f"best_ra {state['best_ra']!r} is not a number"
+    if state.get("step") and not (isinstance(state.get("within_epoch"), dict)
+                                  and all(k in state["within_epoch"] for k in WITHIN_EPOCH_KEYS)):
+        return "taken within an epoch, but without that epoch's state (within_epoch)"
+    return None
 
 
 def find_resume(output_dir: str, resume: str) -> str | None:

@@ -224,6 +224,10 @@ class Trainer:
 
     def resume(self, path: str) -> None:
         state = self.read_checkpoint(path)
+        missing = [key for key in ("optimizer", "schedule", "best_ra") if key not in state]
+        if missing:
+            raise checkpoint.CheckpointError(f"{path}: cannot resume from it (no {', '.join(missing)} in it: weights "
+                                             "only?); --evaluate reads such a file")
         now = experiment_settings(self.cfg)
         saved = {**EXPERIMENT_BEFORE, **(state.get("experiment") or {})}
         moved = {k: (v, now.get(k)) for k, v in saved.items() if now.get(k, v) != v}
@@ -268,12 +272,14 @@ class Trainer:
                               for saved, now in zip(saved_groups, configured) for k, v in now.items()
                               if k not in ("lr", "max_lr_snapshot") and saved.get(k) != v})  # + timm's copy of lr
         within = state.get("within_epoch") if state.get("step") else None
-        if within and (within["world_size"], within["batch_size"]) != (self.dist.world_size, self.cfg.data.batch_size):
+        same_epoch = within and (within["world_size"], within["batch_size"], within.get("steps", len(self.batches))) \
+            == (self.dist.world_size, self.cfg.data.batch_size, len(self.batches)) and "ranks" in within
+        if within and not same_epoch:
             if self.dist.is_main:
-                log.warning("the checkpoint was taken after step %d of epoch %d at world size %d, batch %d: with "
-                            "another world size or batch the epoch's order differs, so epoch %d starts over",
-                            state["step"], int(state["epoch"]) + 1, within["world_size"], within["batch_size"],
-                            int(state["epoch"]) + 1)
+                log.warning("the checkpoint was taken after step %d of epoch %d (world size %d, batch %d, %s steps "
+                            "per epoch): with another world size, batch or data set the epoch's order differs, so "
+                            "epoch %d starts over", state["step"], int(state["epoch"]) + 1, within["world_size"],
+                            within["batch_size"], within.get("steps", "?"), int(state["epoch"]) + 1)
             within = None
             if self.jointspar:
                 self.jointspar.reset_epoch_stats()  # the epoch's counts so far belong to the steps now replayed
@@ -335,7 +341,8 @@ class Trainer:
             return
         with self.timer.phase("checkpoint"):
             within = {"totals": totals, "comm": dataclasses.asdict(self.grad_sync.stats), "ranks": ranks,
-                      "world_size": self.dist.world_size, "batch_size": self.cfg.data.batch_size, "lr": lr}
+                      "world_size": self.dist.world_size, "batch_size": self.cfg.data.batch_size,
+                      "steps": len(self.batches), "lr": lr}
             state = self.state_dict(epoch - 1, step, within)
             for name, value in state["model"].items():
                 if value.is_floating_point() and name in ranks[0]["buffers"]:
