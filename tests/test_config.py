@@ -129,6 +129,8 @@ def test_bad_override_syntax():
     (["--config", "/nonexistent.yaml"], "config file not found"),
     (["--check", "--config", "/tmp"], "/tmp: cannot read the config file (Is a directory)"),
     (["--set", "data.name=cifar10", "--set", "data.root=/nonexistent"], "no CIFAR-10"),
+    (["--set", "model.name=small_cnn", "--set", "model.width=100000", "--set", "run.output_dir=/tmp/dat-oom-test"],
+     "out of memory ("),  # a 720 GB model: refused by the allocator
 ])
 def test_cli_user_errors_exit_nonzero_without_traceback(args, fragment):
     proc = train_cli(args)

@@ -44,6 +44,9 @@ def render(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
 # (changes to the smoke spec, the one line datctl must print)
 MISTAKES = {
     "unknown-key": ({"nodez": 3}, "nodez: unknown key (known: "),
+    "image-upper-case": ({"image/repository": "registry.example.com/Team/Foo"},
+                         "image.repository: 'registry.example.com/Team/Foo' is invalid: an image repository"),
+    "image-tag-space": ({"image/tag": "a b"}, "image.tag: 'a b' is invalid: an image tag"),
     "extra-mount-clash": ({"extraVolumes": [{"name": "ib", "emptyDir": {}}],
                            "extraVolumeMounts": [{"name": "ib", "mountPath": "/tmp/x"}]},
                           "extraVolumeMounts[0].mountPath: /tmp/x collides with the pod's /tmp mount"),

@@ -275,3 +275,10 @@ def test_cifar10_ext_says_which_images_are_labelled(tmp_path):
     _write_ti500k(tmp_path / "ti.pickle", n=30)
     ds = load_dataset(DataConfig(name="cifar10-ext", root=str(tmp_path), ti500k_path=str(tmp_path / "ti.pickle")))
     assert ds.labelled == 100 and len(ds.train) == 130
+
+
+def test_an_empty_ti500k_file_is_refused(tmp_path):
+    path = tmp_path / "ti.npz"
+    np.savez(path, data=np.zeros((0, 32, 32, 3), np.uint8), extrapolated_targets=np.zeros(0, np.int64))
+    with pytest.raises(DataError, match="holds no images"):
+        load_ti500k(str(path))

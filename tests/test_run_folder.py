@@ -217,3 +217,24 @@ def test_weights_only_checkpoint_cannot_be_resumed_but_evaluated(tmp_path, synth
     refused = train_cli([*common, "--set", f"run.output_dir={tmp_path / 'again'}", "--resume", str(weights)])
     assert refused.returncode == 2 and "cannot resume from it (no optimizer, schedule, best_ra in it" in refused.stderr
     assert train_cli([*common, "--evaluate", str(weights)]).returncode == 0
+
+
+def test_evaluate_takes_a_run_folder_and_refuses_nan_weights(tmp_path, synthetic_args):
+    out = tmp_path / "run"
+    common = [*synthetic_args, "--set", f"run.output_dir={out}"]
+    assert train_cli([*common, "--set", "run.epochs=1"]).returncode == 0
+    folder = train_cli([*common, "--evaluate", str(out)])
+    assert folder.returncode == 0 and json.loads(folder.stdout.strip().splitlines()[-1])["epoch"] == 1
+    state = checkpoint.load(str(out / checkpoint.LATEST))
+    next(v for v in state["model"].values() if v.is_floating_point()).fill_(float("nan"))
+    checkpoint.save_atomic(state, str(tmp_path / "nan.pt"))
+    nan = train_cli([*common, "--evaluate", str(tmp_path / "nan.pt")])
+    assert nan.returncode == 2 and "the weights hold inf or NaN" in nan.stderr
+
+
+def test_a_folder_where_a_file_belongs_is_one_line(tmp_path, synthetic_args):
+    out = tmp_path / "run"
+    (out / "metrics.jsonl").mkdir(parents=True)
+    proc = train_cli([*synthetic_args, "--set", f"run.output_dir={out}", "--set", "run.epochs=1"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "metrics.jsonl" in proc.stderr and "Is a directory" in proc.stderr

@@ -15,7 +15,7 @@ from trainer.config import ConfigError, ineffective_settings, load_config
 from trainer.data import DataError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         if exc.errno not in WRITE_ERRNOS:
             raise
         print(f"dat-train: {prefix}cannot write {exc.filename or cfg.run.output_dir}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError too
+        text = str(exc)
+        if not isinstance(exc, MemoryError) and "out of memory" not in text and "can't allocate memory" not in text:
+            raise
+        print(f"dat-train: {prefix}out of memory ({text.strip().splitlines()[0][:160] if text.strip() else 'MemoryError'}); "
+              "lower data.batch_size or model.width, or split the batch with train.micro_batches", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -195,6 +195,8 @@ def load_ti500k(path: str, limit: int = 0, seed: int = 0) -> ImageSet:
         raise DataError(f"{path}: data must be uint8 (N, 32, 32, 3), got {data.dtype} {data.shape}")
     if len(targets) != len(data):
         raise DataError(f"{path}: {len(data)} images but {len(targets)} targets")
+    if not len(data):
+        raise DataError(f"{path}: holds no images (cifar10-ext would silently train on CIFAR-10 alone)")
     if targets.ndim != 1 or not np.issubdtype(targets.dtype, np.integer):
         raise DataError(f"{path}: extrapolated_targets must be N integer labels, got {targets.dtype} {targets.shape}")
     if len(targets) and (targets.min() < 0 or targets.max() > 9):

@@ -544,8 +544,12 @@ class Trainer:
 def evaluate_checkpoint(cfg: Config, dist_info: DistInfo, path: str) -> dict:
     """Clean and robust test accuracy of a checkpoint's model under this config's eval settings (e.g. more
     restarts or steps than training used), sharded over the ranks; writes nothing."""
+    if os.path.isdir(path):  # a run's folder: its latest checkpoint, as with --resume
+        path = os.path.join(path, checkpoint.LATEST)
     trainer = Trainer(cfg, dist_info)
     state = trainer.read_checkpoint(path)
+    if not all(bool(v.isfinite().all()) for v in state["model"].values() if v.is_floating_point()):
+        raise checkpoint.CheckpointError(f"{path}: the weights hold inf or NaN (a diverged run's?); nothing to evaluate")
     trainer.model.load_state_dict(state["model"])
     clean_acc, robust_acc = trainer.evaluate()
     ev = cfg.eval
