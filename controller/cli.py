@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from pathlib import Path
 
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["exporter"]:
         return cmd_exporter(argv[1:])
     args = build_parser().parse_args(argv)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings; the one-line error says it all
     try:
         return args.func(args)
     except spec.SpecError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -79,6 +80,7 @@ def check_kubeconfig(kubeconfig: str | None, context: str | None) -> None:
             ["~/.kube/config"]
         paths = [Path(n).expanduser() for n in names if n and Path(n).expanduser().is_file()]
     contexts: list[str] = []
+    docs: list[dict] = []
     for path in paths:
         try:
             doc = yaml.safe_load(path.read_text())
@@ -94,10 +96,27 @@ def check_kubeconfig(kubeconfig: str | None, context: str | None) -> None:
             raise KubeconfigError(f"kubeconfig {path}: not a kubeconfig (a mapping with clusters, users and "
                                   f"contexts), got {type(doc).__name__}")
         contexts += [c["name"] for c in doc.get("contexts") or [] if isinstance(c, dict) and c.get("name")]
+        docs.append(doc)
     if context and paths and context not in contexts:
         known = ", ".join(dict.fromkeys(contexts)) or "none"
         raise KubeconfigError(f"context {context!r} not in kubeconfig {os.pathsep.join(map(str, paths))} "
                               f"(contexts: {known})")
+    _check_auth_plugin(docs, context)
+
+
+def _check_auth_plugin(docs: list[dict], context: str | None) -> None:
+    """The context's user authenticates with an exec plugin (gke-gcloud-auth-plugin, aws, kubelogin) that is
+    not installed: the client would log a traceback-like line and then report rejected credentials."""
+    def entries(section: str) -> dict[str, dict]:
+        return {e["name"]: e.get(section[:-1]) or {} for d in docs for e in d.get(section) or []
+                if isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get(section[:-1]), dict)}
+
+    name = context or next((d.get("current-context") for d in docs if d.get("current-context")), None)
+    user = entries("contexts").get(name or "", {}).get("user")
+    command = (entries("users").get(user or "", {}).get("exec") or {}).get("command")
+    if isinstance(command, str) and command and not shutil.which(command):
+        raise KubeconfigError(f"kubeconfig user {user!r} signs in with the exec plugin {command!r}, which is not "
+                              "installed or not on PATH (e.g. gke-gcloud-auth-plugin, aws, kubelogin)")
 
 
 def _status_message(exc: ApiException) -> tuple[dict[str, Any] | None, str]:

@@ -316,6 +316,22 @@ def test_a_server_that_is_not_kubernetes_is_one_line(tmp_path: Path, capsys: pyt
     assert code == 1 and "did not answer as a Kubernetes API server (not JSON)" in err and len(err.splitlines()) == 1
 
 
+def test_a_missing_auth_plugin_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Not "the API server rejected the kubeconfig credentials": none were ever sent."""
+    config = tmp_path / "kubeconfig"
+    config.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "gke",
+        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{free_port()}"}}],
+        "users": [{"name": "me", "user": {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1",
+                                                   "command": "/nonexistent/gke-gcloud-auth-plugin"}}}],
+        "contexts": [{"name": "gke", "context": {"cluster": "c", "user": "me"}}]}))
+    code = cli.main(["status", "dat-smoke", "--kubeconfig", str(config)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "kubeconfig user 'me' signs in with the exec plugin '/nonexistent/gke-gcloud-auth-plugin', which is " \
+           "not installed" in err
+
+
 def test_no_kubeconfig(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
     code = cli.main(["status", "dat-smoke"])
