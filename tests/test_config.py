@@ -33,6 +33,8 @@ def test_yaml_and_overrides(tmp_path):
     ({"train": {"micro_batches": 0}}, "train.micro_batches must be >= 1"),
     ({"train": {"micro_batches": 3}}, "data.batch_size 128 does not split into 1 rank(s) x 3 micro-batches"),
     ({"attack": {"steps": 0}}, "attack.steps must be >= 1"),
+    ({"optim": {"name": "sgd", "lr": 3e38, "lr_scaling": "linear"}, "data": {"batch_size": 1000}},
+     "optim.lr scaled to the global batch (linear) is 1.17e+39, beyond float32"),
     ({"attack": {"steps": "ten"}}, "attack.steps: expected int"),
     ({"attack": {"name": "cw"}}, "attack.name: 'cw' is not one of pgd, fgsm"),
     ({"optim": {"lr": 0}}, "optim.lr must be > 0"),

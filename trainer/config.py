@@ -326,6 +326,13 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> None
         raise ConfigError("; ".join(found))
 
 
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The documented rule: ``lr`` is tuned at ``base_batch_size``; linear scaling multiplies by
+    B / base (SGD, LARS), sqrt scaling by sqrt(B / base) (LAMB, You et al. 2020)."""
+    ratio = global_batch / max(1, cfg.base_batch_size)
+    return cfg.lr * {"linear": ratio, "sqrt": ratio ** 0.5}.get(cfg.lr_scaling, 1.0)
+
+
 def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list[str]:
     """Every inconsistent setting, one message each (datctl prints them one per line)."""
     found = []
@@ -367,6 +374,8 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
          "attack.random_start=false with attack.name=fgsm: FGSM-RS always starts at random (Wong et al.); plain "
          "FGSM is attack.name=pgd, attack.steps=1, attack.random_start=false, attack.alpha=attack.eps"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (scaled_lr(cfg.optim, cfg.data.batch_size) < 3.4e38, f"optim.lr scaled to the global batch "
+         f"({cfg.optim.lr_scaling}) is {scaled_lr(cfg.optim, cfg.data.batch_size):.3g}, beyond float32"),
         (cfg.optim.base_batch_size >= 1, "optim.base_batch_size must be >= 1"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
         (cfg.optim.trust_coeff > 0, "optim.trust_coeff must be > 0"),

@@ -7,14 +7,9 @@ import torch
 import torch.nn as nn
 from timm.optim import Lamb, Lars
 
-from trainer.config import OptimConfig
+from trainer.config import OptimConfig, scaled_lr
 
 
-def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
-    """The documented rule: ``lr`` is tuned at ``base_batch_size``; linear scaling multiplies by
-    B / base (SGD, LARS), sqrt scaling by sqrt(B / base) (LAMB, You et al. 2020)."""
-    ratio = global_batch / cfg.base_batch_size
-    return cfg.lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[cfg.lr_scaling]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
