@@ -11,6 +11,7 @@ import torch
 
 from conftest import PYTHON, ROOT, read_jsonl, torch_env, torchrun, train_cli
 from trainer import checkpoint
+from trainer.metrics import PHASES
 
 KEYS = {"epoch", "epoch_seconds", "data_seconds", "attack_seconds", "compute_seconds", "comm_seconds",
         "optimizer_seconds", "eval_seconds", "comm_bytes", "dense_comm_bytes", "images_per_second",
@@ -26,8 +27,8 @@ def test_two_rank_run_writes_metrics_checkpoints_and_config(tmp_path, synthetic_
     for r in records:
         assert KEYS <= r.keys()
         assert 0 <= r["test_clean_acc"] <= 1 and 0 <= r["test_robust_acc"] <= r["test_clean_acc"]
-        phases = sum(r[f"{p}_seconds"] for p in ("data", "attack", "compute", "comm", "optimizer", "eval"))
-        assert phases == pytest.approx(r["epoch_seconds"], rel=0.10)
+        phases = sum(r[f"{p}_seconds"] for p in PHASES)  # the untimed rest: the progress bar, the heartbeat
+        assert phases == pytest.approx(r["epoch_seconds"], rel=0.10, abs=0.05)
         # dense: every step all-reduces each gradient exactly once (4 steps of 256 / 32 per epoch)
         param_bytes = r["dense_comm_bytes"] // 8
         assert r["comm_bytes"] == r["dense_comm_bytes"] == 8 * param_bytes > 0

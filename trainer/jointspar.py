@@ -175,6 +175,27 @@ def _grad_sq_norm(params: list[nn.Parameter]) -> torch.Tensor:
     return total
 
 
+class DenseTraining:
+    """JointSpar's step interface for dense training: every parameter active every step, nothing rescaled. The
+    training step calls one sampler either way."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+
+    def begin_step(self, epoch: int, step_in_epoch: int) -> list[nn.Parameter]:
+        return self.params
+
+    def end_step(self) -> None:
+        pass
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def epoch_stats(self) -> dict:
+        return {"jointspar_active_arms": float(len(self.params)), "jointspar_active_fraction": 1.0,
+                "jointspar_p_min": None, "jointspar_p_max": None, "jointspar_p_entropy": None}
+
+
 class JointSpar:
     """Chooses the active arms each step, scales their gradients by 1/p and runs the bandit."""
 

@@ -25,7 +25,7 @@ from trainer.config import Config, ConfigError, save_resolved
 from trainer.data import TrainBatches, eval_batches, load_dataset
 from trainer.distributed import (DistInfo, all_gather_objects, all_reduce_sum, average_buffers, barrier,
                                  broadcast_object, broadcast_parameters)
-from trainer.jointspar import JointSpar
+from trainer.jointspar import DenseTraining, JointSpar
 from trainer.metrics import MetricsLog, PhaseTimer, table_header, table_row
 from trainer.models import build_model
 from trainer.observability import TrainingExporter
@@ -155,6 +155,7 @@ class Trainer:
         self.schedule = build_schedule(cfg.optim, self.optimizer, len(self.batches), cfg.run.epochs)
         self.grad_sync = GradientSync(self.params, dist_info.world_size, cfg.comm.bucket_mb, cfg.comm.overlap)
         self.jointspar = JointSpar(cfg.jointspar, model, seed=cfg.run.seed) if cfg.jointspar.enabled else None
+        self.sampler = self.jointspar or DenseTraining(self.params)  # which parameters each step trains
         self.timer = PhaseTimer(self.device)
         self.exporter = TrainingExporter()  # the real one starts with fit(); progress() is a no-op until then
         self.log = MetricsLog(cfg.run.output_dir, dist_info.is_main)
@@ -378,11 +379,11 @@ class Trainer:
                 if cfg.train.loss != "clean":
                     with attack_mode(model, cfg.attack.bn_eval):
                         x_adv = self.craft(cfg.attack.name, self.attack_forward, xs, ys, eps=cfg.attack.eps,
-                                      alpha=cfg.attack.alpha, steps=cfg.attack.steps,
-                                      random_start=cfg.attack.random_start, autocast=self.autocast)
+                                           alpha=cfg.attack.alpha, steps=cfg.attack.steps,
+                                           random_start=cfg.attack.random_start, autocast=self.autocast)
             with t.phase("compute"):
                 if active is None:
-                    active = self.jointspar.begin_step(epoch, step) if self.jointspar else self.params
+                    active = self.sampler.begin_step(epoch, step)
                 if i == micro - 1:
                     self.grad_sync.prepare(active)  # arms the all-reduce hooks for this last backward
                 with self.autocast():
@@ -403,11 +404,9 @@ class Trainer:
         with t.phase("comm"):
             self.grad_sync.wait()
         with t.phase("optimizer"):
-            if self.jointspar:
-                self.jointspar.end_step()
+            self.sampler.end_step()  # JointSpar: the 1/p scale of the active gradients
             self.optimizer.step()
-            if self.jointspar:
-                self.jointspar.after_optimizer_step()
+            self.sampler.after_optimizer_step()
             self.optimizer.zero_grad(set_to_none=True)
             self.schedule.step()
 
@@ -465,9 +464,7 @@ class Trainer:
         }
         if first:
             record["resumed_at_step"] = first  # the timings cover the steps from there on
-        record.update(self.jointspar.epoch_stats() if self.jointspar else {
-            "jointspar_active_arms": float(len(self.params)), "jointspar_active_fraction": 1.0,
-            "jointspar_p_min": None, "jointspar_p_max": None, "jointspar_p_entropy": None})
+        record.update(self.sampler.epoch_stats())
         return record
 
     @torch.no_grad()
