@@ -487,11 +487,13 @@ def test_helm_refuses_what_datctl_refuses(case: str, tmp_path: Path, capsys: pyt
 def test_pod_spec_escape_hatches_reach_every_trainer_pod(api: str, tmp_path: Path) -> None:
     """extraVolumes / extraVolumeMounts (an InfiniBand device, a CSI volume), topologySpreadConstraints and
     runtimeClassName: in the pod spec of both job kinds, valid against their CRDs; the chart's own volume
-    names are refused."""
+    names are refused. terminationGracePeriodSeconds reaches the pods, and torchrun's wait for its workers
+    after a SIGTERM (the step checkpoint) ends 5 s before it."""
     from controller.schemas import crd_problems
     spread = {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
               "labelSelector": {"matchLabels": {"training.kubeflow.org/job-name": "run"}}}
     values = {"api": api, "runtimeClassName": "nvidia", "nodePool": {"topologySpreadConstraints": [spread]},
+              "terminationGracePeriodSeconds": 120,
               "extraVolumes": [{"name": "ib", "hostPath": {"path": "/dev/infiniband"}}],
               "extraVolumeMounts": [{"name": "ib", "mountPath": "/dev/infiniband"}]}
     path = tmp_path / "values.yaml"
@@ -504,7 +506,11 @@ def test_pod_spec_escape_hatches_reach_every_trainer_pod(api: str, tmp_path: Pat
         pods = [j["template"]["spec"]["template"]["spec"] for p in job["spec"]["runtimePatches"]
                 for j in p["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]]
     assert pods
+    envs = [pod["containers"][0]["env"] for pod in pods] if api == "pytorchjob" else [job["spec"]["trainer"]["env"]]
+    for env in envs:
+        assert {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": "115"} in env
     for pod in pods:
+        assert pod["terminationGracePeriodSeconds"] == 120
         if api == "pytorchjob":  # a TrainJob's runtime decides these (datctl warns that they are not applied)
             assert pod["runtimeClassName"] == "nvidia" and pod["topologySpreadConstraints"] == [spread]
         assert {"name": "ib", "hostPath": {"path": "/dev/infiniband"}} in pod["volumes"]

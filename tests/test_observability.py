@@ -282,10 +282,12 @@ def test_progress_heartbeat_is_throttled_and_pushed_less_often(tmp_path, monkeyp
     ex.finish()
 
 
-@pytest.mark.parametrize("outcome, waits", [("completed", False), ("diverged", True), ("error", True)])
+@pytest.mark.parametrize("outcome, waits", [("completed", False), ("diverged", True), ("error", True),
+                                             ("stopped", False)])
 def test_after_a_failure_every_local_rank_waits_out_the_grace(tmp_path, monkeypatch, outcome, waits):
     """torchrun stops a pod's workers as soon as one exits non-zero: a rank other than the serving one that
-    left at once would take the outcome down with local rank 0 before Prometheus scraped it."""
+    left at once would take the outcome down with local rank 0 before Prometheus scraped it. A stopped run
+    (SIGTERM) does not wait: its pod is being deleted, and the grace period belongs to the checkpoint."""
     monkeypatch.setenv("DAT_METRICS_DIR", str(tmp_path))
     ex = TrainingExporter.start(MetricsConfig(port=free_port(), grace_seconds=0.5), rank=1, local_rank=1,
                                 node_rank=0, world_size=2, local_world_size=2, run_info=RUN_INFO,

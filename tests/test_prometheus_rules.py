@@ -151,8 +151,10 @@ tests:
       # the exporter itself: up for 20 minutes, then gone
       - series: 'dat_exporter_jobs{{namespace="dat-system", kind="PyTorchJob"}}'
         values: '4x20 stale'
-      # outcomes: "nan" diverged at 5m, "ok" completed
+      # outcomes: "nan" diverged at 5m, "ok" completed, "spot" stopped by SIGTERM (a preempted node: it resumes)
       - series: 'dat_training_outcome{{namespace="d", job_name="nan", rank="0", outcome="diverged"}}'
+        values: '_x5 1x2 stale'
+      - series: 'dat_training_outcome{{namespace="d", job_name="spot", rank="0", outcome="stopped"}}'
         values: '_x5 1x2 stale'
       - series: 'dat_training_outcome{{namespace="d", job_name="ok", rank="0", outcome="completed"}}'
         values: '_x5 1x2 stale'

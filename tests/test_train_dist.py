@@ -251,6 +251,59 @@ def test_a_run_killed_within_an_epoch_resumes_from_its_last_step_checkpoint(tmp_
         assert torch.allclose(final[0][key].float(), final[1][key].float(), rtol=1e-4, atol=1e-6), key
 
 
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_after_a_checkpoint(tmp_path):
+    """One node of a job preempted: rank 1 alone gets SIGTERM during step 7 of epoch 2 (no step checkpoints
+    configured). Both ranks learn of it at the same step (the poll of step 8 carries it, step 9's returns it),
+    save a step checkpoint together and exit 143; the restart ends where an uninterrupted run ends."""
+    worker = str(Path(__file__).parent / "workers" / "crash_mid_epoch.py")
+    settings = json.dumps({"run": {"checkpoint_every_steps": 0}})
+    stopped = torchrun([worker, str(tmp_path / "run"), "sigterm:7", settings], nproc=2, check=False)
+    assert stopped.returncode != 0
+    assert "rank 0: stopped by SIGTERM after step 9 of epoch 2:" in stopped.stderr, stopped.stderr[-3000:]
+    assert "rank 1: stopped by SIGTERM after step 9 of epoch 2" in stopped.stderr
+    assert "exitcode  : 143" in stopped.stderr  # torchrun's report of its workers
+    state = checkpoint.load(str(tmp_path / "run" / "checkpoint-latest.pt"))
+    assert (state["epoch"], state["step"]) == (1, 9)
+    resumed = torchrun([worker, str(tmp_path / "run"), "0", settings], nproc=2)
+    assert "(saved after step 9 of epoch 2)" in resumed.stdout
+    torchrun([worker, str(tmp_path / "whole"), "0", settings], nproc=2)
+    final = [checkpoint.load(str(tmp_path / name / "checkpoint-latest.pt"))["model"] for name in ("run", "whole")]
+    for key in final[1]:
+        assert torch.allclose(final[0][key].float(), final[1][key].float(), rtol=1e-4, atol=1e-6), key
+
+
+def test_sigterm_to_torchrun_checkpoints_and_the_restart_ends_as_an_uninterrupted_run(tmp_path, synthetic_args):
+    """What Kubernetes does to a pod it deletes or preempts: SIGTERM to PID 1 (torchrun), which passes it on
+    to its workers and kills them 30 s later. The run saves where it is and exits with one line; run again,
+    it resumes from there and ends with the weights and per-epoch figures of a run that was never stopped."""
+    args = ["-m", "trainer", *synthetic_args, "--set", "run.epochs=4", "--set", "data.synthetic_train_size=1024"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    torchrun([*args, "--set", f"run.output_dir={straight}"])
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+           "--set", f"run.output_dir={stopped}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=torch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline, metrics = time.time() + 240, stopped / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and read_jsonl(metrics)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to torchrun alone, as the kubelet signals a container's PID 1
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "dat-train: stopped by SIGTERM after " in err, err[-3000:]
+    assert "Traceback" not in err.split("dat-train: stopped by")[0]  # the workers' one line, no trace of theirs
+    state = checkpoint.load(str(stopped / "checkpoint-latest.pt"))
+    assert 1 <= state["epoch"] < 4
+    resumed = torchrun([*args, "--set", f"run.output_dir={stopped}"])
+    assert f"resumed from {stopped / 'checkpoint-latest.pt'}" in resumed.stdout
+    model_a, _ = _params(straight / "checkpoint-latest.pt")
+    model_b, _ = _params(stopped / "checkpoint-latest.pt")
+    for key in model_a:
+        assert torch.allclose(model_a[key].float(), model_b[key].float(), rtol=1e-4, atol=1e-6), key
+    la = [(r["epoch"], r["test_robust_acc"], r["images"]) for r in read_jsonl(straight / "metrics.jsonl")]
+    lb = [(r["epoch"], r["test_robust_acc"], r["images"]) for r in read_jsonl(stopped / "metrics.jsonl")]
+    assert la == lb
+
+
 def test_a_step_checkpoint_resumed_at_another_world_size_replays_its_epoch(tmp_path):
     """Killed within epoch 2 on 2 ranks, restarted on 1: the batch order differs, so epoch 2 starts over from
     the step checkpoint's weights, and its record counts the replayed epoch alone (images, JointSpar steps)."""

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("RANK", "0") == "0":
         for note in ineffective_settings(cfg):
             print(f"dat-train: note: {note}", file=sys.stderr)
-    from trainer.train import TrainingDiverged, evaluate_checkpoint, run
+    from trainer.train import TrainingDiverged, TrainingStopped, evaluate_checkpoint, run
 
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(result), flush=True)
         else:
             run(cfg, info)
+    except TrainingStopped as exc:  # every rank stopped at the same step; one line says where
+        if info.is_main:
+            print(f"dat-train: {exc}", file=sys.stderr)
+        return 128 + exc.signum  # what the shell reports for a process the signal ended
     except USER_ERRORS + (TrainingDiverged,) as exc:
         print(f"dat-train: {prefix}{exc}", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 PHASE_LABELS = {"data": "data", "attack": "attack", "compute": "compute", "comm": "communication",
                 "optimizer": "optimizer", "eval": "eval", "checkpoint": "checkpoint"}
 RANK_LABELS = ("job_name", "run_id", "rank", "local_rank", "node_rank")
-OUTCOMES = ("completed", "diverged", "error")
+OUTCOMES = ("completed", "diverged", "error", "stopped")
 PROGRESS_SECONDS = 15.0  # the heartbeat's period: how stale dat_progress_timestamp_seconds gets while healthy
 PUSH_PROGRESS_SECONDS = 60.0  # a Pushgateway gets the heartbeat this often (hundreds of ranks push to one)
 _POD_HOSTNAME = re.compile(r"^(?P<job>[a-z]([-a-z0-9]*[a-z0-9])?)-(master|worker)-\d+$")
@@ -217,7 +217,8 @@ class TrainingExporter:
                                     f"{PROGRESS_SECONDS:g} s; the start before the first).")
         self._finished_gauge = gauge("dat_training_finished", "1 once training has ended, 0 while running.")
         self._outcome = gauge("dat_training_outcome", "1 for how training ended (completed, diverged: inf/NaN "
-                              "loss or weights, error: any other failure); absent while running.", ("outcome",))
+                              "loss or weights, stopped: SIGTERM or SIGINT, after a checkpoint, error: any other "
+                              "failure); absent while running.", ("outcome",))
         if not self.job_wide:
             return
         # rank 0 only: the same on every rank (all-reduced, or the shared schedule and sampler)
@@ -343,7 +344,9 @@ class TrainingExporter:
         self._publish()
         # After a failure every local rank waits: torchrun stops the whole pod as soon as one worker exits
         # non-zero, which would take the endpoint (and the outcome) down before Prometheus scraped it.
+        # A stopped pod is on its way out (its grace period is short and the checkpoint comes first): no wait.
         wait = self.grace_seconds if (self.server is not None or (outcome != "completed" and self.rank_file)) else 0.0
+        wait = 0.0 if outcome == "stopped" else wait
         if wait > 0 and outcome != "completed" and self.server is not None:
             _warn(f"training ended: {outcome}; serving the metrics {wait:g} s more (metrics.grace_seconds) so "
                   "that Prometheus scrapes the outcome")

@@ -31,12 +31,21 @@ from trainer.models import build_model
 from trainer.observability import TrainingExporter
 from trainer.optim import build_optimizer, build_schedule
 from trainer.seeding import derive_seed
+from trainer.stopping import StopRequests, signal_name
 
 log = logging.getLogger("trainer")
 
 
 class TrainingDiverged(ValueError):
     """The training loss became inf or NaN: stop before a checkpoint of the broken model is written."""
+
+
+class TrainingStopped(Exception):
+    """A rank got SIGTERM or SIGINT: every rank stopped at the same step, after the checkpoint that covers it."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -157,6 +166,7 @@ class Trainer:
         self.jointspar = JointSpar(cfg.jointspar, model, seed=cfg.run.seed) if cfg.jointspar.enabled else None
         self.sampler = self.jointspar or DenseTraining(self.params)  # which parameters each step trains
         self.timer = PhaseTimer(self.device)
+        self.stops = StopRequests(dist_info.world_size)
         self.exporter = TrainingExporter()  # the real one starts with fit(); progress() is a no-op until then
         self.log = MetricsLog(cfg.run.output_dir, dist_info.is_main)
         self.start_epoch, self.best_ra, self.best_epoch = 1, -1.0, 0
@@ -423,7 +433,12 @@ class Trainer:
         every, steps = self.cfg.run.checkpoint_every_steps, len(self.batches)
         bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                    disable=None if (self.dist.is_main and self.cfg.run.progress) else True)
+        saved = first  # the steps of this epoch that checkpoint-latest.pt holds
         for step in range(first, steps):
+            signum = self.stops.poll()
+            if signum:
+                bar.close()
+                self.stop(signum, epoch, step, saved, lr)
             with self.timer.phase("data"):
                 x, y = next(batches)
                 if self.channels_last:
@@ -432,6 +447,7 @@ class Trainer:
             self.exporter.progress(step + 1, steps)
             if every and (step + 1) % every == 0 and step + 1 < steps:
                 self.save_within_epoch(epoch, step + 1, lr)
+                saved = step + 1
             bar.update(1)
         bar.close()
         with self.timer.phase("comm"):
@@ -466,6 +482,16 @@ class Trainer:
             record["resumed_at_step"] = first  # the timings cover the steps from there on
         record.update(self.sampler.epoch_stats())
         return record
+
+    def stop(self, signum: int, epoch: int, step: int, saved: int, lr: float) -> None:
+        """Every rank, at the same step: save what the checkpoint lacks (steps of `epoch` done since it) and
+        raise TrainingStopped, which ends the run; a restart resumes from here."""
+        if step > saved:
+            self.save_within_epoch(epoch, step, lr)
+        where = f"after step {step} of epoch {epoch}" if step else f"after epoch {epoch - 1}"
+        kept = checkpoint.find_resume(self.cfg.run.output_dir, "auto") if self.dist.is_main else None
+        raise TrainingStopped(signum, f"stopped by {signal_name(signum)} {where}: " + (
+            f"{kept} holds it, and a restart resumes from there" if kept else "nothing was trained yet"))
 
     @torch.no_grad()
     def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> int:
@@ -513,6 +539,7 @@ class Trainer:
                       "optimizer": cfg.optim.name, "loss": cfg.train.loss,
                       "jointspar": "on" if self.jointspar else "off", "world_size": str(self.dist.world_size)})
         record, outcome = None, "error"
+        self.stops.install()
         try:
             for epoch in range(self.start_epoch, cfg.run.epochs + 1):
                 record = self.train_epoch(epoch)
@@ -531,9 +558,18 @@ class Trainer:
                 exporter.observe_epoch(record)
                 if self.dist.is_main:
                     print(table_row(record), flush=True)
+                signum = self.stops.poll_now() if epoch < cfg.run.epochs else 0  # one that came during eval
+                if signum:
+                    self.stop(signum, epoch + 1, 0, 0, 0.0)
+            self.stops.close()
             barrier()
             outcome = "completed"
-        finally:
+        except TrainingStopped:
+            self.stops.close()
+            outcome = "stopped"
+            raise
+        finally:  # after a failure the poll in flight is left alone: a dead peer would never answer it
+            self.stops.uninstall()
             exporter.finish(outcome)
         return record
 

@@ -1,16 +1,19 @@
 """Launched by torchrun from tests: a real training run (trainer.train.run) that, when asked, dies inside
-epoch 2 the way a killed pod does (every rank stops at once, nothing is saved on the way out)."""
+epoch 2 the way a killed pod does (every rank stops at once, nothing is saved on the way out), or, with
+"sigterm:STEP", rank 1 alone gets SIGTERM there, as when one node of a job is preempted."""
 import json
 import os
+import signal
 import sys
 
 from trainer.config import config_from_dict
 from trainer.distributed import setup
-from trainer.train import Trainer, run
+from trainer.train import Trainer, TrainingStopped, run
 
 # "{rank}" in the folder gives each rank its own, as pods of a multi-node job on per-pod volumes have
 out_dir = sys.argv[1].format(rank=os.environ.get("RANK", "0"))
-crash_at, overrides = int(sys.argv[2]), json.loads(sys.argv[3])
+sigterm = sys.argv[2].startswith("sigterm:")
+crash_at, overrides = int(sys.argv[2].removeprefix("sigterm:")), json.loads(sys.argv[3])
 settings = {
     "run": {"output_dir": out_dir, "progress": False, "epochs": 3, "checkpoint_every_steps": 3},
     "data": {"name": "synthetic", "synthetic_train_size": 256, "synthetic_image_size": 16, "batch_size": 16,
@@ -28,8 +31,15 @@ if crash_at:
 
     def dying_train_step(self, x, y, epoch, step):
         if epoch == 2 and step == crash_at:
-            os._exit(17)  # a kill: no finally blocks, no checkpoint on the way out
+            if not sigterm:
+                os._exit(17)  # a kill: no finally blocks, no checkpoint on the way out
+            if info.rank == 1:
+                signal.raise_signal(signal.SIGTERM)
         return train_step(self, x, y, epoch, step)
 
     Trainer.train_step = dying_train_step
-run(cfg, info)
+try:
+    run(cfg, info)
+except TrainingStopped as exc:
+    print(f"rank {info.rank}: {exc}", file=sys.stderr)
+    sys.exit(128 + exc.signum)

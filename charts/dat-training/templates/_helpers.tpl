@@ -257,6 +257,8 @@ Scratch directories live on the writable /tmp volume; the root filesystem is rea
   value: /tmp/.config/matplotlib
 - name: PYTHONUNBUFFERED
   value: "1"
+- name: TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+  value: {{ sub (int .Values.terminationGracePeriodSeconds) 5 | quote }}
 - name: DAT_JOB_NAME
   value: {{ include "dat-training.jobName" . | quote }}
 - name: DAT_NAMESPACE
@@ -403,6 +405,7 @@ spec:
   serviceAccountName: {{ . }}
   {{- end }}
   automountServiceAccountToken: false
+  terminationGracePeriodSeconds: {{ int .Values.terminationGracePeriodSeconds }}
   {{- with .Values.imagePullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
