@@ -594,6 +594,13 @@ def _name_problems(v: dict[str, Any]) -> list[str]:
     return []
 
 
+def _job_problems(v: dict[str, Any]) -> list[str]:
+    if not v["job"]["enabled"]:
+        return ["job.enabled: false makes a monitoring-only Helm release (dashboard, alerts, exporter); datctl "
+                "submits training runs: `helm install NAME charts/dat-training --set job.enabled=false ...`"]
+    return []
+
+
 def _process_problems(v: dict[str, Any]) -> list[str]:
     if v["gpusPerNode"] > 0 and v["nprocPerNode"] not in (0, v["gpusPerNode"]):
         return [f"nprocPerNode: {v['nprocPerNode']} does not match gpusPerNode {v['gpusPerNode']} "
@@ -631,6 +638,7 @@ def _port_problems(v: dict[str, Any]) -> list[str]:
 # Each cross-field rule with the top-level keys it reads: it runs when those are well-typed, so a schema
 # problem in one part of a spec does not hide the rules about the others (one round of fixes, not two).
 CROSS_FIELD_RULES = (
+    (_job_problems, ("job",)),
     (_name_problems, ("name", "nodes", "api", "elastic")),
     (_process_problems, ("gpusPerNode", "nprocPerNode")),
     (_port_problems, ("metrics",)),

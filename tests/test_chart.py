@@ -4,6 +4,7 @@ datctl render give the same objects for the same file)."""
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 from pathlib import Path
 
@@ -15,8 +16,10 @@ from controller import chart, cli, spec
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "dat-training"
 EXAMPLES = sorted((CHART / "ci").glob("*.yaml"))
+MONITORING = CHART / "ci" / "monitoring-values.yaml"  # job.enabled false: no run, datctl refuses it
+RUNS = [p for p in EXAMPLES if p != MONITORING]
 SMOKE = ROOT / "manifests" / "specs" / "dat-smoke.yaml"
-INLINE_SPECS = EXAMPLES + [SMOKE]  # values files with an inline trainer config: helm can read them as they are
+INLINE_SPECS = RUNS + [SMOKE]  # values files with an inline trainer config: helm can read them as they are
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -329,7 +332,7 @@ def pod_templates(obj: dict) -> list[dict]:
 def test_every_pod_is_locked_down(values: Path | None) -> None:
     args = ["--set", "exporter.enabled=true"] + (["-f", str(values)] if values else [])
     pods = [pod for _, obj in template(*args) for pod in pod_templates(obj)]
-    assert len(pods) >= 2
+    assert len(pods) >= (1 if values == MONITORING else 2)  # the exporter's (and the trainer's)
     for pod in pods:
         context = pod["securityContext"]
         assert context["runAsNonRoot"] is True and context["runAsUser"] > 0
@@ -518,3 +521,22 @@ def test_pod_spec_escape_hatches_reach_every_trainer_pod(api: str, tmp_path: Pat
     path.write_text(yaml.safe_dump({"api": api, "extraVolumes": [{"name": "tmp", "emptyDir": {}}]}))
     proc = helm("template", "run", str(CHART), "-f", str(path), check=False)
     assert proc.returncode != 0 and 'extraVolumes: the name "tmp" is the chart\'s own volume' in proc.stderr
+
+
+def test_a_monitoring_release_installs_the_shared_objects_and_no_run(tmp_path: Path) -> None:
+    """job.enabled false: the dashboard, the alerts on every job and the exporter (with its NetworkPolicy), and
+    nothing of a run; refused with one line where it would watch or install nothing; datctl refuses it."""
+    objects = template("-f", str(MONITORING), "--api-versions", chart.MONITORING_API,
+                       "--api-versions", f"{chart.MONITORING_API}/PrometheusRule")
+    by_component = sorted((obj["metadata"]["labels"][chart.COMPONENT], obj["kind"]) for _, obj in objects)
+    assert by_component == sorted([("dashboard", "ConfigMap"), ("alerts", "PrometheusRule"),
+                                   *[("exporter", k) for k in ("ServiceAccount", "Role", "RoleBinding", "Service",
+                                                               "Deployment", "PodMonitor", "NetworkPolicy")]])
+    rules = next(obj for _, obj in objects if obj["kind"] == "PrometheusRule")
+    assert "job_name=" not in json.dumps(rules)  # scope all: no selector on one job
+    for values, why in ((["--set", "job.enabled=false"], "alerts.scope=release would watch this release's job"),
+                        (["--set", "job.enabled=false", "--set", "alerts.enabled=false", "--set",
+                          "dashboard.enabled=false"], "this release would install nothing")):
+        proc = helm("template", "run", str(CHART), *values, check=False)
+        assert proc.returncode != 0 and why in proc.stderr
+    assert cli.main(["render", str(MONITORING), "--set", "name=mon", "-o", str(tmp_path)]) == 2

@@ -141,8 +141,8 @@ def test_kubernetes_objects_pass_checkov(case: str, k8s_scan: Scan) -> None:
                                                                              for c in failed), pytrace=False)
     passed = k8s_scan.results(case, "passed")
     assert passed, f"checkov scanned nothing of {case}"
-    if case.startswith("rbac-"):
-        return  # Roles: no pods
+    if case.startswith("rbac-") or case == "chart-ci-monitoring-values":
+        return  # Roles: no pods; the monitoring release: the exporter's Deployment alone (scanned as one)
     # the trainer pods were really checked, not silently left out inside their custom resources
     pods = [pod for path, s in k8s_scan.scanned.items() if path.startswith(f"/{case}/") for pod in s.pods]
     assert pods, f"{case}: no trainer pod found to scan"

@@ -93,6 +93,20 @@ stay a 63-character DNS label).
 {{- end }}
 
 {{/*
+A monitoring-only release (job.enabled false) must watch every job and render something.
+*/}}
+{{- define "dat-training.validateMonitoring" -}}
+{{- if not .Values.job.enabled }}
+{{- if and (eq .Values.alerts.scope "release") (ne (toString .Values.alerts.enabled) "false") }}
+{{- fail "job.enabled=false: alerts.scope=release would watch this release's job, and there is none; set alerts.scope=all (or alerts.enabled=false)" }}
+{{- end }}
+{{- if and (not .Values.dashboard.enabled) (not .Values.exporter.enabled) (eq (toString .Values.alerts.enabled) "false") }}
+{{- fail "job.enabled=false with dashboard, alerts and exporter all off: this release would install nothing" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 Cross-field rules values.schema.json cannot express; `datctl render` reports the same ones before rendering.
 */}}
 {{- define "dat-training.validate" -}}
