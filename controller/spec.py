@@ -402,6 +402,7 @@ def _bad_quantities(v: dict[str, Any]) -> list[str]:
     found = {f"resources.{section}.{key}": value
              for section in ("requests", "limits") for key, value in (v["resources"].get(section) or {}).items()}
     found["shm.sizeLimit"] = v["shm"].get("sizeLimit")
+    found["tmp.sizeLimit"] = v["tmp"].get("sizeLimit")
     bad = []
     for where, value in found.items():
         try:
@@ -644,7 +645,7 @@ CROSS_FIELD_RULES = (
     (_port_problems, ("metrics",)),
     (_gpu_problems, ("gpusPerNode", "nodePool", "trainer")),
     (_label_problems, ("podLabels",)),
-    (_resource_problems, ("resources", "shm")),
+    (_resource_problems, ("resources", "shm", "tmp")),
     (lambda v: _data_problems(v, v["trainer"]), ("data", "api", "trainer")),
     (_scheduling_problems, ("nodes", "elastic", "scheduling", "api")),
     (_mount_problems, ("checkpoint", "data", "extraVolumeMounts")),

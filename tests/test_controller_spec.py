@@ -56,6 +56,7 @@ MISTAKES = {
     "bad-quantity": ({"resources/limits/memory": "10Gb"},
                      "resources.limits.memory: '10Gb' is not a valid quantity (e.g. 500m, 2, 16Gi)"),
     "bad-shm-quantity": ({"shm/sizeLimit": "a lot"}, "shm.sizeLimit: 'a lot' is not a valid quantity"),
+    "bad-tmp-quantity": ({"tmp/sizeLimit": "1e1.5"}, "tmp.sizeLimit: '1e1.5' is not a valid quantity"),
     "unparsable-quantity": ({"resources/limits/memory": "1e1.5"},
                             "resources.limits.memory: '1e1.5' is not a valid quantity"),
     "wrong-type": ({"nodes": "two"}, "nodes: expected integer, got 'two'"),

@@ -321,7 +321,8 @@ Scratch directories live on the writable /tmp volume; the root filesystem is rea
     medium: Memory
     sizeLimit: {{ .Values.shm.sizeLimit }}
 - name: tmp
-  emptyDir: {}
+  emptyDir:
+    sizeLimit: {{ .Values.tmp.sizeLimit }}
 - name: checkpoints
 {{- if .Values.checkpoint.claimName }}
   persistentVolumeClaim:
