@@ -198,6 +198,7 @@ def test_print_config_is_a_config_file_of_the_same_run(tmp_path):
     (["data.name=cifar10", "data.unlabeled_max=1000"], "data.unlabeled_max has no effect with data.name=cifar10"),
     (["run.epochs=10", "optim.warmup_epochs=10"], "the learning rate never reaches optim.lr"),
     (["run.epochs=10", "jointspar.enabled=true", "jointspar.warmup_epochs=12"], "JointSpar never samples"),
+    (["jointspar.enabled=true", "optim.name=lars"], "jointspar.scale=gradient with optim.name=lars: its trust ratio"),
 ])
 def test_settings_without_effect_are_noted(overrides, note):
     cfg = load_config(None, overrides, check_paths=False)
@@ -216,3 +217,12 @@ def test_a_batch_too_small_to_mix_both_sets_is_refused_at_its_world_size():
     assert config.world_size_problems(cfg, 64) == []  # 2 images per rank: one of each
     (problem,) = config.world_size_problems(cfg, 128)
     assert "data.unlabeled_fraction 0.5 of 1 images per rank at world size 128 leaves no room" in problem
+
+
+@pytest.mark.parametrize("name, rule, factor", [("lamb", "auto", 4.0), ("lars", "auto", 16.0), ("sgd", "auto", 16.0),
+                                                ("lars", "sqrt", 4.0), ("lamb", "linear", 16.0), ("lamb", "none", 1.0)])
+def test_lr_scaling_auto_follows_the_optimizer(name, rule, factor):
+    """auto: sqrt for LAMB (You et al.), linear for LARS and SGD (Goyal et al.); an explicit rule wins."""
+    from trainer.config import OptimConfig, scaled_lr
+    assert scaled_lr(OptimConfig(name=name, lr=0.1, base_batch_size=256, lr_scaling=rule), 4096) == pytest.approx(
+        0.1 * factor)

@@ -282,3 +282,24 @@ def test_an_empty_ti500k_file_is_refused(tmp_path):
     np.savez(path, data=np.zeros((0, 32, 32, 3), np.uint8), extrapolated_targets=np.zeros(0, np.int64))
     with pytest.raises(DataError, match="holds no images"):
         load_ti500k(str(path))
+
+
+def test_val_size_holds_out_labelled_images_chosen_by_the_seed(tmp_path):
+    """data.val_size: CIFAR-10 images leave the training set for the validation set (TI's pseudo-labelled
+    images all stay in training), the same ones for the same seed, others for another."""
+    _write_cifar(tmp_path)
+    obj = _write_ti500k(tmp_path / "ti.pickle", n=30)
+    settings = dict(name="cifar10-ext", root=str(tmp_path), ti500k_path=str(tmp_path / "ti.pickle"))
+    whole = load_dataset(DataConfig(**settings))
+    ds = load_dataset(DataConfig(**settings, val_size=25), seed=3)
+    assert (len(ds.val), len(ds.train), ds.labelled) == (25, 105, 75)
+    flat = lambda images: {bytes(img.flatten().tolist()) for img in images}  # noqa: E731
+    cifar = flat(whole.train.images[:100])
+    assert flat(ds.val.images) <= cifar and flat(ds.train.images[:75]) <= cifar
+    assert not flat(ds.val.images) & flat(ds.train.images)  # never trained on
+    assert np.array_equal(ds.train.images[75:].permute(0, 2, 3, 1).numpy(), obj["data"])  # TI: all, after
+    again, other = load_dataset(DataConfig(**settings, val_size=25), seed=3), load_dataset(
+        DataConfig(**settings, val_size=25), seed=4)
+    assert torch.equal(again.val.images, ds.val.images) and not torch.equal(other.val.images, ds.val.images)
+    with pytest.raises(DataError, match="data.val_size=100: the training set has 100 labelled images"):
+        load_dataset(DataConfig(**settings, val_size=100))

@@ -238,3 +238,36 @@ def test_a_folder_where_a_file_belongs_is_one_line(tmp_path, synthetic_args):
     proc = train_cli([*synthetic_args, "--set", f"run.output_dir={out}", "--set", "run.epochs=1"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "metrics.jsonl" in proc.stderr and "Is a directory" in proc.stderr
+
+
+def test_with_val_size_the_best_checkpoint_is_chosen_on_held_out_images(tmp_path, monkeypatch):
+    """data.val_size: every evaluated epoch reports val and test accuracy, and checkpoint-best.pt is the epoch
+    with the best validation RA; the test set's RA takes no part in the choice (scripted here so that the two
+    disagree: the test set's best epoch is 1, the validation set's 2)."""
+    import torch
+
+    from trainer.config import config_from_dict
+    from trainer.distributed import DistInfo
+    from trainer.train import Trainer, run
+    robust = {"test": [0.6, 0.1, 0.4], "val": [0.2, 0.5, 0.3]}
+    seen = []
+
+    def scripted_evaluate(self, images=None):
+        which = "test" if images is None else "val"
+        assert which == "test" or len(images) == 64
+        seen.append(which)
+        return 0.9, robust[which][seen.count(which) - 1]
+
+    monkeypatch.setattr(Trainer, "evaluate", scripted_evaluate)
+    out = tmp_path / "run"
+    cfg = config_from_dict({"run": {"output_dir": str(out), "epochs": 3, "progress": False},
+                            "data": {"name": "synthetic", "synthetic_train_size": 320, "synthetic_image_size": 16,
+                                     "batch_size": 32, "val_size": 64},
+                            "model": {"name": "small_cnn", "width": 8}, "attack": {"steps": 1},
+                            "eval": {"every": 1}})
+    run(cfg, DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, device=torch.device("cpu")))
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [(r["val_robust_acc"], r["test_robust_acc"]) for r in records] == list(zip(robust["val"], robust["test"]))
+    assert all(r["images"] == 256 for r in records)  # 320 less the 64 held out
+    best = checkpoint.load(str(out / checkpoint.BEST))
+    assert (best["epoch"], best["best_ra"]) == (2, 0.5)

@@ -46,6 +46,7 @@ class DataConfig:
     ti500k_path: str = ""  # cifar10-ext: the TI-500K pseudo-labelled pickle (or a converted .npz)
     unlabeled_max: int = 0  # cifar10-ext: use at most this many TI images (0 = all)
     unlabeled_fraction: float = 0.5  # cifar10-ext: share of every batch drawn from the TI images (0: one shuffle)
+    val_size: int = 0  # labelled training images held out to pick checkpoint-best.pt on (0: picked on the test set)
     batch_size: int = 128  # global batch, split evenly over ranks
     eval_batch_size: int = 256  # per rank
     augment: str = "auto"  # auto: crop(pad 4)+flip for 32x32 data; on; off
@@ -83,7 +84,7 @@ class OptimConfig:
     name: str = "lamb"  # lamb | lars | sgd
     lr: float = 0.01  # learning rate at base_batch_size; scaled to the global batch by lr_scaling
     base_batch_size: int = 256
-    lr_scaling: str = "sqrt"  # sqrt: lr * sqrt(B / base); linear: lr * B / base; none
+    lr_scaling: str = "auto"  # sqrt: lr * sqrt(B / base); linear: lr * B / base; none; auto: sqrt for lamb, else linear
     momentum: float = 0.9  # lars / sgd
     betas: tuple[float, float] = (0.9, 0.999)  # lamb
     weight_decay: float = 5e-4  # not applied to biases and norm parameters
@@ -307,7 +308,7 @@ CHOICES: dict[str, tuple[str, ...]] = {  # the allowed values of every choice ke
     "attack.name": ("pgd", "fgsm"),
     "train.loss": ("dat", "adv", "clean"),
     "optim.name": ("lamb", "lars", "sgd"),
-    "optim.lr_scaling": ("sqrt", "linear", "none"),
+    "optim.lr_scaling": ("auto", "sqrt", "linear", "none"),
     "optim.schedule": ("cosine", "multistep", "constant"),
     "jointspar.sampling": ("bernoulli", "exact"),
     "jointspar.arms": ("param", "module", "weights"),
@@ -328,9 +329,10 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> None
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     """The documented rule: ``lr`` is tuned at ``base_batch_size``; linear scaling multiplies by
-    B / base (SGD, LARS), sqrt scaling by sqrt(B / base) (LAMB, You et al. 2020)."""
+    B / base (SGD, LARS), sqrt scaling by sqrt(B / base) (LAMB, You et al. 2020); auto picks by optimizer."""
     ratio = global_batch / max(1, cfg.base_batch_size)
-    return cfg.lr * {"linear": ratio, "sqrt": ratio ** 0.5}.get(cfg.lr_scaling, 1.0)
+    rule = ("sqrt" if cfg.name == "lamb" else "linear") if cfg.lr_scaling == "auto" else cfg.lr_scaling
+    return cfg.lr * {"linear": ratio, "sqrt": ratio ** 0.5}.get(rule, 1.0)
 
 
 def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list[str]:
@@ -350,9 +352,11 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
     checks = [
         (cfg.run.epochs >= 1, "run.epochs must be >= 1"),
         (cfg.run.output_dir.strip() != "", "run.output_dir must not be empty"),
-        (cfg.data.name != "synthetic" or cfg.data.synthetic_train_size >= cfg.data.batch_size,
-         f"data.synthetic_train_size {cfg.data.synthetic_train_size} is smaller than one global batch "
-         f"(data.batch_size {cfg.data.batch_size})"),
+        (cfg.data.name != "synthetic" or cfg.data.synthetic_train_size - cfg.data.val_size >= cfg.data.batch_size,
+         f"data.synthetic_train_size {cfg.data.synthetic_train_size}" + (
+             f" less data.val_size {cfg.data.val_size}" if cfg.data.val_size else "") +
+         f" is smaller than one global batch (data.batch_size {cfg.data.batch_size})"),
+        (cfg.data.val_size >= 0, "data.val_size must be >= 0"),
         (0 < cfg.dist.timeout_seconds <= 31_536_000, "dist.timeout_seconds must be in (0, 31536000] (a year)"),
         (0 <= cfg.run.seed < 2**63, "run.seed must be in [0, 2^63)"),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
@@ -432,6 +436,10 @@ def ineffective_settings(cfg: Config) -> list[str]:
     if cfg.optim.warmup_epochs >= cfg.run.epochs > 0:
         notes.append(f"optim.warmup_epochs {cfg.optim.warmup_epochs:g} >= run.epochs {cfg.run.epochs}: the learning "
                      f"rate never reaches optim.lr")
+    if cfg.jointspar.enabled and cfg.jointspar.scale == "gradient" and cfg.optim.name in ("lamb", "lars"):
+        notes.append(f"jointspar.scale=gradient with optim.name={cfg.optim.name}: its trust ratio divides the 1/p "
+                     "scale out again, so each arm's expected update is p times the dense one (as published); "
+                     "jointspar.scale=update keeps it unbiased")
     if cfg.jointspar.enabled and cfg.jointspar.warmup_epochs >= cfg.run.epochs > 0:
         notes.append(f"jointspar.warmup_epochs {cfg.jointspar.warmup_epochs} >= run.epochs {cfg.run.epochs}: "
                      "every epoch is dense, JointSpar never samples")

@@ -12,6 +12,7 @@ import pickle
 import re
 import tarfile
 import zipfile
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -48,6 +49,7 @@ class Dataset:
     channels: int
     image_size: int
     labelled: int = -1  # the first `labelled` training images carry true labels, the rest pseudo-labels (-1: all)
+    val: ImageSet | None = None  # labelled training images held out to choose the best checkpoint on
 
 
 # ---------------------------------------------------------------- safe pickle reading
@@ -253,15 +255,33 @@ def image_channels(cfg: DataConfig) -> int:
 
 def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     if cfg.name == "digits":
-        return _digits()
-    if cfg.name == "synthetic":
-        return _synthetic(cfg, seed)
-    train, test = _read_cifar_batches(cfg.root, cfg.download)
-    labelled = len(train)
-    if cfg.name == "cifar10-ext":
-        extra = load_ti500k(cfg.ti500k_path, cfg.unlabeled_max, seed=seed)
-        train = ImageSet(torch.cat([train.images, extra.images]), torch.cat([train.labels, extra.labels]))
-    return Dataset(train, test, num_classes=10, channels=3, image_size=32, labelled=labelled)
+        data = _digits()
+    elif cfg.name == "synthetic":
+        data = _synthetic(cfg, seed)
+    else:
+        train, test = _read_cifar_batches(cfg.root, cfg.download)
+        labelled = len(train)
+        if cfg.name == "cifar10-ext":
+            extra = load_ti500k(cfg.ti500k_path, cfg.unlabeled_max, seed=seed)
+            train = ImageSet(torch.cat([train.images, extra.images]), torch.cat([train.labels, extra.labels]))
+        data = Dataset(train, test, num_classes=10, channels=3, image_size=32, labelled=labelled)
+    return hold_out_validation(data, cfg.val_size, seed) if cfg.val_size else data
+
+
+def hold_out_validation(data: Dataset, size: int, seed: int) -> Dataset:
+    """`size` labelled training images, chosen at random by the seed (the same on every rank and resume), moved
+    out of the training set into a validation set; pseudo-labelled images stay in training."""
+    labelled = len(data.train) if data.labelled < 0 else data.labelled
+    if size >= labelled:
+        raise DataError(f"data.val_size={size}: the training set has {labelled} labelled images; hold out fewer")
+    order = torch.randperm(labelled, generator=torch.Generator().manual_seed(derive_seed(seed, "validation")))
+    held, kept = order[:size].sort().values, order[size:].sort().values
+    rest = torch.arange(labelled, len(data.train))  # the pseudo-labelled images, after the labelled ones
+    keep = torch.cat([kept, rest])
+    train = ImageSet(data.train.images[keep], data.train.labels[keep])
+    val = ImageSet(data.train.images[held], data.train.labels[held])
+    return dataclasses.replace(data, train=train, val=val,
+                               labelled=-1 if data.labelled < 0 else labelled - size)
 
 
 # ---------------------------------------------------------------- batching

@@ -22,7 +22,7 @@ from trainer import checkpoint
 from trainer.attacks import attack_mode, craft, default_alpha
 from trainer.communication import CommStats, GradientSync
 from trainer.config import Config, ConfigError, save_resolved
-from trainer.data import TrainBatches, eval_batches, load_dataset
+from trainer.data import ImageSet, TrainBatches, eval_batches, load_dataset
 from trainer.distributed import (DistInfo, all_gather_objects, all_reduce_sum, average_buffers, barrier,
                                  broadcast_object, broadcast_parameters)
 from trainer.jointspar import DenseTraining, JointSpar
@@ -95,7 +95,7 @@ EXPERIMENT_SECTIONS = ("data", "train", "attack", "eval", "jointspar")
 EXPERIMENT_IGNORED = {"data.root", "data.download", "data.device_resident", "data.eval_batch_size", "data.batch_size",
                       "data.ti500k_path"}
 # Settings added after checkpoints began to record these: what a checkpoint without them was trained with.
-EXPERIMENT_BEFORE = {"data.unlabeled_fraction": 0.0}
+EXPERIMENT_BEFORE = {"data.unlabeled_fraction": 0.0, "data.val_size": 0}
 # A run found in run.output_dir that differs in these sections' settings is another experiment, not this one's
 # earlier attempt (a restarted pod never changes them). The optimizer's settings, run.epochs and evaluation may
 # change on an automatic resume: lowering the LR or extending a run is how one continues it.
@@ -128,7 +128,7 @@ class Trainer:
             torch.set_flush_denormal(True)
         torch.manual_seed(cfg.run.seed)
         data = load_dataset(cfg.data, seed=cfg.run.seed)
-        self.test_set = data.test
+        self.test_set, self.val_set = data.test, data.val
         augment = cfg.data.augment == "on" or (cfg.data.augment == "auto" and data.image_size == 32)
         resident = cfg.data.device_resident == "on" or (
             cfg.data.device_resident == "auto" and self.device.type == "cuda"
@@ -454,10 +454,12 @@ class Trainer:
             average_buffers(self.model, self.dist.world_size)
 
         evaluate = epoch == self.cfg.run.epochs or (self.cfg.eval.every and epoch % self.cfg.eval.every == 0)
-        clean_acc = robust_acc = None
+        clean_acc = robust_acc = val_clean_acc = val_robust_acc = None
         if evaluate:
             with self.timer.phase("eval"):
                 clean_acc, robust_acc = self.evaluate()
+                if self.val_set is not None:
+                    val_clean_acc, val_robust_acc = self.evaluate(self.val_set)
         phases = self.timer.take()
         epoch_seconds = time.perf_counter() - wall0
         loss_sum, clean_ok, adv_ok, n = all_reduce_sum(self.totals.tolist(), self.device)
@@ -478,6 +480,8 @@ class Trainer:
             "test_robust_acc": robust_acc,
             "lr": lr,
         }
+        if self.val_set is not None:  # data.val_size: what checkpoint-best.pt is chosen on
+            record.update(val_clean_acc=val_clean_acc, val_robust_acc=val_robust_acc)
         if first:
             record["resumed_at_step"] = first  # the timings cover the steps from there on
         record.update(self.sampler.epoch_stats())
@@ -497,13 +501,13 @@ class Trainer:
     def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> int:
         return int((self.model(x).argmax(1) == y).sum())
 
-    def evaluate(self) -> tuple[float, float]:
-        """Clean and PGD accuracy on the test set, sharded over ranks, model in eval mode, fp32."""
+    def evaluate(self, images: ImageSet | None = None) -> tuple[float, float]:
+        """Clean and PGD accuracy on the test set (or `images`), sharded over ranks, model in eval mode, fp32."""
         cfg, ev = self.cfg, self.cfg.eval
         eps = cfg.attack.eps if ev.eps < 0 else ev.eps
         self.model.eval()
         clean = robust = total = 0
-        for x, y in eval_batches(self.test_set, cfg.data.eval_batch_size, self.dist.rank, self.dist.world_size,
+        for x, y in eval_batches(self.test_set if images is None else images, cfg.data.eval_batch_size, self.dist.rank, self.dist.world_size,
                                  self.device, ev.max_samples):
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -554,7 +558,7 @@ class Trainer:
                         f"{kept or 'none yet'}); lower optim.lr or lengthen optim.warmup_epochs"
                         + (", and add --no-resume if that checkpoint is already broken" if kept else ""))
                 self.log.append(record)  # before the checkpoints: a resume drops what they do not cover
-                self.save(epoch, record["test_robust_acc"])
+                self.save(epoch, record.get("val_robust_acc", record["test_robust_acc"]))
                 exporter.observe_epoch(record)
                 if self.dist.is_main:
                     print(table_row(record), flush=True)
