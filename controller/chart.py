@@ -40,7 +40,12 @@ def chart_dir() -> Path:
 
 
 def helm_binary() -> str:
-    candidates = [os.environ.get("DAT_HELM"), shutil.which("helm"), str(ROOT / "bin" / "helm")]
+    chosen = os.environ.get("DAT_HELM")
+    if chosen:  # named on purpose: another helm found instead would hide the mistake
+        if not (os.path.isfile(chosen) and os.access(chosen, os.X_OK)):
+            raise ChartError(f"DAT_HELM={chosen}: not an executable file (unset it to use helm from PATH or ./bin)")
+        return chosen
+    candidates = [shutil.which("helm"), str(ROOT / "bin" / "helm")]
     for candidate in candidates:
         if candidate and os.access(candidate, os.X_OK):
             return candidate

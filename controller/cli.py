@@ -36,17 +36,22 @@ def _render(args: argparse.Namespace, namespace: str | None = None) -> spec.Rend
 
 def cmd_render(args: argparse.Namespace) -> int:
     rendered = _render(args)
-    text = spec.to_yaml(rendered.objects)
+    if args.helm_values:  # the checked spec as a values file: helm install / Argo CD render the same objects
+        text = ("# datctl render --helm-values: values for `helm install NAME charts/dat-training -f FILE`\n"
+                + spec.to_yaml([rendered.helm_values]))
+    else:
+        text = spec.to_yaml(rendered.objects)
     if args.output:
         out_dir = Path(args.output)
-        path = out_dir / f"{rendered.values['name']}.yaml"
+        path = out_dir / f"{rendered.values['name']}{'-values' if args.helm_values else ''}.yaml"
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
         except OSError as exc:
             return _fail(f"-o {args.output}: cannot write {path} ({exc.strerror or exc}; -o takes a folder)",
                          EXIT_USAGE)
-        print(f"wrote {path} ({', '.join(o['kind'] for o in rendered.objects)})", file=sys.stderr)
+        what = "helm values" if args.helm_values else ", ".join(o["kind"] for o in rendered.objects)
+        print(f"wrote {path} ({what})", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0
@@ -218,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobspec_args(p)
     p.add_argument("-o", "--output", metavar="DIR", help="write DIR/<name>.yaml instead of printing")
     p.add_argument("-n", "--namespace", help="namespace when the spec has none (default: default)")
+    p.add_argument("--helm-values", action="store_true",
+                   help="print (or write DIR/<name>-values.yaml) the checked spec as a values file for helm or a GitOps "
+                        "tool instead: trainerConfigFile inlined as trainer:, --set/-f applied")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("validate", help="check rendered PyTorchJob manifests against the training operator's "

@@ -152,6 +152,8 @@ def _parse_set(item: str, flag: str = "--set") -> list[tuple[list[str | int], An
         elif path and not isinstance(path[-1], int):
             raise fail("a key in the path is empty")
         if i >= n or item[i] != "=" or not path:
+            if re.search(r"=\[", item):  # dat-train's list syntax, which the configs' comments show
+                raise fail("expected key.path=value; a list is {a,b} in helm's --set (or --set-json 'key=[a,b]')")
             raise fail("expected key.path=value")
         i += 1
 
@@ -764,6 +766,7 @@ class Rendered:
     # ConfigMap, (TrainJob) ServiceAccount, NetworkPolicy when enabled, the job, PodMonitor when monitoring is on
     objects: list[dict[str, Any]]
     warnings: list[str] = dataclasses.field(default_factory=list)  # not errors: one line each, for stderr
+    helm_values: dict[str, Any] = dataclasses.field(default_factory=dict)  # what helm got: the trainer config inline
 
     @property
     def job(self) -> dict[str, Any]:
@@ -805,7 +808,7 @@ def render(job: JobSpec, namespace: str | None = None, api: str | None = None,
     warnings = render_warnings(values, spec["trainer"], config, job.trainer_origin)
     warnings += [f"{job.trainer_origin}: {note}" for note in trainer_config.ineffective_settings(
         trainer_config.config_from_dict(config))]
-    result = Rendered(values=values, namespace=namespace, objects=objects, warnings=warnings)
+    result = Rendered(values=values, namespace=namespace, objects=objects, warnings=warnings, helm_values=spec)
     result.warnings += _crd_problems(result.job, values)
     if result.job["kind"] == "PyTorchJob":
         broken = webhook.check_pytorchjob(result.job)

@@ -76,6 +76,23 @@ def test_trainer_config_file_is_the_same_as_inline(tmp_path: Path) -> None:
     assert sorted(by_helm, key=lambda o: o["kind"]) == sorted(by_datctl, key=lambda o: o["kind"])
 
 
+def test_helm_values_of_a_spec_install_what_datctl_submits(tmp_path: Path) -> None:
+    """`datctl render --helm-values` (trainerConfigFile inlined, --set applied): helm renders from that file the
+    objects datctl renders from the spec, so a GitOps tool can install the spec with the chart."""
+    spec_path = ROOT / "manifests" / "specs" / "dat-c10ext-resnet18-lamb.yaml"
+    extra = ["--set", "nodes=4", "--set", "trainer.run.epochs=3"]
+    assert cli.main(["render", str(spec_path), *extra, "--helm-values", "-o", str(tmp_path)]) == 0
+    values_file = tmp_path / "dat-c10ext-resnet18-lamb-values.yaml"
+    assert "trainerConfigFile: ''" in values_file.read_text() and "epochs: 3" in values_file.read_text()
+    by_helm = [obj for source, obj in template("-f", str(values_file), "--api-versions", chart.MONITORING_API,
+                                               "--namespace", "default", release="dat-c10ext-resnet18-lamb")
+               if source in chart.RUN_TEMPLATES]
+    by_datctl = spec.render(spec.load_spec(spec_path, extra[1::2])).objects
+    for obj in by_helm:
+        spec.set_manager_label(obj, "datctl")
+    assert sorted(by_helm, key=lambda o: o["kind"]) == sorted(by_datctl, key=lambda o: o["kind"])
+
+
 @pytest.mark.parametrize("setting, complaint", [
     ("nodes=0", "at '/nodes': minimum: got 0, want 1"),
     ("gpusPerNode=-1", "at '/gpusPerNode'"),
@@ -370,6 +387,8 @@ def test_notes_tell_how_to_follow_the_run() -> None:
     notes = proc.stdout[proc.stdout.index("NOTES:"):]
     assert "datctl watch dat-smoke -n team-a" in notes
     assert "kubectl logs -f dat-smoke-master-0 -c pytorch -n team-a" in notes
+    elastic = helm("install", "el", str(CHART), "-f", str(CHART / "ci" / "aks-elastic-values.yaml"), "--dry-run=client")
+    assert "-worker-0 -c pytorch" in elastic.stdout and "-master-0" not in elastic.stdout  # elastic: Workers only
 
 
 def test_float_keys_take_fractions_as_papers_write_them() -> None:

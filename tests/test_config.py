@@ -129,6 +129,8 @@ def test_bad_override_syntax():
     (["--check", "--set", "model.name=resnet18", "--set", "jointspar.enabled=true", "--set", "jointspar.budget=1000"],
      "jointspar.budget 1000 exceeds the number of arms L = 62"),  # --check builds the model for this
     (["--config", "/nonexistent.yaml"], "config file not found"),
+    (["--check", "--config", "manifests/specs/dat-smoke.yaml"],
+     "manifests/specs/dat-smoke.yaml: a datctl job spec (gpusPerNode, nodes, resources, ...), not a trainer config"),
     (["--check", "--config", "/tmp"], "/tmp: cannot read the config file (Is a directory)"),
     (["--set", "data.name=cifar10", "--set", "data.root=/nonexistent"], "no CIFAR-10"),
     (["--set", "model.name=small_cnn", "--set", "model.width=100000", "--set", "run.output_dir=/tmp/dat-oom-test"],

@@ -430,6 +430,8 @@ def test_trainjob_says_which_settings_it_does_not_apply(tmp_path: Path, capsys: 
     ("imagePullSecrets[0]b=1", "unexpected data after a list index"),
     ("env.A={x", "a list {...} is not closed"),
     ("nodePool.tolerations[0].key=x,nodePool.tolerations.key=y", "nodePool.tolerations is a list here, not a map"),
+    ("trainer.optim.milestones=[0.5,0.9]",  # dat-train's syntax
+     "expected key.path=value; a list is {a,b} in helm's --set (or --set-json 'key=[a,b]')"),
 ])
 def test_set_syntax_helm_refuses_is_one_line(item: str, line: str, tmp_path: Path,
                                              capsys: pytest.CaptureFixture) -> None:
@@ -570,3 +572,12 @@ def test_datctl_renders_the_network_policy_but_not_the_exporter(tmp_path: Path,
     (policy,) = [o for o in objects if o["kind"] == "NetworkPolicy"]  # the trainer's; the exporter is helm's
     assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "trainer"
     assert render(capsys, path)[2].count("exporter.enabled: datctl submits the run's own objects") == 1
+
+
+def test_a_helm_named_by_dat_helm_that_is_not_there_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """DAT_HELM names the helm to use: one missing is an error, not a quiet fall-back to another helm."""
+    monkeypatch.setenv("DAT_HELM", str(tmp_path / "helm-3.8"))
+    code, out, err = render(capsys, str(ROOT / "manifests" / "specs" / "dat-smoke.yaml"))
+    assert code == 2 and out == ""
+    assert err == f"datctl: DAT_HELM={tmp_path / 'helm-3.8'}: not an executable file (unset it to use helm from PATH or ./bin)\n"

@@ -216,3 +216,18 @@ def test_e2e_kind_script_runs_the_committed_smoke_job() -> None:
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()
     assert "manifests/specs/dat-smoke.yaml" in text and "OPERATOR_REF:-v1.9.4" in text
+
+
+def test_storage_manifest_holds_the_claims_the_published_specs_mount() -> None:
+    """manifests/storage/dat-volumes.yaml: valid objects (strict), and the claims are the ones the published
+    specs name, with the access mode a multi-node job needs."""
+    objects = load(ROOT / "manifests" / "storage" / "dat-volumes.yaml")
+    assert_valid(objects)
+    claims = {o["metadata"]["name"]: o for o in objects if o["kind"] == "PersistentVolumeClaim"}
+    for name in ("dat-c10ext-resnet18-lamb", "dat-c10ext-resnet18-jointspar-lars"):
+        values = yaml.safe_load((ROOT / "manifests" / "specs" / f"{name}.yaml").read_text())
+        for claim in (values["data"]["claimName"], values["checkpoint"]["claimName"]):
+            assert claims[claim]["spec"]["accessModes"] == ["ReadWriteMany"], claim
+    loader = next(o for o in objects if o["kind"] == "Pod")
+    assert {v["persistentVolumeClaim"]["claimName"] for v in loader["spec"]["volumes"]
+            if "persistentVolumeClaim" in v} == {"dat-data"}

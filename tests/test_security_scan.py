@@ -109,7 +109,7 @@ def k8s_scan(tmp_path_factory: pytest.TempPathFactory) -> Scan:
         objects = with_pods(objects)
         (root / case).mkdir(exist_ok=True)
         (root / case / name).write_text(yaml.safe_dump_all(objects, sort_keys=False))
-        scanned[f"/{case}/{name}"] = Scanned(source, [f"Pod.{o['metadata']['namespace']}.{o['metadata']['name']}"
+        scanned[f"/{case}/{name}"] = Scanned(source, [f"Pod.{o['metadata'].get('namespace', 'default')}.{o['metadata']['name']}"
                                                       for o in objects if o["kind"] == "Pod"])
 
     for case, args in CHART_CASES.items():

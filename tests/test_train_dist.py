@@ -220,6 +220,7 @@ def test_resume_names_schedule_changes_and_survives_a_newer_optimizer_library(tm
     other = train_cli([*common, "--set", "run.epochs=1", "--set", "optim.lr=0.5"])
     assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-2000:]
     assert "this folder's run is finished (1 epochs) and this config differs from it (optim.lr" in other.stderr
+    assert "resumed" not in other.stdout + other.stderr  # it was not: no line may say so before the refusal
     assert (out / "config.yaml").read_bytes() == config_before
     proc = train_cli([*common, "--set", "run.epochs=2", "--set", "optim.schedule=multistep"])
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -272,6 +272,11 @@ def config_from_dict(raw: dict[str, Any] | None, overrides: list[str] = (), erro
     return cfg
 
 
+# Top-level keys of a datctl job spec (the chart's values) that no trainer config has.
+JOB_SPEC_KEYS = frozenset({"trainerConfigFile", "nodes", "gpusPerNode", "nprocPerNode", "image", "nodePool",
+                           "resources", "restartPolicy", "runPolicy"})
+
+
 def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1,
                 check_paths: bool = True, errors: list[str] | None = None) -> Config:
     """Read, override and validate a config. Raises ConfigError naming every user mistake, or, given
@@ -289,6 +294,10 @@ def load_config(path: str | None, overrides: list[str] = (), world_size: int = 1
             raise ConfigError(f"{path}: not a text file") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: {describe_yaml_error(exc)}") from None
+    spec_keys = sorted(JOB_SPEC_KEYS & set(raw)) if isinstance(raw, dict) else []
+    if spec_keys:  # the Kubernetes job spec, given to the trainer: say so, not a dozen unknown sections
+        raise ConfigError(f"{path}: a datctl job spec ({', '.join(spec_keys[:3])}, ...), not a trainer config: submit "
+                          "it with `datctl submit`; its trainer config is its `trainer:` section or trainerConfigFile")
     found: list[str] = []
     cfg = config_from_dict(raw, overrides, found)
     found += problems(cfg, world_size=world_size, check_paths=check_paths)  # all of them in one go

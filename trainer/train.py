@@ -172,6 +172,7 @@ class Trainer:
         self.start_epoch, self.best_ra, self.best_epoch = 1, -1.0, 0
         self.start_step, self.within_epoch = 0, None  # a checkpoint taken within start_epoch: where, what it held
         self.config_changes: list[str] = []  # on resume: the settings this config changed from the checkpoint's
+        self.resume_notes: list[tuple[int, str]] = []  # on resume: what to log about those changes (level, text)
         # One id per run, kept across resumes: the metrics' run_id label, so that the alerts never compare a run
         # with an earlier one of the same job name.
         self.run_id = broadcast_object(uuid.uuid4().hex[:12])
@@ -310,13 +311,15 @@ class Trainer:
         self.config_changes = list(changed)  # what this config changed (the world size is the cluster's)
         if state.get("world_size") not in (None, self.dist.world_size):
             changed.append(f"world size ({state['world_size']} -> {self.dist.world_size})")
-        if any(k.startswith("eval.") for k in moved) and self.dist.is_main:
-            log.warning("evaluation settings changed: the robust accuracy of checkpoint-best.pt (%.4f) was "
-                        "measured under the checkpoint's, so a new best is only kept if it beats that value",
-                        float(state["best_ra"]))
-        if changed and self.dist.is_main:
-            log.info("resumed with this config's settings, which differ from the checkpoint's: %s "
-                     "(the LR schedule continues from epoch %d)", ", ".join(changed), int(state["epoch"]))
+        # said by run() once the run goes on (not before a refusal of a finished run)
+        if any(k.startswith("eval.") for k in moved):
+            self.resume_notes.append((logging.WARNING,
+                f"evaluation settings changed: the robust accuracy of checkpoint-best.pt ({float(state['best_ra']):.4f}) "
+                "was measured under the checkpoint's, so a new best is only kept if it beats that value"))
+        if changed:
+            self.resume_notes.append((logging.INFO, f"resumed with this config's settings, which differ from the "
+                                     f"checkpoint's: {', '.join(changed)} (the LR schedule continues from epoch "
+                                     f"{int(state['epoch'])})"))
         self.start_epoch, self.best_ra = int(state["epoch"]) + 1, float(state["best_ra"])
         self.best_epoch = int(state.get("best_epoch") or 0)
         self.run_id = str(state.get("run_id") or self.run_id)  # older checkpoints: a new id
@@ -649,10 +652,6 @@ def run(cfg: Config, dist_info: DistInfo) -> dict | None:
     resume_from = broadcast_object(checkpoint.find_resume(out, cfg.run.resume))  # rank 0's volume decides
     if resume_from:
         trainer.resume(resume_from)  # checks and loads; writes nothing, so a refused checkpoint changes nothing
-        if dist_info.is_main:
-            where = (f"step {trainer.start_step} of epoch {trainer.start_epoch}" if trainer.start_step else
-                     f"epoch {trainer.start_epoch - 1}")
-            print(f"resumed from {resume_from} (saved after {where})", flush=True)
     if trainer.start_epoch > cfg.run.epochs:  # config.yaml keeps describing the checkpoint's run
         if trainer.config_changes and cfg.run.resume == "auto":  # a new run was meant: do not report success
             raise checkpoint.CheckpointError(
@@ -665,6 +664,12 @@ def run(cfg: Config, dist_info: DistInfo) -> dict | None:
                   f"{cfg.run.epochs} (raise run.epochs to train on)")
         return None
     if resume_from:
+        if dist_info.is_main:
+            for level, note in trainer.resume_notes:
+                log.log(level, note)
+            where = (f"step {trainer.start_step} of epoch {trainer.start_epoch}" if trainer.start_step else
+                     f"epoch {trainer.start_epoch - 1}")
+            print(f"resumed from {resume_from} (saved after {where})", flush=True)
         barrier()  # every rank has read the checkpoint before rank 0 may move it aside
     if dist_info.is_main:
         for stale in glob.glob(os.path.join(out, "checkpoint-*.pt.tmp-[0-9]*")):  # a run killed while saving
