@@ -303,3 +303,23 @@ def test_val_size_holds_out_labelled_images_chosen_by_the_seed(tmp_path):
     assert torch.equal(again.val.images, ds.val.images) and not torch.equal(other.val.images, ds.val.images)
     with pytest.raises(DataError, match="data.val_size=100: the training set has 100 labelled images"):
         load_dataset(DataConfig(**settings, val_size=100))
+
+
+def test_cifar10_ext_walks_never_repeat_an_image_within_a_step_and_run_on_across_epochs():
+    """Set sizes that a step does not divide (44 labelled and 700 TI images, 8 of each per global step): no
+    global batch holds an image twice, and the TI passes run on across epochs, so two epochs of 46 steps
+    (368 TI images each) see every TI image of the first pass (700 less the 700 % 8 it leaves out), where two
+    fresh walks would see about three quarters of them."""
+    labelled, total, world = 44, 744, 2
+    seen = []
+    for epoch in (1, 2):
+        ranks = [list(TrainBatches(_indexed(total), 8, rank, world, seed=5, device=torch.device("cpu"),
+                                   augment=False, resident=True, labelled=labelled,
+                                   unlabeled_fraction=0.5).epoch(epoch)) for rank in range(world)]
+        assert len(ranks[0]) == 46
+        for t in range(len(ranks[0])):
+            step = torch.cat([ranks[r][t][1] for r in range(world)])
+            assert len(set(step.tolist())) == len(step), (epoch, t)  # 16 different images in every global step
+            seen += step.tolist()
+    ti = [i for i in seen if i >= labelled]
+    assert len(ti) == 2 * 46 * 8 and len(set(ti)) >= 696

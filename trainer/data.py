@@ -301,14 +301,39 @@ def augment_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4)
                   rows, cols]
 
 
+def _walk(size: int, per_step: int, first_step: int, steps: int, seed: int, name: str) -> torch.Tensor:
+    """(steps, per_step) indices into a set of `size` images, for the global steps from `first_step` on: passes
+    over the set in random orders (pass k's order fixed by seed and k), each step taking the next `per_step`
+    images of one pass, so no step holds an image twice and every pass sees each image once but for the
+    size % per_step it leaves out; passes run on across epochs. A set smaller than a step fills it with
+    several orders (repeats are then unavoidable)."""
+    per_pass = size // per_step
+    orders: dict[tuple[int, int], torch.Tensor] = {}
+
+    def order(k: int, i: int = 0) -> torch.Tensor:
+        if (k, i) not in orders:
+            orders[(k, i)] = torch.randperm(size, generator=torch.Generator().manual_seed(derive_seed(seed, f"walk-{name}", k, i)))
+        return orders[(k, i)]
+
+    rows = []
+    for t in range(first_step, first_step + steps):
+        if per_pass:
+            k, j = divmod(t, per_pass)
+            rows.append(order(k)[j * per_step:(j + 1) * per_step])
+        else:
+            rows.append(torch.cat([order(t, i) for i in range(-(-per_step // size))])[:per_step])
+    return torch.stack(rows)
+
+
 class TrainBatches:
     """This rank's shard of the training set, reshuffled every epoch, as float batches in [0, 1].
 
     An epoch is len(data) // global batch steps. With `labelled` < len(data) (CIFAR10-Ext: CIFAR-10 first, then
     the pseudo-labelled TI images) and 0 < unlabeled_fraction < 1, every batch draws that share from the TI
     images and the rest from CIFAR-10, as in Carmon et al.'s robust self-training (0.5): each set is walked in
-    fresh random orders (the smaller one is cycled), the same on every rank, each rank taking its own slice of
-    every step. Otherwise one shuffle of all images is split over the ranks (DistributedSampler)."""
+    passes of fresh random orders that run on across epochs (_walk: the smaller set is cycled, the larger one
+    covered over several epochs), the same on every rank, each rank taking its own slice of every step.
+    Otherwise one shuffle of all images is split over the ranks (DistributedSampler)."""
 
     def __init__(self, data: ImageSet, batch_per_rank: int, rank: int, world_size: int, seed: int,
                  device: torch.device, augment: bool, resident: bool, labelled: int = -1,
@@ -345,11 +370,10 @@ class TrainBatches:
                 len(self), self.batch)
         g = torch.Generator().manual_seed(derive_seed(self.seed, "batch-order", epoch))  # the same on every rank
         steps, parts = len(self), []
-        for (first, size), per_rank in zip(((0, self.labelled), (self.labelled, len(self.data) - self.labelled)),
-                                           self.split):
-            need = steps * self.world_size * per_rank
-            walks = torch.cat([torch.randperm(size, generator=g) for _ in range(-(-need // size))])
-            parts.append(walks[:need].view(steps, self.world_size, per_rank)[:, self.rank] + first)
+        for name, (first, size), per_rank in zip(("labelled", "pseudo-labelled"), (
+                (0, self.labelled), (self.labelled, len(self.data) - self.labelled)), self.split):
+            walk = _walk(size, self.world_size * per_rank, (epoch - 1) * steps, steps, self.seed, name)
+            parts.append(walk.view(steps, self.world_size, per_rank)[:, self.rank] + first)
         order = torch.cat(parts, dim=1)
         # mixed within each batch, so that micro-batches (and the batch's first images) hold both sets
         return order.gather(1, torch.rand(order.shape, generator=g).argsort(dim=1))
