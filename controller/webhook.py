@@ -14,6 +14,7 @@ from kubernetes import client
 
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 REPLICA_TYPES = ("Master", "Worker")
+RESTART_POLICIES = ("Always", "OnFailure", "Never", "ExitCode")  # the CRD's schema leaves it a free string
 CONTAINER = "pytorch"
 
 
@@ -139,6 +140,10 @@ def check_pytorchjob(job: dict[str, Any]) -> list[str]:
         if not isinstance(count, int) or isinstance(count, bool):
             problems.append(f"{where}.replicas: must be an integer, got {count!r}")
             continue
+        policy = rspec.get("restartPolicy")
+        if policy is not None and policy not in RESTART_POLICIES:
+            problems.append(f"{where}.restartPolicy: {policy!r} is not one of {', '.join(RESTART_POLICIES)} (the "
+                            "operator would run the pods with no restart policy it knows)")
         if rtype == "Master" and count != 1:
             problems.append(f"{where}.replicas: must be 1, got {count}")
         if rtype == "Worker" and count < 1:

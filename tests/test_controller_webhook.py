@@ -72,6 +72,9 @@ BREAKS: dict[str, tuple[Callable[[dict], None], str]] = {
                                     "spec.elasticPolicy.maxReplicas: must be an integer, got 'x'"),
     "template-not-a-mapping": (lambda j: master(j).update(template="pod"),
                                "spec.pytorchReplicaSpecs.Master: must be a mapping with a template mapping"),
+    "restart-policy-unknown": (lambda j: master(j).update(restartPolicy="Sometimes"),
+                               "spec.pytorchReplicaSpecs.Master.restartPolicy: 'Sometimes' is not one of Always, "
+                               "OnFailure, Never, ExitCode"),
     "two-masters": (lambda j: master(j).update(replicas=2),
                     "spec.pytorchReplicaSpecs.Master.replicas: must be 1, got 2"),
     "no-master": (lambda j: j["spec"]["pytorchReplicaSpecs"].pop("Master"),
