@@ -201,6 +201,7 @@ def test_print_config_is_a_config_file_of_the_same_run(tmp_path):
     (["run.epochs=10", "optim.warmup_epochs=10"], "the learning rate never reaches optim.lr"),
     (["run.epochs=10", "jointspar.enabled=true", "jointspar.warmup_epochs=12"], "JointSpar never samples"),
     (["jointspar.enabled=true", "optim.name=lars"], "jointspar.scale=gradient with optim.name=lars: its trust ratio"),
+    (["jointspar.enabled=true", "jointspar.scale=update"], "move up to 1/p_min = 80 times as far"),
 ])
 def test_settings_without_effect_are_noted(overrides, note):
     cfg = load_config(None, overrides, check_paths=False)

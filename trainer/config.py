@@ -449,6 +449,10 @@ def ineffective_settings(cfg: Config) -> list[str]:
         notes.append(f"jointspar.scale=gradient with optim.name={cfg.optim.name}: its trust ratio divides the 1/p "
                      "scale out again, so each arm's expected update is p times the dense one (as published); "
                      "jointspar.scale=update keeps it unbiased")
+    if cfg.jointspar.enabled and cfg.jointspar.scale == "update" and cfg.jointspar.arms == "param":
+        notes.append(f"jointspar.scale=update with jointspar.arms=param: biases and norm parameters, which "
+                     f"LARS/LAMB step without a trust ratio, move up to 1/p_min = {1 / cfg.jointspar.p_min:.0f} times "
+                     "as far when drawn; jointspar.arms=weights trains them every step, unscaled")
     if cfg.jointspar.enabled and cfg.jointspar.warmup_epochs >= cfg.run.epochs > 0:
         notes.append(f"jointspar.warmup_epochs {cfg.jointspar.warmup_epochs} >= run.epochs {cfg.run.epochs}: "
                      "every epoch is dense, JointSpar never samples")
