@@ -555,6 +555,8 @@ def test_a_monitoring_release_installs_the_shared_objects_and_no_run(tmp_path: P
     assert "job_name=" not in json.dumps(rules)  # scope all: no selector on one job
     for values, why in ((["--set", "job.enabled=false"], "alerts.scope=release would watch this release's job"),
                         (["--set", "job.enabled=false", "--set", "alerts.enabled=false", "--set",
+                          "dashboard.enabled=false"], "this release would install nothing"),
+                        (["--set", "job.enabled=false", "--set", "alerts.scope=all", "--set",  # alerts auto, no CRD
                           "dashboard.enabled=false"], "this release would install nothing")):
         proc = helm("template", "run", str(CHART), *values, check=False)
         assert proc.returncode != 0 and why in proc.stderr

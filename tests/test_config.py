@@ -89,6 +89,10 @@ def test_unknown_keys_wrong_types_and_bad_values_are_reported_together(tmp_path)
     (["run.output_dir="], "run.output_dir must not be empty"),
     (["data.name=synthetic", "data.synthetic_train_size=64", "data.batch_size=128"],
      "data.synthetic_train_size 64 is smaller than one global batch (data.batch_size 128)"),
+    (["data.name=digits", "data.val_size=1400"],
+     "data.val_size 1400 leaves digits 37 of its 1437 labelled training images, fewer than one global batch"),
+    (["data.name=synthetic", "data.synthetic_train_size=512", "data.val_size=448"],
+     "data.synthetic_train_size 512 less data.val_size 448 is smaller than one global batch"),
 ])
 def test_mistakes_the_run_would_only_find_later(overrides, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):

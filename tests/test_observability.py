@@ -319,3 +319,15 @@ def test_datctl_and_its_exporter_start_without_torch():
     code = "import sys, controller.cli, controller.exporter; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "False", proc.stdout + proc.stderr
+
+
+def test_a_run_that_got_sigterm_does_not_linger(tmp_path, monkeypatch):
+    """A SIGTERM late in the last epoch lets the run complete, but its pod is being deleted: the endpoint
+    closes at once instead of serving grace_seconds more into the kill."""
+    ex = TrainingExporter.start(MetricsConfig(port=free_port(), grace_seconds=5.0), rank=0, local_rank=0,
+                                node_rank=0, world_size=1, local_world_size=1, run_info=RUN_INFO, default_job_name="j")
+    assert ex.server is not None
+    slept = []
+    monkeypatch.setattr(observability.time, "sleep", slept.append)
+    ex.finish("completed", linger=False)
+    assert slept == [] and ex.server is None

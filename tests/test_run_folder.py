@@ -271,3 +271,24 @@ def test_with_val_size_the_best_checkpoint_is_chosen_on_held_out_images(tmp_path
     assert all(r["images"] == 256 for r in records)  # 320 less the 64 held out
     best = checkpoint.load(str(out / checkpoint.BEST))
     assert (best["epoch"], best["best_ra"]) == (2, 0.5)
+
+
+def test_lr_scaling_auto_keeps_the_rule_a_checkpoint_was_trained_under(tmp_path, synthetic_args):
+    """A run begun under an explicit rule (sqrt: the default before `auto`) and resumed with the default auto:
+    a LARS run keeps sqrt (auto would mean linear, an 8x jump here), says so, and config.yaml records it; a
+    finished LAMB run met again is 'nothing to do' (auto means sqrt for LAMB: nothing changed)."""
+    out = tmp_path / "run"
+    common = [*synthetic_args, "--set", f"run.output_dir={out}", "--set", "optim.schedule=constant",
+              "--set", "optim.warmup_epochs=0", "--set", "optim.name=lars", "--set", "optim.base_batch_size=4"]
+    assert train_cli([*common, "--set", "run.epochs=1", "--set", "optim.lr_scaling=sqrt"]).returncode == 0
+    proc = train_cli([*common, "--set", "run.epochs=2"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "optim.lr_scaling auto: keeping the checkpoint's rule (sqrt)" in proc.stderr
+    first, second = [r["lr"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert second == pytest.approx(first)  # not 8x (32/4 = 8: sqrt gives 2.83x the base LR, linear 8x)
+    assert "lr_scaling: sqrt" in (out / "config.yaml").read_text()
+    lamb = tmp_path / "lamb"
+    args = [*synthetic_args, "--set", f"run.output_dir={lamb}", "--set", "run.epochs=1"]
+    assert train_cli([*args, "--set", "optim.lr_scaling=sqrt"]).returncode == 0
+    again = train_cli(args)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr[-2000:]

@@ -263,6 +263,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_after_a_checkpoin
     assert "rank 0: stopped by SIGTERM after step 9 of epoch 2:" in stopped.stderr, stopped.stderr[-3000:]
     assert "rank 1: stopped by SIGTERM after step 9 of epoch 2" in stopped.stderr
     assert "exitcode  : 143" in stopped.stderr  # torchrun's report of its workers
+    assert "exitcode  : -15" not in stopped.stderr  # torchrun's SIGTERM to the other rank cut nothing short
     state = checkpoint.load(str(tmp_path / "run" / "checkpoint-latest.pt"))
     assert (state["epoch"], state["step"]) == (1, 9)
     resumed = torchrun([worker, str(tmp_path / "run"), "0", settings], nproc=2)

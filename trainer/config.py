@@ -329,6 +329,10 @@ CHOICES: dict[str, tuple[str, ...]] = {  # the allowed values of every choice ke
 }
 
 
+# Labelled training images of the data sets whose size is known before loading them (data.val_size's bound).
+LABELLED_TRAIN = {"digits": 1437, "cifar10": 50_000, "cifar10-ext": 50_000}
+
+
 def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> None:
     """Reject inconsistent settings before anything starts: one ConfigError naming every problem."""
     found = problems(cfg, world_size, check_paths)
@@ -340,8 +344,12 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     """The documented rule: ``lr`` is tuned at ``base_batch_size``; linear scaling multiplies by
     B / base (SGD, LARS), sqrt scaling by sqrt(B / base) (LAMB, You et al. 2020); auto picks by optimizer."""
     ratio = global_batch / max(1, cfg.base_batch_size)
-    rule = ("sqrt" if cfg.name == "lamb" else "linear") if cfg.lr_scaling == "auto" else cfg.lr_scaling
-    return cfg.lr * {"linear": ratio, "sqrt": ratio ** 0.5}.get(rule, 1.0)
+    return cfg.lr * {"linear": ratio, "sqrt": ratio ** 0.5}.get(lr_rule(cfg.name, cfg.lr_scaling), 1.0)
+
+
+def lr_rule(optimizer: str, lr_scaling: str) -> str:
+    """optim.lr_scaling resolved: auto is sqrt for lamb, linear for lars and sgd."""
+    return ("sqrt" if optimizer == "lamb" else "linear") if lr_scaling == "auto" else lr_scaling
 
 
 def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list[str]:
@@ -366,6 +374,13 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
              f" less data.val_size {cfg.data.val_size}" if cfg.data.val_size else "") +
          f" is smaller than one global batch (data.batch_size {cfg.data.batch_size})"),
         (cfg.data.val_size >= 0, "data.val_size must be >= 0"),
+        (cfg.data.val_size < LABELLED_TRAIN.get(cfg.data.name, cfg.data.val_size + 1) and (
+            cfg.data.name not in ("digits", "cifar10")
+            or LABELLED_TRAIN[cfg.data.name] - cfg.data.val_size >= cfg.data.batch_size),
+         f"data.val_size {cfg.data.val_size} leaves {cfg.data.name} "
+         f"{LABELLED_TRAIN.get(cfg.data.name, 0) - cfg.data.val_size} of its "
+         f"{LABELLED_TRAIN.get(cfg.data.name, 0)} labelled training images, fewer than one global batch "
+         f"(data.batch_size {cfg.data.batch_size})"),
         (0 < cfg.dist.timeout_seconds <= 31_536_000, "dist.timeout_seconds must be in (0, 31536000] (a year)"),
         (0 <= cfg.run.seed < 2**63, "run.seed must be in [0, 2^63)"),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),

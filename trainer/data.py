@@ -254,34 +254,31 @@ def image_channels(cfg: DataConfig) -> int:
 
 
 def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
-    if cfg.name == "digits":
-        data = _digits()
-    elif cfg.name == "synthetic":
-        data = _synthetic(cfg, seed)
-    else:
-        train, test = _read_cifar_batches(cfg.root, cfg.download)
-        labelled = len(train)
-        if cfg.name == "cifar10-ext":
-            extra = load_ti500k(cfg.ti500k_path, cfg.unlabeled_max, seed=seed)
-            train = ImageSet(torch.cat([train.images, extra.images]), torch.cat([train.labels, extra.labels]))
-        data = Dataset(train, test, num_classes=10, channels=3, image_size=32, labelled=labelled)
-    return hold_out_validation(data, cfg.val_size, seed) if cfg.val_size else data
+    """The configured data set; with data.val_size, that many labelled training images moved to `val`."""
+    if cfg.name in ("digits", "synthetic"):
+        data = _digits() if cfg.name == "digits" else _synthetic(cfg, seed)
+        if not cfg.val_size:
+            return data
+        train, val = hold_out_validation(data.train, cfg.val_size, seed)
+        return dataclasses.replace(data, train=train, val=val)
+    train, test = _read_cifar_batches(cfg.root, cfg.download)
+    train, val = hold_out_validation(train, cfg.val_size, seed) if cfg.val_size else (train, None)
+    labelled = len(train)
+    if cfg.name == "cifar10-ext":  # held out before the TI images join: no copy of the 500K for it
+        extra = load_ti500k(cfg.ti500k_path, cfg.unlabeled_max, seed=seed)
+        train = ImageSet(torch.cat([train.images, extra.images]), torch.cat([train.labels, extra.labels]))
+    return Dataset(train, test, num_classes=10, channels=3, image_size=32, labelled=labelled, val=val)
 
 
-def hold_out_validation(data: Dataset, size: int, seed: int) -> Dataset:
-    """`size` labelled training images, chosen at random by the seed (the same on every rank and resume), moved
-    out of the training set into a validation set; pseudo-labelled images stay in training."""
-    labelled = len(data.train) if data.labelled < 0 else data.labelled
-    if size >= labelled:
-        raise DataError(f"data.val_size={size}: the training set has {labelled} labelled images; hold out fewer")
-    order = torch.randperm(labelled, generator=torch.Generator().manual_seed(derive_seed(seed, "validation")))
+def hold_out_validation(labelled: ImageSet, size: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(training, validation) sets: `size` images of the labelled set, chosen at random by the seed (the same on
+    every rank and resume), held out of training."""
+    if size >= len(labelled):
+        raise DataError(f"data.val_size={size}: the training set has {len(labelled)} labelled images; hold out fewer")
+    order = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(derive_seed(seed, "validation")))
     held, kept = order[:size].sort().values, order[size:].sort().values
-    rest = torch.arange(labelled, len(data.train))  # the pseudo-labelled images, after the labelled ones
-    keep = torch.cat([kept, rest])
-    train = ImageSet(data.train.images[keep], data.train.labels[keep])
-    val = ImageSet(data.train.images[held], data.train.labels[held])
-    return dataclasses.replace(data, train=train, val=val,
-                               labelled=-1 if data.labelled < 0 else labelled - size)
+    return (ImageSet(labelled.images[kept], labelled.labels[kept]),
+            ImageSet(labelled.images[held], labelled.labels[held]))
 
 
 # ---------------------------------------------------------------- batching

@@ -331,9 +331,10 @@ class TrainingExporter:
                 _warn(f"push to {self.pushgateway} failed: {exc}")
 
     # ---- end --------------------------------------------------------------------------------
-    def finish(self, outcome: str = "completed") -> None:
+    def finish(self, outcome: str = "completed", linger: bool = True) -> None:
         """Mark the run finished with its outcome (one of OUTCOMES), publish, keep the endpoint up for
-        grace_seconds (so that Prometheus scrapes the last epoch and the outcome), then stop it."""
+        grace_seconds (so that Prometheus scrapes the last epoch and the outcome), then stop it. linger=False
+        (a pod being deleted: its grace period belongs to the checkpoint) stops it at once."""
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome {outcome!r}: not one of {', '.join(OUTCOMES)}")
         if not self.enabled or self._finished:
@@ -346,7 +347,7 @@ class TrainingExporter:
         # non-zero, which would take the endpoint (and the outcome) down before Prometheus scraped it.
         # A stopped pod is on its way out (its grace period is short and the checkpoint comes first): no wait.
         wait = self.grace_seconds if (self.server is not None or (outcome != "completed" and self.rank_file)) else 0.0
-        wait = 0.0 if outcome == "stopped" else wait
+        wait = 0.0 if outcome == "stopped" or not linger else wait
         if wait > 0 and outcome != "completed" and self.server is not None:
             _warn(f"training ended: {outcome}; serving the metrics {wait:g} s more (metrics.grace_seconds) so "
                   "that Prometheus scrapes the outcome")

@@ -38,6 +38,13 @@ class StopRequests:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def ignore_further(self) -> None:
+        """After a stop: the rest of the process (the one-line message, the process group's teardown) must not
+        be cut short by the SIGTERM torchrun sends the other workers once one of them exits."""
+        for sig in HANDLED:
+            signal.signal(sig, signal.SIG_IGN)
+        self._previous.clear()
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if not self.received:
             self.received, self.received_at = signum, time.monotonic()

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from trainer import checkpoint
 from trainer.attacks import attack_mode, craft, default_alpha
 from trainer.communication import CommStats, GradientSync
-from trainer.config import Config, ConfigError, save_resolved
+from trainer.config import Config, ConfigError, lr_rule, save_resolved, scaled_lr
 from trainer.data import ImageSet, TrainBatches, eval_batches, load_dataset
 from trainer.distributed import (DistInfo, all_gather_objects, all_reduce_sum, average_buffers, barrier,
                                  broadcast_object, broadcast_parameters)
@@ -255,6 +255,7 @@ class Trainer:
         if (state.get("jointspar") is None) != (self.jointspar is None):
             raise checkpoint.CheckpointError(f"{path}: jointspar.enabled differs from the checkpoint's run")
         saved_groups = state["optimizer"].get("param_groups", [])
+        self._keep_lr_rule(state.get("optim") or {})
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         saved_name = state.get("optimizer_name")  # older checkpoints: told apart by their settings' names
         other = (saved_name != self.cfg.optim.name) if saved_name else bool(
@@ -278,7 +279,10 @@ class Trainer:
         # same value when nothing changed, the extended schedule's when run.epochs grew.
         if "optim" in state:  # the optimizer config it was trained with: name what changed as config keys
             now_optim = self.cfg.to_dict()["optim"]
-            changed = [f"optim.{k}" for k, v in now_optim.items() if state["optim"].get(k, v) != v]
+            saved_optim = {**state["optim"], "lr_scaling": lr_rule(state["optim"].get("name", now_optim["name"]),
+                                                                   state["optim"].get("lr_scaling", "sqrt"))}
+            now_optim["lr_scaling"] = lr_rule(now_optim["name"], now_optim["lr_scaling"])  # auto as resolved
+            changed = [f"optim.{k}" for k, v in now_optim.items() if saved_optim.get(k, v) != v]
         else:  # older checkpoints: compare the optimizer's settings
             changed = sorted({"lr" if k == "initial_lr" else k  # initial_lr: the configured LR; lr: the schedule's
                               for saved, now in zip(saved_groups, configured) for k, v in now.items()
@@ -312,10 +316,11 @@ class Trainer:
         if state.get("world_size") not in (None, self.dist.world_size):
             changed.append(f"world size ({state['world_size']} -> {self.dist.world_size})")
         # said by run() once the run goes on (not before a refusal of a finished run)
-        if any(k.startswith("eval.") for k in moved):
+        if any(k.startswith("eval.") or k == "data.val_size" for k in moved):
             self.resume_notes.append((logging.WARNING,
-                f"evaluation settings changed: the robust accuracy of checkpoint-best.pt ({float(state['best_ra']):.4f}) "
-                "was measured under the checkpoint's, so a new best is only kept if it beats that value"))
+                f"evaluation settings changed (the attack or, with data.val_size, the images): the robust accuracy "
+                f"of checkpoint-best.pt ({float(state['best_ra']):.4f}) was measured under the checkpoint's, so a "
+                "new best is only kept if it beats that value"))
         if changed:
             self.resume_notes.append((logging.INFO, f"resumed with this config's settings, which differ from the "
                                      f"checkpoint's: {', '.join(changed)} (the LR schedule continues from epoch "
@@ -323,6 +328,22 @@ class Trainer:
         self.start_epoch, self.best_ra = int(state["epoch"]) + 1, float(state["best_ra"])
         self.best_epoch = int(state.get("best_epoch") or 0)
         self.run_id = str(state.get("run_id") or self.run_id)  # older checkpoints: a new id
+
+    def _keep_lr_rule(self, saved_optim: dict) -> None:
+        """optim.lr_scaling auto meeting a checkpoint trained under another rule (a run from before auto, whose
+        default was sqrt for every optimizer) keeps the checkpoint's: a default must not change a run's LR
+        half-way. Set the rule explicitly to change it."""
+        saved = saved_optim.get("lr_scaling")
+        if self.cfg.optim.lr_scaling != "auto" or saved in (None, "auto") or saved_optim.get("name") != self.cfg.optim.name:
+            return
+        if lr_rule(self.cfg.optim.name, "auto") == saved:
+            return
+        self.cfg.optim.lr_scaling = saved
+        lr = scaled_lr(self.cfg.optim, self.cfg.data.batch_size)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = lr
+        self.resume_notes.append((logging.WARNING, f"optim.lr_scaling auto: keeping the checkpoint's rule ({saved}) "
+                                  "for this run; set optim.lr_scaling to change it"))
 
     def save(self, epoch: int, robust_acc: float | None) -> None:
         if not self.dist.is_main:
@@ -576,8 +597,11 @@ class Trainer:
             outcome = "stopped"
             raise
         finally:  # after a failure the poll in flight is left alone: a dead peer would never answer it
-            self.stops.uninstall()
-            exporter.finish(outcome)
+            if self.stops.received:  # the pod is going: no signal may cut the way out short, no grace to wait
+                self.stops.ignore_further()
+            else:
+                self.stops.uninstall()
+            exporter.finish(outcome, linger=not self.stops.received)
         return record
 
 

@@ -100,8 +100,10 @@ A monitoring-only release (job.enabled false) must watch every job and render so
 {{- if and (eq .Values.alerts.scope "release") (ne (toString .Values.alerts.enabled) "false") }}
 {{- fail "job.enabled=false: alerts.scope=release would watch this release's job, and there is none; set alerts.scope=all (or alerts.enabled=false)" }}
 {{- end }}
-{{- if and (not .Values.dashboard.enabled) (not .Values.exporter.enabled) (eq (toString .Values.alerts.enabled) "false") }}
-{{- fail "job.enabled=false with dashboard, alerts and exporter all off: this release would install nothing" }}
+{{- $alerts := toString .Values.alerts.enabled }}
+{{- $noAlerts := or (eq $alerts "false") (and (eq $alerts "auto") (not (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/PrometheusRule"))) }}
+{{- if and (not .Values.dashboard.enabled) (not .Values.exporter.enabled) $noAlerts }}
+{{- fail "job.enabled=false with the dashboard and the exporter off and no alerts (alerts.enabled false, or auto where the cluster serves no PrometheusRule): this release would install nothing" }}
 {{- end }}
 {{- end }}
 {{- end }}
