@@ -62,22 +62,27 @@ def _params(path):
     return state["model"], state["optimizer"]
 
 
+def _launched_until(args: list[str], out: Path, epochs: int, **popen) -> subprocess.Popen:
+    """torchrun of `args` into `out`, running in the background, returned once `epochs` epochs are logged."""
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+           "--set", f"run.output_dir={out}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=torch_env(), stdout=subprocess.DEVNULL, **popen)
+    deadline, metrics = time.time() + 240, out / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(read_jsonl(metrics)) >= epochs:
+            break
+        time.sleep(0.05)
+    return proc
+
+
 def test_killed_run_resumes_bit_identically(tmp_path, synthetic_args):
     args = ["-m", "trainer", *synthetic_args, "--set", "run.epochs=4", "--set", "data.synthetic_train_size=512"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     torchrun([*args, "--set", f"run.output_dir={straight}"])
 
     # start the same run, SIGKILL the whole launcher group after epoch 2 is on disk, then start it again
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
-           "--set", f"run.output_dir={killed}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=torch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 240
+    proc = _launched_until(args, killed, 2, stderr=subprocess.DEVNULL, start_new_session=True)
     metrics = killed / "metrics.jsonl"
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(read_jsonl(metrics)) >= 2:
-            break
-        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done = len(read_jsonl(metrics))
@@ -281,13 +286,7 @@ def test_sigterm_to_torchrun_checkpoints_and_the_restart_ends_as_an_uninterrupte
     args = ["-m", "trainer", *synthetic_args, "--set", "run.epochs=4", "--set", "data.synthetic_train_size=1024"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     torchrun([*args, "--set", f"run.output_dir={straight}"])
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
-           "--set", f"run.output_dir={stopped}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=torch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    deadline, metrics = time.time() + 240, stopped / "metrics.jsonl"
-    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and read_jsonl(metrics)):
-        time.sleep(0.05)
+    proc = _launched_until(args, stopped, 1, stderr=subprocess.PIPE, text=True)
     proc.send_signal(signal.SIGTERM)  # to torchrun alone, as the kubelet signals a container's PID 1
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0

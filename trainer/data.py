@@ -309,7 +309,8 @@ def _walk(size: int, per_step: int, first_step: int, steps: int, seed: int, name
 
     def order(k: int, i: int = 0) -> torch.Tensor:
         if (k, i) not in orders:
-            orders[(k, i)] = torch.randperm(size, generator=torch.Generator().manual_seed(derive_seed(seed, f"walk-{name}", k, i)))
+            generator = torch.Generator().manual_seed(derive_seed(seed, f"walk-{name}", k, i))
+            orders[(k, i)] = torch.randperm(size, generator=generator)
         return orders[(k, i)]
 
     rows = []

@@ -334,9 +334,10 @@ class Trainer:
         default was sqrt for every optimizer) keeps the checkpoint's: a default must not change a run's LR
         half-way. Set the rule explicitly to change it."""
         saved = saved_optim.get("lr_scaling")
-        if self.cfg.optim.lr_scaling != "auto" or saved in (None, "auto") or saved_optim.get("name") != self.cfg.optim.name:
+        name = self.cfg.optim.name
+        if self.cfg.optim.lr_scaling != "auto" or saved_optim.get("name") != name:
             return
-        if lr_rule(self.cfg.optim.name, "auto") == saved:
+        if saved in (None, "auto") or lr_rule(name, "auto") == saved:
             return
         self.cfg.optim.lr_scaling = saved
         lr = scaled_lr(self.cfg.optim, self.cfg.data.batch_size)
