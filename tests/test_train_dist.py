@@ -62,6 +62,35 @@ def _params(path):
     return state["model"], state["optimizer"]
 
 
+def _kill_with_workers(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers at once, as a node's loss or a pod's kill does: torchrun starts each worker
+    in a session of its own, so killing its process group would leave them training."""
+    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == proc.pid]
+    for pid in [proc.pid, *children]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    for pid in children:  # gone before the test goes on (they are torchrun's children, not ours to wait for)
+        while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
+            time.sleep(0.01)
+
+
+def _parent(proc_dir: Path) -> int:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"
+
+
 def _launched_until(args: list[str], out: Path, epochs: int, **popen) -> subprocess.Popen:
     """torchrun of `args` into `out`, running in the background, returned once `epochs` epochs are logged."""
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
@@ -80,11 +109,10 @@ def test_killed_run_resumes_bit_identically(tmp_path, synthetic_args):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     torchrun([*args, "--set", f"run.output_dir={straight}"])
 
-    # start the same run, SIGKILL the whole launcher group after epoch 2 is on disk, then start it again
-    proc = _launched_until(args, killed, 2, stderr=subprocess.DEVNULL, start_new_session=True)
+    # start the same run, SIGKILL torchrun and its workers after epoch 2 is on disk, then start it again
+    proc = _launched_until(args, killed, 2, stderr=subprocess.DEVNULL)
     metrics = killed / "metrics.jsonl"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_with_workers(proc)
     done = len(read_jsonl(metrics))
     assert 2 <= done < 4, "the run was not interrupted mid-way; make epochs longer"
     before = torch.load(killed / "checkpoint-latest.pt", weights_only=True)["epoch"]
