@@ -275,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     except kube.KubeconfigError as exc:  # --kubeconfig / --context / the kubeconfig file: the user's mistake
         return _fail(str(exc), EXIT_USAGE)
     except kube.ClusterError as exc:
-        return _fail(str(exc), EXIT_FAILED)
+        text = str(exc)
+        if text.endswith(" not found") and "pytorchjobs." in text and getattr(args, "api", "") is None:
+            text += " (a TrainJob? add --api trainjob)"  # these commands look for a PyTorchJob unless told
+        return _fail(text, EXIT_FAILED)
     except KeyboardInterrupt:
         return 130
 

@@ -209,7 +209,8 @@ def test_status_of_a_trainjob(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
 
 
 @pytest.mark.parametrize("scenario, message", [
-    ("status-not-found", 'datctl: PyTorchJob team-a/dat-smoke: pytorchjobs.kubeflow.org "dat-smoke" not found\n'),
+    ("status-not-found", 'datctl: PyTorchJob team-a/dat-smoke: pytorchjobs.kubeflow.org "dat-smoke" not found '
+                         '(a TrainJob? add --api trainjob)\n'),
     ("status-crd-missing", "datctl: PyTorchJob team-a/dat-smoke: the PyTorchJob CRD (kubeflow.org/v1) is not "
                            "installed in the cluster;"),
     ("status-forbidden", 'datctl: PyTorchJob team-a/dat-smoke: forbidden by RBAC: pytorchjobs.kubeflow.org '
