@@ -90,7 +90,8 @@ def test_unknown_keys_wrong_types_and_bad_values_are_reported_together(tmp_path)
     (["data.name=synthetic", "data.synthetic_train_size=64", "data.batch_size=128"],
      "data.synthetic_train_size 64 is smaller than one global batch (data.batch_size 128)"),
     (["data.name=digits", "data.val_size=1400"],
-     "data.val_size 1400 leaves digits 37 of its 1437 labelled training images, fewer than one global batch"),
+     "data.val_size 1400 leaves 37 of digits's 1437 training images, fewer than one global batch"),
+    (["data.name=cifar10-ext", "data.val_size=50000"], "data.val_size 50000: cifar10-ext has 50000 labelled"),
     (["data.name=synthetic", "data.synthetic_train_size=512", "data.val_size=448"],
      "data.synthetic_train_size 512 less data.val_size 448 is smaller than one global batch"),
 ])

@@ -203,6 +203,11 @@ def test_ti500k_labels_are_checked_before_training(tmp_path, targets, fragment):
         load_ti500k(str(tmp_path / "ti.pickle"))
 
 
+def test_the_sizes_config_checks_val_size_against_are_the_loaders():
+    from trainer.config import LABELLED_TRAIN
+    assert len(load_dataset(DataConfig(name="digits")).train) == LABELLED_TRAIN["digits"]
+
+
 def test_digits_is_real_and_scaled():
     ds = load_dataset(DataConfig(name="digits"))
     assert ds.train.images.shape[1:] == (1, 8, 8) and len(ds.train) + len(ds.test) == 1797

@@ -329,8 +329,22 @@ CHOICES: dict[str, tuple[str, ...]] = {  # the allowed values of every choice ke
 }
 
 
-# Labelled training images of the data sets whose size is known before loading them (data.val_size's bound).
+# Labelled training images of the data sets whose size is known before loading them (data.val_size's bound;
+# tests/test_data.py checks these against the loaders).
 LABELLED_TRAIN = {"digits": 1437, "cifar10": 50_000, "cifar10-ext": 50_000}
+
+
+def _val_size_problems(data: DataConfig) -> list[str]:
+    """data.val_size against the labelled training images of the data sets whose size is known unloaded."""
+    labelled = LABELLED_TRAIN.get(data.name)
+    if labelled is None or not data.val_size:
+        return []
+    if data.val_size >= labelled:
+        return [f"data.val_size {data.val_size}: {data.name} has {labelled} labelled training images; hold out fewer"]
+    if data.name != "cifar10-ext" and labelled - data.val_size < data.batch_size:  # the rest trains
+        return [f"data.val_size {data.val_size} leaves {labelled - data.val_size} of {data.name}'s {labelled} training "
+                f"images, fewer than one global batch (data.batch_size {data.batch_size})"]
+    return []
 
 
 def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> None:
@@ -374,13 +388,6 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
              f" less data.val_size {cfg.data.val_size}" if cfg.data.val_size else "") +
          f" is smaller than one global batch (data.batch_size {cfg.data.batch_size})"),
         (cfg.data.val_size >= 0, "data.val_size must be >= 0"),
-        (cfg.data.val_size < LABELLED_TRAIN.get(cfg.data.name, cfg.data.val_size + 1) and (
-            cfg.data.name not in ("digits", "cifar10")
-            or LABELLED_TRAIN[cfg.data.name] - cfg.data.val_size >= cfg.data.batch_size),
-         f"data.val_size {cfg.data.val_size} leaves {cfg.data.name} "
-         f"{LABELLED_TRAIN.get(cfg.data.name, 0) - cfg.data.val_size} of its "
-         f"{LABELLED_TRAIN.get(cfg.data.name, 0)} labelled training images, fewer than one global batch "
-         f"(data.batch_size {cfg.data.batch_size})"),
         (0 < cfg.dist.timeout_seconds <= 31_536_000, "dist.timeout_seconds must be in (0, 31536000] (a year)"),
         (0 <= cfg.run.seed < 2**63, "run.seed must be in [0, 2^63)"),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
@@ -437,6 +444,7 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
         (cfg.metrics.grace_seconds >= 0, "metrics.grace_seconds must be >= 0"),
     ]
     found += [message for ok, message in checks if not ok]
+    found += _val_size_problems(cfg.data)
     found += world_size_problems(cfg, world_size)
     every = cfg.jointspar.sample_every
     if every != "epoch" and not (every.isdigit() and int(every) >= 1):

@@ -6,13 +6,13 @@ when labelled and unlabelled images are mixed in each batch (CIFAR10-Ext), from 
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
 import re
 import tarfile
 import zipfile
-import dataclasses
 from dataclasses import dataclass
 from typing import Iterator
 

@@ -3,6 +3,7 @@ passes it on to its workers and kills them 30 s later), and what Ctrl-C sends. E
 asked of any rank at the same step, so the trainer can save a step checkpoint there, together, and exit."""
 from __future__ import annotations
 
+import datetime
 import signal
 import time
 from types import FrameType
@@ -22,10 +23,11 @@ class StopRequests:
     has long arrived: the step never waits for it, and the GPU stream is not touched. A signal is therefore
     acted on at the second boundary after it arrives, on every rank at the same one."""
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, timeout_seconds: float = 1800) -> None:
         self.received: int = 0  # the first signal this process got (0: none)
         self.received_at = 0.0
-        self._group = dist.new_group(backend="gloo") if world_size > 1 and dist.is_initialized() else None
+        self._group = (dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_seconds))
+                       if world_size > 1 and dist.is_initialized() else None)
         self._pending: tuple[dist.Work, torch.Tensor] | None = None
         self._previous: dict[int, object] = {}
 

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -166,7 +167,7 @@ class Trainer:
         self.jointspar = JointSpar(cfg.jointspar, model, seed=cfg.run.seed) if cfg.jointspar.enabled else None
         self.sampler = self.jointspar or DenseTraining(self.params)  # which parameters each step trains
         self.timer = PhaseTimer(self.device)
-        self.stops = StopRequests(dist_info.world_size)
+        self.stops = StopRequests(dist_info.world_size, cfg.dist.timeout_seconds)
         self.exporter = TrainingExporter()  # the real one starts with fit(); progress() is a no-op until then
         self.log = MetricsLog(cfg.run.output_dir, dist_info.is_main)
         self.start_epoch, self.best_ra, self.best_epoch = 1, -1.0, 0
@@ -255,7 +256,6 @@ class Trainer:
         if (state.get("jointspar") is None) != (self.jointspar is None):
             raise checkpoint.CheckpointError(f"{path}: jointspar.enabled differs from the checkpoint's run")
         saved_groups = state["optimizer"].get("param_groups", [])
-        self._keep_lr_rule(state.get("optim") or {})
         configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         saved_name = state.get("optimizer_name")  # older checkpoints: told apart by their settings' names
         other = (saved_name != self.cfg.optim.name) if saved_name else bool(
@@ -274,6 +274,8 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0][:200]
             raise checkpoint.CheckpointError(f"{path}: incompatible with this config ({first})") from None
+        if "optim" in state and self._keep_lr_rule(state["optim"]):  # nothing can refuse the resume from here on
+            configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         # The hyperparameters are this config's (config.yaml says so), not the checkpoint's: a resumed run may
         # lower the LR or change the weight decay. The LR of the next step comes from this run's schedule: the
         # same value when nothing changed, the extended schedule's when run.epochs grew.
@@ -329,22 +331,21 @@ class Trainer:
         self.best_epoch = int(state.get("best_epoch") or 0)
         self.run_id = str(state.get("run_id") or self.run_id)  # older checkpoints: a new id
 
-    def _keep_lr_rule(self, saved_optim: dict) -> None:
+    def _keep_lr_rule(self, saved_optim: dict) -> bool:
         """optim.lr_scaling auto meeting a checkpoint trained under another rule (a run from before auto, whose
         default was sqrt for every optimizer) keeps the checkpoint's: a default must not change a run's LR
-        half-way. Set the rule explicitly to change it."""
-        saved = saved_optim.get("lr_scaling")
+        half-way (set the rule explicitly to change it). The config then names the rule, as config.yaml will.
+        True when the optimizer's base LR changed."""
         name = self.cfg.optim.name
-        if self.cfg.optim.lr_scaling != "auto" or saved_optim.get("name") != name:
-            return
-        if saved in (None, "auto") or lr_rule(name, "auto") == saved:
-            return
+        saved = lr_rule(name, saved_optim.get("lr_scaling", "sqrt"))  # sqrt: the default before there was a choice
+        if self.cfg.optim.lr_scaling != "auto" or saved_optim.get("name") != name or lr_rule(name, "auto") == saved:
+            return False
         self.cfg.optim.lr_scaling = saved
-        lr = scaled_lr(self.cfg.optim, self.cfg.data.batch_size)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] = lr
+        for group in self.optimizer.param_groups:  # the schedule's base: the LR of each step comes from it
+            group["initial_lr"] = scaled_lr(self.cfg.optim, self.cfg.data.batch_size)
         self.resume_notes.append((logging.WARNING, f"optim.lr_scaling auto: keeping the checkpoint's rule ({saved}) "
                                   "for this run; set optim.lr_scaling to change it"))
+        return True
 
     def save(self, epoch: int, robust_acc: float | None) -> None:
         if not self.dist.is_main:
@@ -512,13 +513,15 @@ class Trainer:
         record.update(self.sampler.epoch_stats())
         return record
 
-    def stop(self, signum: int, epoch: int, step: int, saved: int, lr: float) -> None:
+    def stop(self, signum: int, epoch: int, step: int, saved: int, lr: float) -> NoReturn:
         """Every rank, at the same step: save what the checkpoint lacks (steps of `epoch` done since it) and
         raise TrainingStopped, which ends the run; a restart resumes from here."""
         if step > saved:
             self.save_within_epoch(epoch, step, lr)
         where = f"after step {step} of epoch {epoch}" if step else f"after epoch {epoch - 1}"
-        kept = checkpoint.find_resume(self.cfg.run.output_dir, "auto") if self.dist.is_main else None
+        if not self.dist.is_main:  # rank 0 writes checkpoints and says where
+            raise TrainingStopped(signum, f"stopped by {signal_name(signum)} {where}")
+        kept = checkpoint.find_resume(self.cfg.run.output_dir, "auto")
         raise TrainingStopped(signum, f"stopped by {signal_name(signum)} {where}: " + (
             f"{kept} holds it, and a restart resumes from there" if kept else "nothing was trained yet"))
 
@@ -532,8 +535,9 @@ class Trainer:
         eps = cfg.attack.eps if ev.eps < 0 else ev.eps
         self.model.eval()
         clean = robust = total = 0
-        for x, y in eval_batches(self.test_set if images is None else images, cfg.data.eval_batch_size, self.dist.rank, self.dist.world_size,
-                                 self.device, ev.max_samples):
+        images = self.test_set if images is None else images
+        for x, y in eval_batches(images, cfg.data.eval_batch_size, self.dist.rank, self.dist.world_size, self.device,
+                                 ev.max_samples):
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             clean += self.accuracy(x, y)
@@ -598,8 +602,8 @@ class Trainer:
             outcome = "stopped"
             raise
         finally:  # after a failure the poll in flight is left alone: a dead peer would never answer it
-            if self.stops.received:  # the pod is going: no signal may cut the way out short, no grace to wait
-                self.stops.ignore_further()
+            if self.stops.received or outcome == "stopped":  # the pod is going: no signal may cut the way out
+                self.stops.ignore_further()  # short (torchrun SIGTERMs the other workers once one exits)
             else:
                 self.stops.uninstall()
             exporter.finish(outcome, linger=not self.stops.received)
