@@ -152,7 +152,7 @@ def _parse_set(item: str, flag: str = "--set") -> list[tuple[list[str | int], An
         elif path and not isinstance(path[-1], int):
             raise fail("a key in the path is empty")
         if i >= n or item[i] != "=" or not path:
-            if re.search(r"=\[", item):  # dat-train's list syntax, which the configs' comments show
+            if "=[" in item:  # dat-train's list syntax, which the configs' comments show
                 raise fail("expected key.path=value; a list is {a,b} in helm's --set (or --set-json 'key=[a,b]')")
             raise fail("expected key.path=value")
         i += 1

@@ -602,11 +602,12 @@ class Trainer:
             outcome = "stopped"
             raise
         finally:  # after a failure the poll in flight is left alone: a dead peer would never answer it
-            if self.stops.received or outcome == "stopped":  # the pod is going: no signal may cut the way out
-                self.stops.ignore_further()  # short (torchrun SIGTERMs the other workers once one exits)
+            leaving = bool(self.stops.received) or outcome == "stopped"  # the pod is going
+            if leaving:  # no signal may cut the way out short (torchrun SIGTERMs the other workers once one exits)
+                self.stops.ignore_further()
             else:
                 self.stops.uninstall()
-            exporter.finish(outcome, linger=not self.stops.received)
+            exporter.finish(outcome, linger=not leaving)
         return record
 
 

@@ -100,9 +100,7 @@ A monitoring-only release (job.enabled false) must watch every job and render so
 {{- if and (eq .Values.alerts.scope "release") (ne (toString .Values.alerts.enabled) "false") }}
 {{- fail "job.enabled=false: alerts.scope=release would watch this release's job, and there is none; set alerts.scope=all (or alerts.enabled=false)" }}
 {{- end }}
-{{- $alerts := toString .Values.alerts.enabled }}
-{{- $noAlerts := or (eq $alerts "false") (and (eq $alerts "auto") (not (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/PrometheusRule"))) }}
-{{- if and (not .Values.dashboard.enabled) (not .Values.exporter.enabled) $noAlerts }}
+{{- if and (not .Values.dashboard.enabled) (not .Values.exporter.enabled) (not (include "dat-training.alertsEnabled" .)) }}
 {{- fail "job.enabled=false with the dashboard and the exporter off and no alerts (alerts.enabled false, or auto where the cluster serves no PrometheusRule): this release would install nothing" }}
 {{- end }}
 {{- end }}
@@ -482,6 +480,14 @@ spec:
         {{- include "dat-training.volumeMounts" . | nindent 8 }}
   volumes:
     {{- include "dat-training.volumes" . | nindent 4 }}
+{{- end }}
+
+{{/*
+"true" when the PrometheusRule is rendered: alerts.enabled true, or auto and the cluster serves it.
+*/}}
+{{- define "dat-training.alertsEnabled" -}}
+{{- $mode := toString .Values.alerts.enabled }}
+{{- if or (eq $mode "true") (and (eq $mode "auto") (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/PrometheusRule")) }}true{{ end }}
 {{- end }}
 
 {{/*
