@@ -9,7 +9,9 @@ import argparse
 import importlib
 import logging
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -122,38 +124,49 @@ def cmd_submit(args: argparse.Namespace) -> int:
     cluster.submit(objects, kind)
     name = rendered.values["name"]
     ns_flag = f" -n {cluster.namespace}"
-    api_flag = " --api trainjob" if kind is kube.TRAINJOB else ""
-    print(f"follow it: datctl watch {name}{ns_flag}{api_flag}   |   datctl logs {name}{ns_flag}{api_flag}")
+    print(f"follow it: datctl watch {name}{ns_flag}   |   datctl logs {name}{ns_flag}")
     return 0
+
+
+def _job(cluster: kube.Cluster, args: argparse.Namespace) -> tuple[kube.Kind, dict[str, Any] | None]:
+    """The job's kind (--api, else whichever of PyTorchJob / TrainJob the cluster has by that name) and the job
+    when it was read to find out."""
+    if args.api:
+        return kube.KINDS[args.api], None
+    return cluster.find_job(args.name)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
-    print("\n".join(kube.status_report(cluster, kube.KINDS[args.api or "pytorchjob"], args.name)))
+    kind, job = _job(cluster, args)
+    print("\n".join(kube.status_report(cluster, kind, args.name, job=job)))
     return 0
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    started = time.monotonic()
     cluster = _cluster(args)
-    kind = kube.KINDS[args.api or "pytorchjob"]
-    ok = kube.watch(cluster, kind, args.name, interval=args.interval, timeout=args.timeout)
+    kind, job = _job(cluster, args)
+    ok = kube.watch(cluster, kind, args.name, interval=args.interval, timeout=args.timeout, job=job, started=started)
     print(f"{kind.kind} {cluster.namespace}/{args.name}: {'succeeded' if ok else 'failed'}")
     return 0 if ok else EXIT_FAILED
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
-    kind = kube.KINDS[args.api or "pytorchjob"]
+    kind, job = _job(cluster, args)
     replica = args.replica
     if replica is None:
-        replica = kube.default_replica(kind, cluster.get_job(kind, args.name) if kind is kube.PYTORCHJOB else None)
+        if kind is kube.PYTORCHJOB and job is None:
+            job = cluster.get_job(kind, args.name)
+        replica = kube.default_replica(kind, job)
     cluster.logs(kind, args.name, replica, follow=args.follow, out=sys.stdout)
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
-    kind = kube.KINDS[args.api or "pytorchjob"]
+    kind, _ = _job(cluster, args)
     cluster.delete(kind, args.name)
     what = "ConfigMap, ServiceAccount" if kind is kube.TRAINJOB else "ConfigMap"
     print(f"{kind.kind.lower()}/{args.name} deleted (its pods, and the {what}, NetworkPolicy and PodMonitor "
@@ -217,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--request-timeout", type=_seconds(least=0.1), default=30.0, metavar="SECONDS",
                        help="give up on an API call the server does not answer within SECONDS (default 30)")
         if api:
-            p.add_argument("--api", choices=sorted(kube.KINDS), help="default: pytorchjob")
+            p.add_argument("--api", choices=sorted(kube.KINDS),
+                           help="the job's kind (default: the PyTorchJob of that name, else the TrainJob)")
 
     p = sub.add_parser("render", help="print (or write) the job, its ConfigMap and PodMonitor (a TrainJob's ServiceAccount) of a job spec")
     jobspec_args(p)
@@ -275,10 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     except kube.KubeconfigError as exc:  # --kubeconfig / --context / the kubeconfig file: the user's mistake
         return _fail(str(exc), EXIT_USAGE)
     except kube.ClusterError as exc:
-        text = str(exc)
-        if text.endswith(" not found") and "pytorchjobs." in text and getattr(args, "api", "") is None:
-            text += " (a TrainJob? add --api trainjob)"  # these commands look for a PyTorchJob unless told
-        return _fail(text, EXIT_FAILED)
+        return _fail(str(exc), EXIT_FAILED)
     except KeyboardInterrupt:
         return 130
 

@@ -59,6 +59,10 @@ class ClusterError(RuntimeError):
         self.status = status
 
 
+class JobNotFound(ClusterError):
+    """The job (or its kind's CRD) is not there: a 404 on the job itself."""
+
+
 class KubeconfigError(ClusterError):
     """A mistake in --kubeconfig, --context or the kubeconfig file itself (a user mistake), one line."""
 
@@ -218,8 +222,30 @@ class Cluster:
 
     # -- objects -------------------------------------------------------------------------------------------
     def get_job(self, kind: Kind, name: str) -> dict[str, Any]:
-        return self.call(kind, f"{kind.kind} {self.namespace}/{name}", self.custom.get_namespaced_custom_object,
-                         kind.group, kind.version, self.namespace, kind.plural, name)
+        try:
+            return self.call(kind, f"{kind.kind} {self.namespace}/{name}", self.custom.get_namespaced_custom_object,
+                             kind.group, kind.version, self.namespace, kind.plural, name)
+        except ClusterError as exc:
+            if exc.status == 404:
+                raise JobNotFound(str(exc), status=404) from None
+            raise
+
+    def find_job(self, name: str) -> tuple[Kind, dict[str, Any]]:
+        """The PyTorchJob NAME, else the TrainJob NAME, with its kind (for commands not told the --api)."""
+        try:
+            return PYTORCHJOB, self.get_job(PYTORCHJOB, name)
+        except JobNotFound as not_pytorchjob:
+            try:
+                return TRAINJOB, self.get_job(TRAINJOB, name)
+            except JobNotFound as not_trainjob:
+                if all("is not installed" in str(e) for e in (not_pytorchjob, not_trainjob)):
+                    raise JobNotFound(f"neither the PyTorchJob CRD ({PYTORCHJOB.api_version}) nor the TrainJob CRD "
+                                      f"({TRAINJOB.api_version}) is installed in the cluster; {PYTORCHJOB.install}",
+                                      status=404) from None
+                raise JobNotFound(f"no PyTorchJob or TrainJob named {name} in namespace {self.namespace}",
+                                  status=404) from None
+            except ClusterError as exc:  # e.g. RBAC forbids reading TrainJobs: both answers count
+                raise ClusterError(f"{not_pytorchjob}; {exc}", status=exc.status) from None
 
     def submit(self, objects: list[dict[str, Any]], kind: Kind, out: IO[str] | None = None) -> dict[str, Any]:
         """Create the ConfigMap (and a TrainJob's ServiceAccount, the NetworkPolicy when given), the job and the
@@ -406,8 +432,9 @@ def epoch_figures(text: str) -> list[str]:
     return [] if epoch == 0 else lines
 
 
-def status_report(cluster: Cluster, kind: Kind, name: str) -> list[str]:
-    job = cluster.get_job(kind, name)
+def status_report(cluster: Cluster, kind: Kind, name: str, job: dict[str, Any] | None = None) -> list[str]:
+    """job: the job as just read, if it was."""
+    job = job if job is not None else cluster.get_job(kind, name)
     out = [f"{kind.kind} {cluster.namespace}/{name}: {phase(job, kind)}", "conditions:"]
     out += condition_lines(job)
     status = job.get("status") or {}
@@ -447,13 +474,14 @@ def status_report(cluster: Cluster, kind: Kind, name: str) -> list[str]:
 
 
 def watch(cluster: Cluster, kind: Kind, name: str, interval: float, timeout: float,
-          out: IO[str] | None = None) -> bool:
-    """Print condition changes until the job ends; True when it succeeded."""
+          out: IO[str] | None = None, job: dict[str, Any] | None = None, started: float | None = None) -> bool:
+    """Print condition changes until the job ends; True when it succeeded. job: its first poll, if read;
+    started: the time.monotonic() the timeout counts from (default: now)."""
     out = out or sys.stdout
     seen: set[tuple] = set()
-    deadline = time.monotonic() + timeout if timeout > 0 else None
+    deadline = (started or time.monotonic()) + timeout if timeout > 0 else None
     while True:
-        job = cluster.get_job(kind, name)
+        job = job if job is not None else cluster.get_job(kind, name)
         for c in (job.get("status") or {}).get("conditions") or []:
             key = (c.get("type"), c.get("status"), c.get("reason"), c.get("lastTransitionTime"))
             if key not in seen:
@@ -470,3 +498,4 @@ def watch(cluster: Cluster, kind: Kind, name: str, interval: float, timeout: flo
         if deadline is not None and time.monotonic() >= deadline:
             raise ClusterError(f"{kind.kind} {cluster.namespace}/{name}: still {current} after {timeout:g}s")
         time.sleep(interval)
+        job = None

@@ -195,24 +195,27 @@ def test_status_of_a_running_job(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert server.requests[1]["query"] == {"labelSelector": "training.kubeflow.org/job-name=dat-smoke"}
 
 
-def test_status_of_a_trainjob(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, err, server = datctl(capsys, "status-trainjob", tmp_path, "status", "dat-smoke", "--api", "trainjob")
+@pytest.mark.parametrize("scenario, api", [("status-trainjob", ["--api", "trainjob"]),
+                                           # without --api: no PyTorchJob CRD (a Trainer v2 cluster), so the TrainJob
+                                           ("status-trainjob-found", [])])
+def test_status_of_a_trainjob(scenario: str, api: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err, server = datctl(capsys, scenario, tmp_path, "status", "dat-smoke", *api)
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0] == "TrainJob team-a/dat-smoke: Created"
     assert "  node    active 2, ready 2, succeeded 0, failed 0, suspended 0" in lines
     assert any(line.split()[:4] == ["dat-smoke-node-0-1-7x1kq", "Running", "restarts", "1"] for line in lines)
-    assert server.requests[1]["query"] == {"labelSelector": "jobset.sigs.k8s.io/jobset-name=dat-smoke"}
+    pods = next(r for r in server.requests if r["path"].endswith("/pods"))
+    assert pods["query"] == {"labelSelector": "jobset.sigs.k8s.io/jobset-name=dat-smoke"}
     # a TrainJob's pods declare no ports: metrics.port comes from the job's trainer config (its ConfigMap)
     start = lines.index("latest epoch (dat-smoke-node-0-0-7x0kq:9400/metrics):")
     assert {line.split()[0]: float(line.split()[1]) for line in lines[start + 1:]}["dat_epoch"] == 1.0
 
 
 @pytest.mark.parametrize("scenario, message", [
-    ("status-not-found", 'datctl: PyTorchJob team-a/dat-smoke: pytorchjobs.kubeflow.org "dat-smoke" not found '
-                         '(a TrainJob? add --api trainjob)\n'),
-    ("status-crd-missing", "datctl: PyTorchJob team-a/dat-smoke: the PyTorchJob CRD (kubeflow.org/v1) is not "
-                           "installed in the cluster;"),
+    ("status-not-found", "datctl: no PyTorchJob or TrainJob named dat-smoke in namespace team-a\n"),
+    ("status-crd-missing", "datctl: neither the PyTorchJob CRD (kubeflow.org/v1) nor the TrainJob CRD "
+                           "(trainer.kubeflow.org/v1alpha1) is installed in the cluster;"),
     ("status-forbidden", 'datctl: PyTorchJob team-a/dat-smoke: forbidden by RBAC: pytorchjobs.kubeflow.org '
                          '"dat-smoke" is forbidden: User "alice@example.com" cannot get resource "pytorchjobs"'),
 ])
@@ -258,7 +261,8 @@ def test_logs_of_the_master(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
 def test_delete(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, _, server = datctl(capsys, "delete", tmp_path, "delete", "dat-smoke")
     assert code == 0 and out.startswith("pytorchjob/dat-smoke deleted")
-    request = server.requests[0]
+    assert server.requests[0]["method"] == "GET"  # which kind of job is it? (no --api)
+    request = server.requests[1]
     assert (request["body"] or {}).get("propagationPolicy", request["query"].get("propagationPolicy")) == "Background"
 
 
