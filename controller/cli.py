@@ -166,8 +166,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_delete(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
-    kind, _ = _job(cluster, args)
-    cluster.delete(kind, args.name)
+    if args.api:
+        kind = kube.KINDS[args.api]
+        cluster.delete(kind, args.name)
+    else:
+        kind, _ = cluster.find_job(args.name, cluster.delete)
     what = "ConfigMap, ServiceAccount" if kind is kube.TRAINJOB else "ConfigMap"
     print(f"{kind.kind.lower()}/{args.name} deleted (its pods, and the {what}, NetworkPolicy and PodMonitor "
           "datctl created with it, are garbage-collected)")

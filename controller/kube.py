@@ -222,21 +222,26 @@ class Cluster:
 
     # -- objects -------------------------------------------------------------------------------------------
     def get_job(self, kind: Kind, name: str) -> dict[str, Any]:
+        return self._job_call(kind, name, self.custom.get_namespaced_custom_object)
+
+    def _job_call(self, kind: Kind, name: str, fn: Callable, **kwargs: Any) -> Any:
         try:
-            return self.call(kind, f"{kind.kind} {self.namespace}/{name}", self.custom.get_namespaced_custom_object,
-                             kind.group, kind.version, self.namespace, kind.plural, name)
+            return self.call(kind, f"{kind.kind} {self.namespace}/{name}", fn, kind.group, kind.version,
+                             self.namespace, kind.plural, name, **kwargs)
         except ClusterError as exc:
             if exc.status == 404:
                 raise JobNotFound(str(exc), status=404) from None
             raise
 
-    def find_job(self, name: str) -> tuple[Kind, dict[str, Any]]:
-        """The PyTorchJob NAME, else the TrainJob NAME, with its kind (for commands not told the --api)."""
+    def find_job(self, name: str, verb: Callable[[Kind, str], Any] | None = None) -> tuple[Kind, Any]:
+        """verb(kind, name) (default get_job) on the PyTorchJob NAME, else on the TrainJob NAME: for commands
+        not told the --api. Returns the kind and what verb returned."""
+        verb = verb or self.get_job
         try:
-            return PYTORCHJOB, self.get_job(PYTORCHJOB, name)
+            return PYTORCHJOB, verb(PYTORCHJOB, name)
         except JobNotFound as not_pytorchjob:
             try:
-                return TRAINJOB, self.get_job(TRAINJOB, name)
+                return TRAINJOB, verb(TRAINJOB, name)
             except JobNotFound as not_trainjob:
                 if all("is not installed" in str(e) for e in (not_pytorchjob, not_trainjob)):
                     raise JobNotFound(f"neither the PyTorchJob CRD ({PYTORCHJOB.api_version}) nor the TrainJob CRD "
@@ -244,7 +249,7 @@ class Cluster:
                                       status=404) from None
                 raise JobNotFound(f"no PyTorchJob or TrainJob named {name} in namespace {self.namespace}",
                                   status=404) from None
-            except ClusterError as exc:  # e.g. RBAC forbids reading TrainJobs: both answers count
+            except ClusterError as exc:  # e.g. RBAC forbids TrainJobs: both answers count
                 raise ClusterError(f"{not_pytorchjob}; {exc}", status=exc.status) from None
 
     def submit(self, objects: list[dict[str, Any]], kind: Kind, out: IO[str] | None = None) -> dict[str, Any]:
@@ -317,8 +322,7 @@ class Cluster:
                          self._core_calls()[obj["kind"]][verb], *args, **kwargs)
 
     def delete(self, kind: Kind, name: str) -> None:
-        self.call(kind, f"{kind.kind} {self.namespace}/{name}", self.custom.delete_namespaced_custom_object,
-                  kind.group, kind.version, self.namespace, kind.plural, name, propagation_policy="Background")
+        self._job_call(kind, name, self.custom.delete_namespaced_custom_object, propagation_policy="Background")
 
     def pods(self, kind: Kind, name: str, replica: str | None = None) -> list[client.V1Pod]:
         selector = pod_selector(kind, name, replica)
