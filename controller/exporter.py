@@ -5,8 +5,8 @@ Lists and then watches the jobs of each kind asked for (all namespaces or one) a
                                                PyTorchJob: Created, Running, Restarting, Succeeded, Suspended, Failed
                                                TrainJob: Created, Suspended, Complete, Failed
   dat_job_start_timestamp_seconds{kind}        PyTorchJob status.startTime (a TrainJob's status has none)
-  dat_job_completion_timestamp_seconds{kind}   PyTorchJob status.completionTime; TrainJob: when Complete or
-                                               Failed turned True
+  dat_job_completion_timestamp_seconds{kind}   PyTorchJob status.completionTime, else (and for a TrainJob)
+                                               when Succeeded / Complete or Failed turned True
   dat_job_replicas{kind,replica,state}         PyTorchJob status.replicaStatuses (master, worker: active,
                                                succeeded, failed); TrainJob status.jobsStatus (node, initializers:
                                                active, ready, succeeded, failed, suspended)
@@ -58,12 +58,12 @@ class Exported:
                 for name, counts in groups.items()}
 
     def times(self, status: dict[str, Any], conditions: dict[str, dict]) -> tuple[float | None, float | None]:
-        """(start, completion) as Unix times, where the status says."""
-        if self.resource is kube.TRAINJOB:
-            ended = [c.get("lastTransitionTime") for t, c in conditions.items()
-                     if t in ("Complete", "Failed") and str(c.get("status")) == "True"]
-            return None, _timestamp(ended[0] if ended else None)
-        return _timestamp(status.get("startTime")), _timestamp(status.get("completionTime"))
+        """(start, completion) as Unix times: PyTorchJob status.startTime and status.completionTime; the end
+        is otherwise when the success or Failed condition turned True (a TrainJob's status has no times)."""
+        ended = [c.get("lastTransitionTime") for t, c in conditions.items()
+                 if t in (self.resource.succeeded, "Failed") and str(c.get("status")) == "True"]
+        return (_timestamp(status.get("startTime")),
+                _timestamp(status.get("completionTime")) or _timestamp(ended[0] if ended else None))
 
 
 EXPORTED = {
@@ -160,8 +160,8 @@ class JobCollector:
         start = GaugeMetricFamily("dat_job_start_timestamp_seconds", "PyTorchJob status.startTime.",
                                   labels=JOB_LABELS)
         completion = GaugeMetricFamily("dat_job_completion_timestamp_seconds",
-                                       "When the job succeeded or failed (PyTorchJob status.completionTime, "
-                                       "TrainJob Complete/Failed condition).", labels=JOB_LABELS)
+                                       "When the job succeeded or failed (PyTorchJob status.completionTime, else "
+                                       "when its success or Failed condition turned True).", labels=JOB_LABELS)
         replicas = GaugeMetricFamily("dat_job_replicas", "Pods (PyTorchJob replicaStatuses) or Jobs (TrainJob "
                                      "jobsStatus) per replica and state.", labels=JOB_LABELS + ["replica", "state"])
         restarts = CounterMetricFamily("dat_job_restarts", "Restarting transitions seen by this exporter.",

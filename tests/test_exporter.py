@@ -298,3 +298,20 @@ def test_bad_retry_settings_are_refused(flags):
     proc = subprocess.run([sys.executable, "-m", "controller.exporter", *flags], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 2 and "--watch-timeout must be >= 1 and 0 < --retry-seconds" in proc.stderr
+
+
+def test_a_failed_job_without_completion_time_ends_when_failed_turned_true():
+    """DATJobFailed counts its window from the completion time: a Failed PyTorchJob whose operator left
+    status.completionTime unset still gets one (the Failed condition's lastTransitionTime)."""
+    from controller.exporter import EXPORTED, JobState
+    failed = {"type": "Failed", "status": "True", "lastTransitionTime": "2026-11-20T09:10:00Z"}
+    obj = {"metadata": {"namespace": "a", "name": "j"},
+           "status": {"startTime": "2026-11-20T09:00:00Z", "conditions": [
+               {"type": "Created", "status": "True", "lastTransitionTime": "2026-11-20T08:59:00Z"}, failed]}}
+    job = JobState.from_object(obj, EXPORTED["pytorchjob"])
+    assert (job.start, job.completion) == (ts("2026-11-20T09:00:00Z"), ts("2026-11-20T09:10:00Z"))
+    obj["status"]["completionTime"] = "2026-11-20T09:11:00Z"  # the operator's own figure wins
+    assert JobState.from_object(obj, EXPORTED["pytorchjob"]).completion == ts("2026-11-20T09:11:00Z")
+    failed["status"] = "False"
+    del obj["status"]["completionTime"]
+    assert JobState.from_object(obj, EXPORTED["pytorchjob"]).completion is None  # still running

@@ -46,6 +46,7 @@ def record(epoch: int, rank: int) -> dict:
     phases = {"data_seconds": 0.1, "attack_seconds": 1.0 + rank, "compute_seconds": 0.5,
               "comm_seconds": 0.25 * epoch, "optimizer_seconds": 0.05, "eval_seconds": 0.3}
     return {"epoch": epoch, "epoch_seconds": sum(phases.values()), **phases,
+            "steps": 4 if epoch == 2 else 8,  # epoch 2 resumed at step 4 of 8
             "comm_bytes": 1000 * epoch + rank, "dense_comm_bytes": 4000 * epoch, "comm_calls": 7,
             "images": 128, "images_per_second": 50.0 + rank, "train_loss": 2.0 / epoch,
             "train_clean_acc": 0.3, "train_adv_acc": 0.2,
@@ -120,6 +121,8 @@ def test_two_ranks_of_one_pod_share_one_port_then_grace_then_stop(tmp_path):
         assert find(text, "dat_epoch_duration_seconds", **base) == [pytest.approx(last["epoch_seconds"])]
         assert find(text, "dat_epoch_train_duration_seconds", **base) == [
             pytest.approx(last["epoch_seconds"] - last["eval_seconds"])]
+        assert find(text, "dat_step_duration_seconds", **base) == [
+            pytest.approx((last["epoch_seconds"] - last["eval_seconds"]) / 4)]
         assert find(text, "dat_phase_duration_seconds", **base, phase="communication") == [0.5]
         assert find(text, "dat_phase_seconds_total", **base, phase="communication") == [pytest.approx(0.75)]
         assert find(text, "dat_phase_seconds_total", **base, phase="attack") == [pytest.approx(2.0 + 2 * rank)]
@@ -130,6 +133,7 @@ def test_two_ranks_of_one_pod_share_one_port_then_grace_then_stop(tmp_path):
         assert find(text, "dat_progress_timestamp_seconds", **base)[0] > time.time() - 120
         assert find(text, "dat_training_finished", **base) == [1.0]
         assert find(text, "dat_training_outcome", **base, outcome="completed") == [1.0]
+        assert time.time() - 120 < find(text, "dat_training_end_timestamp_seconds", **base)[0] <= time.time()
         # the job's values: rank 0 only
         job_wide = {"dat_epoch": 2.0, "dat_epoch_progress_ratio": 0.0, "dat_images_per_second": 50.0,
                     "dat_train_loss": 1.0, "dat_learning_rate": 0.02,
@@ -233,7 +237,10 @@ def test_push_to_a_real_pushgateway_at_every_epoch_end(pushgateway, monkeypatch)
     assert find(text, "dat_communication_bytes_total", job="pushed", rank="0") == [3000.0]
     assert find(text, "dat_communication_bytes_total", job="pushed", rank="1") == [1001.0]
     exporters[0].finish()
-    assert find(scrape(pushgateway), "dat_training_finished", job="pushed", rank="0") == [1.0]
+    text = scrape(pushgateway)
+    assert find(text, "dat_training_finished", job="pushed", rank="0") == [1.0]
+    # what tells DATTrainingAborted an outcome the gateway has kept for hours from a new one
+    assert time.time() - 120 < find(text, "dat_training_end_timestamp_seconds", job="pushed", rank="0")[0]
 
 
 def test_unreachable_pushgateway_only_warns(capsys):
@@ -331,3 +338,22 @@ def test_a_run_that_got_sigterm_does_not_linger(tmp_path, monkeypatch):
     monkeypatch.setattr(observability.time, "sleep", slept.append)
     ex.finish("completed", linger=False)
     assert slept == [] and ex.server is None
+
+
+def test_a_resumed_run_serves_its_last_evaluation_from_the_start(tmp_path, monkeypatch):
+    """The job-wide gauges of a resumed run come from its metrics.jsonl records before its first new epoch: the
+    accuracy of the last evaluation (epoch 1 here; epoch 2 was not evaluated), the loss and LR of epoch 2."""
+    monkeypatch.setenv("DAT_METRICS_DIR", str(tmp_path))
+    port = free_port()
+    ex = TrainingExporter.start(MetricsConfig(port=port, job_name="resumed"), rank=0, local_rank=0, node_rank=0,
+                                world_size=1, local_world_size=1, run_info=RUN_INFO, default_job_name="x",
+                                epochs_done=2, history=[record(1, 0), record(2, 0)])
+    try:
+        text = scrape(port)
+        assert find(text, "dat_epoch") == [2.0]
+        assert find(text, "dat_test_robust_accuracy") == [0.25] and find(text, "dat_test_clean_accuracy") == [0.5]
+        assert find(text, "dat_train_loss") == [1.0] and find(text, "dat_learning_rate") == [0.02]
+        assert find(text, "dat_epoch_progress_ratio") == [0.0]
+        assert find(text, "dat_training_end_timestamp_seconds") == []  # running
+    finally:
+        ex.finish(linger=False)

@@ -135,9 +135,18 @@ tests:
   - interval: 1m
     input_series:
       # job states from datctl exporter: "bad" failed at 2m, "bad-v2" at 3m; "good" runs (no trainer metrics);
-      # "training" runs and its trainer serves metrics; "finished" completed
+      # "training" runs and its trainer serves metrics; "finished" completed; "old" failed 2h before this
+      # Prometheus (or exporter) started: nothing an hour back to compare with, yet no alert
       - series: 'dat_job_condition{{job_namespace="a", job_name="bad", kind="PyTorchJob", condition="Failed"}}'
         values: '0 0 1x70'
+      - series: 'dat_job_completion_timestamp_seconds{{job_namespace="a", job_name="bad", kind="PyTorchJob"}}'
+        values: '_ _ 120x70'
+      - series: 'dat_job_completion_timestamp_seconds{{job_namespace="a", job_name="bad-v2", kind="TrainJob"}}'
+        values: '_ _ _ 180x70'
+      - series: 'dat_job_condition{{job_namespace="a", job_name="old", kind="PyTorchJob", condition="Failed"}}'
+        values: '1x72'
+      - series: 'dat_job_completion_timestamp_seconds{{job_namespace="a", job_name="old", kind="PyTorchJob"}}'
+        values: '-7200x72'
       - series: 'dat_job_condition{{job_namespace="a", job_name="good", kind="TrainJob", condition="Failed"}}'
         values: '0x72'
       - series: 'dat_job_condition{{job_namespace="a", job_name="bad-v2", kind="TrainJob", condition="Failed"}}'
@@ -151,9 +160,20 @@ tests:
       # the exporter itself: up for 20 minutes, then gone
       - series: 'dat_exporter_jobs{{namespace="dat-system", kind="PyTorchJob"}}'
         values: '4x20 stale'
-      # outcomes: "nan" diverged at 5m, "ok" completed, "spot" stopped by SIGTERM (a preempted node: it resumes)
+      # outcomes: "nan" diverged at 5m, "ok" completed, "spot" stopped by SIGTERM (a preempted node: it resumes);
+      # through a Pushgateway, which keeps the last push for good: "pushed" errored at 5m, "long-ago" 2h earlier
       - series: 'dat_training_outcome{{namespace="d", job_name="nan", rank="0", outcome="diverged"}}'
         values: '_x5 1x2 stale'
+      - series: 'dat_training_end_timestamp_seconds{{namespace="d", job_name="nan", rank="0"}}'
+        values: '_x5 300x2 stale'
+      - series: 'dat_training_outcome{{namespace="d", job_name="pushed", rank="0", outcome="error"}}'
+        values: '_x5 1x80'
+      - series: 'dat_training_end_timestamp_seconds{{namespace="d", job_name="pushed", rank="0"}}'
+        values: '_x5 300x80'
+      - series: 'dat_training_outcome{{namespace="d", job_name="long-ago", rank="0", outcome="error"}}'
+        values: '1x80'
+      - series: 'dat_training_end_timestamp_seconds{{namespace="d", job_name="long-ago", rank="0"}}'
+        values: '-7200x80'
       - series: 'dat_training_outcome{{namespace="d", job_name="spot", rank="0", outcome="stopped"}}'
         values: '_x5 1x2 stale'
       - series: 'dat_training_outcome{{namespace="d", job_name="ok", rank="0", outcome="completed"}}'
@@ -171,16 +191,21 @@ tests:
         values: '0+60x52'
       - series: 'dat_training_finished{{namespace="a", job_name="busy", rank="0"}}'
         values: '0x52'
-      # training time per epoch: 100 s for 40 min, then 200 s ("slow", 2x) or 140 s ("fine", 1.4x); "evals"
-      # trains 100 s per epoch and evaluates every few epochs (epoch 100 s or 400 s with evaluation)
-      - series: 'dat_epoch_train_duration_seconds{{namespace="a", job_name="slow", rank="1"}}'
-        values: '100x40 200x5'
-      - series: 'dat_epoch_train_duration_seconds{{namespace="a", job_name="fine", rank="1"}}'
-        values: '100x40 140x5'
-      - series: 'dat_epoch_train_duration_seconds{{namespace="a", job_name="evals", rank="0"}}'
-        values: '100x45'
+      # mean training step: 1 s for 40 min, then 2 s ("slow", 2x) or 1.4 s ("fine", 1.4x); "evals" evaluates
+      # every few epochs (epoch 100 s or 400 s with evaluation); "resumed" restarts mid-epoch at 40m: a 20 s epoch
+      # of the remaining 20 steps, then a full one, 100 s, at the same speed per step
+      - series: 'dat_step_duration_seconds{{namespace="a", job_name="slow", rank="1"}}'
+        values: '1x40 2x5'
+      - series: 'dat_step_duration_seconds{{namespace="a", job_name="fine", rank="1"}}'
+        values: '1x40 1.4x5'
+      - series: 'dat_step_duration_seconds{{namespace="a", job_name="evals", rank="0"}}'
+        values: '1x45'
       - series: 'dat_epoch_duration_seconds{{namespace="a", job_name="evals", rank="0"}}'
         values: '100x40 400x5'
+      - series: 'dat_step_duration_seconds{{namespace="a", job_name="resumed", rank="0"}}'
+        values: '1x45'
+      - series: 'dat_epoch_train_duration_seconds{{namespace="a", job_name="resumed", rank="0"}}'
+        values: '100x40 20x2 100x3'
       # communication: 60 % of 100 s of training for "chatty"; 40 % for "quiet" (whose 300 s epochs are
       # mostly evaluation)
       - series: 'dat_phase_duration_seconds{{namespace="b", job_name="chatty", rank="0", phase="communication"}}'
@@ -208,12 +233,12 @@ tests:
         values: '0.50x5 0.52x4 stale'
       - series: 'dat_test_robust_accuracy{{namespace="c", job_name="again", run_id="r2", rank="0", instance="pod-c"}}'
         values: '_x10 0.15x5'
-      # "rerun": 300 s epochs for 40 min, then a new run of the same name: 100 s epochs, then one of 200 s (slow
-      # for this run, though fast next to the earlier run's median)
-      - series: 'dat_epoch_train_duration_seconds{{namespace="a", job_name="rerun", run_id="r1", rank="0"}}'
-        values: '300x40 stale'
-      - series: 'dat_epoch_train_duration_seconds{{namespace="a", job_name="rerun", run_id="r2", rank="0"}}'
-        values: '_x41 100x5 200'
+      # "rerun": 3 s steps for 40 min, then a new run of the same name: 1 s steps, then an epoch of 2 s steps
+      # (slow for this run, though fast next to the earlier run's median)
+      - series: 'dat_step_duration_seconds{{namespace="a", job_name="rerun", run_id="r1", rank="0"}}'
+        values: '3x40 stale'
+      - series: 'dat_step_duration_seconds{{namespace="a", job_name="rerun", run_id="r2", rank="0"}}'
+        values: '_x41 1x5 2'
     alert_rule_test:
       - {{eval_time: 1m, alertname: DATJobFailed, exp_alerts: []}}
       - eval_time: 3m
@@ -243,7 +268,7 @@ tests:
           - exp_labels: {{severity: warning}}
             exp_annotations:
               summary: datctl exporter serves no metrics
-              description: 'No datctl exporter metrics for 10m: DATJobFailed and DATJobWithoutMetrics cannot fire. Check the exporter Deployment and its ServiceMonitor.'
+              description: 'No datctl exporter metrics for 10m: DATJobFailed and DATJobWithoutMetrics cannot fire. Check the exporter Deployment and its PodMonitor.'
       - {{eval_time: 4m, alertname: DATTrainingAborted, exp_alerts: []}}
       - eval_time: 50m
         alertname: DATTrainingAborted
@@ -251,6 +276,10 @@ tests:
           - exp_labels: {{severity: warning, namespace: d, job_name: nan, outcome: diverged}}
             exp_annotations:
               summary: 'Training of d/nan ended: diverged'
+              description: 'The trainer stopped before its last epoch (diverged: the loss or the weights became inf or NaN, the last good checkpoint is kept; error: see the pod log). The job fails too; a restart resumes from the last checkpoint.'
+          - exp_labels: {{severity: warning, namespace: d, job_name: pushed, outcome: error}}
+            exp_annotations:
+              summary: 'Training of d/pushed ended: error'
               description: 'The trainer stopped before its last epoch (diverged: the loss or the weights became inf or NaN, the last good checkpoint is kept; error: see the pod log). The job fails too; a restart resumes from the last checkpoint.'
       - {{eval_time: 70m, alertname: DATTrainingAborted, exp_alerts: []}}
       - {{eval_time: 25m, alertname: DATTrainingStalled, exp_alerts: []}}
@@ -267,19 +296,19 @@ tests:
         exp_alerts:
           - exp_labels: {{severity: warning, namespace: a, job_name: slow}}
             exp_annotations:
-              summary: Training steps of the last epoch of a/slow took 3m 20s
-              description: The last epoch's training steps (evaluation excluded) took more than 1.5 times their median over the last 1h (slow node, throttling, network).
+              summary: Training steps of the last epoch of a/slow took 2s each
+              description: The last epoch's mean training step took more than 1.5 times its median over the last 1h (slow node, throttling, network).
       - eval_time: 47m
         alertname: DATEpochSlow
         exp_alerts:
           - exp_labels: {{severity: warning, namespace: a, job_name: slow}}
             exp_annotations:
-              summary: Training steps of the last epoch of a/slow took 3m 20s
-              description: The last epoch's training steps (evaluation excluded) took more than 1.5 times their median over the last 1h (slow node, throttling, network).
+              summary: Training steps of the last epoch of a/slow took 2s each
+              description: The last epoch's mean training step took more than 1.5 times its median over the last 1h (slow node, throttling, network).
           - exp_labels: {{severity: warning, namespace: a, job_name: rerun, run_id: r2}}
             exp_annotations:
-              summary: Training steps of the last epoch of a/rerun took 3m 20s
-              description: The last epoch's training steps (evaluation excluded) took more than 1.5 times their median over the last 1h (slow node, throttling, network).
+              summary: Training steps of the last epoch of a/rerun took 2s each
+              description: The last epoch's mean training step took more than 1.5 times its median over the last 1h (slow node, throttling, network).
       - {{eval_time: 5m, alertname: DATCommunicationDominant, exp_alerts: []}}
       - eval_time: 15m
         alertname: DATCommunicationDominant

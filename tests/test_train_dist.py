@@ -276,6 +276,7 @@ def test_a_run_killed_within_an_epoch_resumes_from_its_last_step_checkpoint(tmp_
     torchrun([worker, str(tmp_path / "whole"), "0", '{"run": {"checkpoint_every_steps": 0}}'], nproc=2)
     got, want = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("run", "whole"))
     assert [r["epoch"] for r in got] == [1, 2, 3] and got[1]["resumed_at_step"] == 6
+    assert [r["steps"] for r in got] == [16, 10, 16] and [r["steps"] for r in want] == [16, 16, 16]
     for a, b in zip(got, want):
         for key in ("train_loss", "train_clean_acc", "train_adv_acc", "test_clean_acc", "test_robust_acc", "lr",
                     "images", "comm_bytes", "dense_comm_bytes", "comm_calls"):

@@ -81,6 +81,21 @@ class MetricsLog:
             fh.writelines(kept)
         os.replace(tmp, self.path)
 
+    def records(self) -> list[dict]:
+        """The records written so far (rank 0; none elsewhere), lines that cannot be read left out."""
+        if not self.enabled or not os.path.exists(self.path):
+            return []
+        found = []
+        with open(self.path, errors="replace") as fh:
+            for line in fh:
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    found.append(record)
+        return found
+
     def append(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as fh:

@@ -130,8 +130,10 @@ class TrainingExporter:
     @classmethod
     def start(cls, metrics_cfg, *, rank: int, local_rank: int, node_rank: int, world_size: int,
               local_world_size: int, run_info: dict[str, str], default_job_name: str,
-              epochs_done: int = 0, run_id: str = "") -> "TrainingExporter":
+              epochs_done: int = 0, run_id: str = "", history: Iterable[dict] = ()) -> "TrainingExporter":
         """Set up this rank's metrics; local rank 0 starts the pod's HTTP endpoint on metrics_cfg.port.
+        history: the metrics.jsonl records of the epochs a resumed run has done, so that its job-wide gauges
+        (accuracy at the last evaluation, loss, ...) are there from the start, as if the run had not stopped.
 
         With port 0 and no Pushgateway the returned exporter does nothing."""
         port = int(metrics_cfg.port)
@@ -174,6 +176,8 @@ class TrainingExporter:
                        grace_seconds=float(metrics_cfg.grace_seconds), job_wide=rank == 0, world_size=world_size)
         if exporter.job_wide:
             exporter._set_run_info(run_info)
+            for record in history:
+                exporter._set_job_wide(record)
             exporter._epoch.labels(**labels).set(epochs_done)  # a resumed run starts where it stopped
             exporter._epoch_progress.labels(**labels).set(0)
         now = time.time()
@@ -194,6 +198,9 @@ class TrainingExporter:
                                     "evaluation included.")
         self._train_seconds = gauge("dat_epoch_train_duration_seconds", "Wall time of this rank's last epoch "
                                     "without evaluation (the training steps).")
+        self._step_seconds = gauge("dat_step_duration_seconds", "Mean wall time of a training step of this rank "
+                                   "in the last epoch (of the steps this run trained: an epoch resumed mid-way "
+                                   "counts its own).")
         self._phase_seconds = gauge("dat_phase_duration_seconds", "Time per phase in the last epoch.",
                                     ("phase",))
         self._phase_total = Counter("dat_phase_seconds", "Time per phase, summed over epochs.",
@@ -219,6 +226,8 @@ class TrainingExporter:
         self._outcome = gauge("dat_training_outcome", "1 for how training ended (completed, diverged: inf/NaN "
                               "loss or weights, stopped: SIGTERM or SIGINT, after a checkpoint, error: any other "
                               "failure); absent while running.", ("outcome",))
+        self._end_time = gauge("dat_training_end_timestamp_seconds", "Unix time training ended; absent while "
+                               "running (with a Pushgateway, what tells an old outcome from a new one).")
         if not self.job_wide:
             return
         # rank 0 only: the same on every rank (all-reduced, or the shared schedule and sampler)
@@ -235,7 +244,7 @@ class TrainingExporter:
                                  "evaluation (0-1).")
         self._test_robust = gauge("dat_test_robust_accuracy", "Test accuracy under the evaluation attack "
                                   "at the last evaluation (0-1).")
-        self._lr = gauge("dat_learning_rate", "Learning rate at the end of the last epoch.")
+        self._lr = gauge("dat_learning_rate", "Learning rate of the last epoch's first step.")
         self._active_layers = gauge("dat_jointspar_active_layers", "JointSpar arms (layers) active per "
                                     "step, mean over the last epoch (all arms when dense).")
         self._active_fraction = gauge("dat_jointspar_active_fraction", "Fraction of parameters "
@@ -261,15 +270,12 @@ class TrainingExporter:
             v = record.get(key)
             return None if v is None else float(v)
 
-        def set_if(gauge: Gauge, key: str) -> None:
-            v = value(key)
-            if v is not None:
-                gauge.labels(**lab).set(v)
-
-        seconds, eval_seconds = value("epoch_seconds"), value("eval_seconds") or 0.0
+        seconds, eval_seconds, steps = value("epoch_seconds"), value("eval_seconds") or 0.0, value("steps")
         if seconds is not None:
             self._epoch_seconds.labels(**lab).set(seconds)
             self._train_seconds.labels(**lab).set(max(seconds - eval_seconds, 0.0))
+            if steps:
+                self._step_seconds.labels(**lab).set(max(seconds - eval_seconds, 0.0) / steps)
         for key, phase in PHASE_LABELS.items():
             v = value(f"{key}_seconds")
             if v is not None:
@@ -287,19 +293,24 @@ class TrainingExporter:
             if v is not None:
                 counter.labels(**lab).inc(v)
         if self.job_wide:
-            set_if(self._epoch, "epoch")
-            self._epoch_progress.labels(**lab).set(0.0)
-            for gauge, key in ((self._images_per_second, "images_per_second"), (self._train_loss, "train_loss"),
-                               (self._train_clean, "train_clean_acc"), (self._train_adv, "train_adv_acc"),
-                               (self._test_clean, "test_clean_acc"), (self._test_robust, "test_robust_acc"),
-                               (self._lr, "lr"), (self._active_layers, "jointspar_active_arms"),
-                               (self._active_fraction, "jointspar_active_fraction")):
-                set_if(gauge, key)
+            self._set_job_wide(record)
         now = time.time()
         self._last_epoch_time.labels(**lab).set(now)
         self._progress_time.labels(**lab).set(now)
         self._last_beat = self.clock()
         self._publish()
+
+    def _set_job_wide(self, record: dict) -> None:
+        """Rank 0's gauges from a record; a value the record lacks (no evaluation this epoch) stays as it was."""
+        for gauge, key in ((self._epoch, "epoch"), (self._images_per_second, "images_per_second"),
+                           (self._train_loss, "train_loss"), (self._train_clean, "train_clean_acc"),
+                           (self._train_adv, "train_adv_acc"), (self._test_clean, "test_clean_acc"),
+                           (self._test_robust, "test_robust_acc"), (self._lr, "lr"),
+                           (self._active_layers, "jointspar_active_arms"),
+                           (self._active_fraction, "jointspar_active_fraction")):
+            if record.get(key) is not None:
+                gauge.labels(**self._labels).set(float(record[key]))
+        self._epoch_progress.labels(**self._labels).set(0.0)
 
     def progress(self, done: int | None = None, total: int | None = None) -> None:
         """The heartbeat: called after every training step (done of total) and evaluation batch; refreshes
@@ -342,6 +353,7 @@ class TrainingExporter:
         self._finished = True
         self._finished_gauge.labels(**self._labels).set(1)
         self._outcome.labels(**self._labels, outcome=outcome).set(1)
+        self._end_time.labels(**self._labels).set(time.time())
         self._publish()
         # After a failure every local rank waits: torchrun stops the whole pod as soon as one worker exits
         # non-zero, which would take the endpoint (and the outcome) down before Prometheus scraped it.

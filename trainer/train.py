@@ -508,6 +508,7 @@ class Trainer:
         }
         if self.val_set is not None:  # data.val_size: what checkpoint-best.pt is chosen on
             record.update(val_clean_acc=val_clean_acc, val_robust_acc=val_robust_acc)
+        record["steps"] = steps - first  # the training steps this record's timings cover
         if first:
             record["resumed_at_step"] = first  # the timings cover the steps from there on
         record.update(self.sampler.epoch_stats())
@@ -568,6 +569,7 @@ class Trainer:
             cfg.metrics, rank=self.dist.rank, local_rank=self.dist.local_rank, node_rank=self.dist.node_rank,
             world_size=self.dist.world_size, local_world_size=self.dist.local_world_size,
             default_job_name=cfg.run.name, epochs_done=self.start_epoch - 1, run_id=self.run_id,
+            history=self.log.records(),
             run_info={"model": cfg.model.name, "attack": attack_name(cfg),
                       "optimizer": cfg.optim.name, "loss": cfg.train.loss,
                       "jointspar": "on" if self.jointspar else "off", "world_size": str(self.dist.world_size)})

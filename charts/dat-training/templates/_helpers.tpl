@@ -517,3 +517,16 @@ numbers that fit in an int64 are printed as integers. */}}
 {{ toString . | quote }}
 {{- end -}}
 {{- end }}
+
+{{/*
+Seconds in a Prometheus duration such as 1h30m (the alerts.*Window values; values.schema.json checks their form).
+*/}}
+{{- define "dat-training.durationSeconds" -}}
+{{- $units := dict "ms" 0.001 "s" 1 "m" 60 "h" 3600 "d" 86400 "w" 604800 "y" 31536000 -}}
+{{- $total := 0.0 -}}
+{{- range regexFindAll "[0-9]+(ms|[smhdwy])" . -1 -}}
+{{- $n := regexFind "^[0-9]+" . -}}
+{{- $total = addf $total (mulf (float64 $n) (get $units (trimPrefix $n .))) -}}
+{{- end -}}
+{{- $total -}}
+{{- end }}
