@@ -29,10 +29,12 @@ import shutil
 import subprocess
 import sys
 import faulthandler
+import functools
 import signal
 import tempfile
 import traceback
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,21 +53,34 @@ TARGET_IMAGES_PER_SECOND = 10_000
 # 2 epochs) keeps its own share of the budget.
 COMPILE_ALLOWANCE_S, MODE_COMPILE_ALLOWANCE_S, EAGER_ALLOWANCE_S, E2E_ALLOWANCE_S = 150.0, 300.0, 40.0, 90.0
 JOINTSPAR = ["optim.name=lars", "jointspar.enabled=true", *(f"jointspar.{kv}" for kv in JOINTSPAR_SETTINGS)]
-# name: (perf.amp, perf.channels_last, compiled passes (perf.compile: off | attack | all), CUDA-graphed attack,
-#        cudnn.benchmark, extra overrides)
+
+
+class Variant(NamedTuple):
+    amp: str  # perf.amp
+    channels_last: str  # perf.channels_last
+    compiled: str  # the compiled passes (perf.compile: off | attack | all)
+    graphed: bool  # CUDA-graphed attack
+    cudnn_bench: bool  # cudnn.benchmark
+    extra: list[str]  # trainer overrides
+    fused_step: bool = True  # with compiled passes: the attack's projected step compiled into one kernel
+
+
 VARIANTS = {
-    "fp32": ("off", "off", "off", False, False, []),
-    "bf16": ("bf16", "off", "off", False, False, []),
-    "bf16_cl": ("bf16", "on", "off", False, False, []),
-    "bf16_cl_cudnnbench": ("bf16", "on", "off", False, True, []),
-    "bf16_cl_jointspar": ("bf16", "on", "off", False, False, JOINTSPAR),
-    "bf16_cl_graph": ("bf16", "on", "off", True, False, []),
-    "bf16_cl_compile": ("bf16", "on", "all", False, False, []),
-    "bf16_cl_compile_graph": ("bf16", "on", "all", True, False, []),
-    "bf16_cl_compile_attack": ("bf16", "on", "attack", False, False, []),  # the trainer's GPU default
+    "fp32": Variant("off", "off", "off", False, False, []),
+    "bf16": Variant("bf16", "off", "off", False, False, []),
+    "bf16_cl": Variant("bf16", "on", "off", False, False, []),
+    "bf16_cl_cudnnbench": Variant("bf16", "on", "off", False, True, []),
+    "bf16_cl_jointspar": Variant("bf16", "on", "off", False, False, JOINTSPAR),
+    "bf16_cl_graph": Variant("bf16", "on", "off", True, False, []),
+    "bf16_cl_compile": Variant("bf16", "on", "all", False, False, []),
+    # the same with the attack's projected step eager (eight elementwise passes per attack step): the fused
+    # step's gain, side by side
+    "bf16_cl_compile_unfused": Variant("bf16", "on", "all", False, False, [], fused_step=False),
+    "bf16_cl_compile_graph": Variant("bf16", "on", "all", True, False, []),
+    "bf16_cl_compile_attack": Variant("bf16", "on", "attack", False, False, []),  # the trainer's default, 2+ ranks
     # Madry's PGD-10 AT (train.loss=adv: CE(x_adv) only): the 2K + 3 F per image the estimate counts
-    "bf16_cl_compile_adv": ("bf16", "on", "all", False, False, ["train.loss=adv"]),
-    "bf16_cl_compile_jointspar": ("bf16", "on", "attack", False, False, JOINTSPAR),
+    "bf16_cl_compile_adv": Variant("bf16", "on", "all", False, False, ["train.loss=adv"]),
+    "bf16_cl_compile_jointspar": Variant("bf16", "on", "attack", False, False, JOINTSPAR),
 }
 
 
@@ -197,7 +212,7 @@ def sync_audit(trainer, x: torch.Tensor, y: torch.Tensor) -> dict:
 
 
 def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> dict:
-    amp, channels_last, compiled, graphed, cudnn_bench, extra = VARIANTS[name]
+    amp, channels_last, compiled, graphed, cudnn_bench, extra, fused_step = VARIANTS[name]
     if graphed and device.type != "cuda":
         return {"skipped": "CUDA graphs need a CUDA device"}
     overrides = synthetic_overrides(args.model, args.batch, 1) + [
@@ -207,13 +222,14 @@ def run_variant(name: str, args: argparse.Namespace, device: torch.device) -> di
     trainer = build_trainer(overrides, local_dist_info(str(device)))
     if compiled != "off":
         mode = None if args.compile_mode == "default" else args.compile_mode
-        trainer.use_compiled(torch.compile(trainer.model, mode=mode, backend=args.compile_backend),
-                             training_pass=compiled == "all")
+        trainer.use_compiled(functools.partial(torch.compile, mode=mode, backend=args.compile_backend),
+                             training_pass=compiled == "all", fused_step=fused_step)
     x, y = first_batch(trainer)
     previous_bench = torch.backends.cudnn.benchmark
     if cudnn_bench:
         torch.backends.cudnn.benchmark = True
-    settings = {"amp": amp, "channels_last": channels_last, "compile": compiled, "cuda_graph_attack": graphed,
+    settings = {"amp": amp, "channels_last": channels_last, "compile": compiled, "fused_pgd_step": fused_step,
+                "cuda_graph_attack": graphed,
                 "cudnn_benchmark": torch.backends.cudnn.benchmark, "overrides": extra}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

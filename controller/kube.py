@@ -179,6 +179,9 @@ class Cluster:
             raise ClusterError(self._explain(exc, kind, what), status=exc.status) from None
         except json.JSONDecodeError:  # an HTML login page of a proxy, a wrong server URL
             raise not_kubernetes from None
+        except ValueError as exc:  # the client's own model check of an object (or of an answer)
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise ClusterError(f"{what}: the kubernetes client refused it: {' '.join(lines[:3])[:300]}") from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             reason = getattr(exc, "reason", None) or exc
             timed_out = [e for e in (exc, reason) if isinstance(e, urllib3.exceptions.TimeoutError)

@@ -25,8 +25,8 @@ def test_smoke_runs_every_variant_or_says_why_not(smoke):
     r, stdout, _ = smoke
     assert r["smoke"] is True and r["device"] == "cpu" and r["attack_steps"] == 2 and r["batch"] == 4
     assert set(r["variants"]) == {"fp32", "bf16", "bf16_cl", "bf16_cl_cudnnbench", "bf16_cl_jointspar",
-                                  "bf16_cl_graph", "bf16_cl_compile", "bf16_cl_compile_graph", "bf16_cl_compile_adv",
-                                  "bf16_cl_compile_attack", "bf16_cl_compile_jointspar"}
+                                  "bf16_cl_graph", "bf16_cl_compile", "bf16_cl_compile_unfused", "bf16_cl_compile_graph",
+                                  "bf16_cl_compile_adv", "bf16_cl_compile_attack", "bf16_cl_compile_jointspar"}
     for name, v in r["variants"].items():
         if "graph" in name:
             assert "CUDA" in v["skipped"]
@@ -36,9 +36,12 @@ def test_smoke_runs_every_variant_or_says_why_not(smoke):
         assert v["images"] == 4 and 0 < v["attack_share"] < 1 and v["model_tflops"] > 0 and v["loss_finite"]
     assert r["variants"]["bf16_cl_compile"]["settings"]["compile"] == "all"
     assert r["variants"]["bf16_cl_compile_attack"]["settings"]["compile"] == "attack"
+    fused = {name: v["settings"]["fused_pgd_step"] for name, v in r["variants"].items()
+             if "compile" in name and "settings" in v}  # the CUDA-graphed ones are skipped here
+    assert fused.pop("bf16_cl_compile_unfused") is False and all(fused.values())
     assert r["variants"]["fp32"]["settings"] == {"amp": "off", "channels_last": "off", "compile": "off",
-                                                 "cuda_graph_attack": False, "cudnn_benchmark": False,
-                                                 "overrides": []}
+                                                 "fused_pgd_step": True, "cuda_graph_attack": False,
+                                                 "cudnn_benchmark": False, "overrides": []}
     assert "jointspar.enabled=true" in r["variants"]["bf16_cl_jointspar"]["settings"]["overrides"]
     f, adv, dat = r["flops"], r["variants"]["bf16_cl_compile_adv"], r["variants"]["bf16_cl_compile"]
     assert adv["settings"]["overrides"] == ["train.loss=adv"]  # Madry: one training pass, on x_adv

@@ -402,3 +402,18 @@ def test_epoch_figures_wait_for_the_first_epoch_and_show_times_as_dates() -> Non
     lines = epoch_figures(starting.replace("} 0.0", "} 2.0"))
     assert lines[0].split() == ["dat_epoch", "2"]
     assert lines[1].split()[1:] == ["2027-01-15", "08:00:00", "UTC"]
+
+
+def test_an_object_the_kubernetes_client_refuses_is_one_line(tmp_path: Path) -> None:
+    """The client checks core objects itself (pydantic) before sending them: a typo there (e.g. in a
+    NetworkPolicy the chart's schema let through) is a ClusterError line, not a traceback."""
+    from controller import kube
+    cluster = kube.Cluster(kubeconfig=str(kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{free_port()}")),
+                           namespace="team-a")
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "dat-smoke"},
+              "spec": {"podSelector": {}, "egress": [{"tox": []}]}}
+    with pytest.raises(kube.ClusterError) as caught:
+        cluster._core(policy, "create", "team-a", policy, dry_run="All")
+    text = str(caught.value)
+    assert text.startswith("NetworkPolicy team-a/dat-smoke (dry run): the kubernetes client refused it: ")
+    assert "tox" in text and "\n" not in text

@@ -2,6 +2,7 @@
 by default."""
 from __future__ import annotations
 
+import functools
 import subprocess
 
 import pytest
@@ -17,16 +18,19 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 COMPILED = torch._dynamo.eval_frame.OptimizedModule
 
 
-@pytest.mark.parametrize("setting, device, expected", [
-    ("auto", CUDA, "attack"),  # the attack measured 2.1x faster compiled on an H100
-    ("auto", CPU, "off"),      # inductor compiles for minutes on a CPU
-    ("attack", CPU, "attack"),
-    ("all", CUDA, "all"),
-    ("off", CUDA, "off"),
+@pytest.mark.parametrize("setting, device, world_size, jointspar, expected", [
+    ("auto", CUDA, 1, False, "all"),    # one rank: no all-reduce to overlap, so the training pass too
+    ("auto", CUDA, 2, False, "attack"),  # the attack measured 2.1x faster compiled on an H100
+    ("auto", CUDA, 1, True, "attack"),   # JointSpar's changing active set would recompile the training pass
+    ("auto", CPU, 1, False, "off"),      # inductor compiles for minutes on a CPU
+    ("attack", CPU, 1, False, "attack"),
+    ("all", CUDA, 2, False, "all"),
+    ("off", CUDA, 1, False, "off"),
 ])
-def test_compiled_passes(setting: str, device: torch.device, expected: str, monkeypatch) -> None:
+def test_compiled_passes(setting: str, device: torch.device, world_size: int, jointspar: bool, expected: str,
+                         monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
-    assert compiled_passes(setting, device) == expected
+    assert compiled_passes(setting, device, world_size=world_size, jointspar=jointspar) == expected
 
 
 @pytest.mark.parametrize("capability, bf16, compiled", [
@@ -38,7 +42,7 @@ def test_compiled_passes(setting: str, device: torch.device, expected: str, monk
 def test_auto_follows_the_gpu_generation(capability, bf16, compiled, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert native_bf16(CUDA) is bf16
-    assert compiled_passes("auto", CUDA) == compiled
+    assert compiled_passes("auto", CUDA, world_size=8) == compiled
 
 
 def test_without_a_c_compiler_auto_runs_eager_and_an_explicit_setting_is_a_config_error(monkeypatch) -> None:
@@ -103,7 +107,7 @@ def test_jointspar_with_a_compiled_attack_does_not_recompile_every_step(tmp_path
     trainer = small_trainer(tmp_path, perf={"compile": "off", "amp": "off", "channels_last": "off"},
                             jointspar={"enabled": True, "budget": 2})
     # what perf.compile=attack does, with a backend that needs no C++ build (inductor's takes minutes here)
-    trainer.use_compiled(torch.compile(trainer.model, backend="aot_eager"), training_pass=False)
+    trainer.use_compiled(functools.partial(torch.compile, backend="aot_eager"), training_pass=False)
     batches = iter(trainer.batches.epoch(1))
     torch._dynamo.utils.counters.clear()
     try:
@@ -111,7 +115,7 @@ def test_jointspar_with_a_compiled_attack_does_not_recompile_every_step(tmp_path
             x, y = next(batches)
             trainer.train_step(x, y, epoch=1, step=step)
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        assert 1 <= graphs <= 2, graphs  # the attack's graph, compiled once
+        assert graphs == 2, graphs  # the attack's forward and its projected step, each compiled once
         assert torch.isfinite(trainer.totals).all() and trainer.totals[3] == 4 * 16
     finally:
         torch._dynamo.reset()
@@ -169,3 +173,28 @@ def test_the_compiled_attack_crafts_the_same_examples(tmp_path) -> None:
     assert torch.isclose(compiled, eager, atol=1e-5).float().mean() > 0.99
     assert not torch.equal(eager, x)
     torch._dynamo.reset()
+
+
+def test_the_compiled_projected_step_is_the_eager_one(tmp_path) -> None:
+    """perf.compile fuses the attack's projected ascent step into one kernel: the same x_adv, inside the eps
+    ball and the image box (aot_eager here: inductor's C++ build takes minutes on this machine)."""
+    from trainer.attacks import attack_mode, craft, pgd_step
+    torch._dynamo.reset()
+    trainer = small_trainer(tmp_path, perf={"compile": "off", "amp": "off", "channels_last": "off"})
+    x, y = next(iter(trainer.batches.epoch(1)))
+    try:
+        trainer.use_compiled(functools.partial(torch.compile, backend="aot_eager"), training_pass=False)
+        assert trainer.pgd_step is not pgd_step
+        with attack_mode(trainer.model):
+            runs = []
+            for step in (pgd_step, trainer.pgd_step):
+                torch.manual_seed(1)
+                runs.append(craft("pgd", trainer.model, x, y, eps=0.1, alpha=0.03, steps=3, step=step))
+        assert torch.equal(runs[0], runs[1])
+        assert (runs[0] - x).abs().max() <= 0.1 + 1e-6 and 0 <= runs[0].min() and runs[0].max() <= 1
+        assert not torch.equal(runs[0], x)
+        trainer.use_compiled(functools.partial(torch.compile, backend="aot_eager"), training_pass=False,
+                             fused_step=False)
+        assert trainer.pgd_step is pgd_step
+    finally:
+        torch._dynamo.reset()
