@@ -187,7 +187,7 @@ def cmd_exporter(argv: list[str]) -> int:
         exporter = importlib.import_module("controller.exporter")
     except ImportError as exc:
         return _fail(f"the exporter is not available in this installation ({exc})", EXIT_USAGE)
-    parser = argparse.ArgumentParser(prog="datctl exporter", description=EXPORTER_DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="datctl exporter", description=EXPORTER_DESCRIPTION, allow_abbrev=False)
     exporter.add_arguments(parser)
     return exporter.run(parser.parse_args(argv))
 

@@ -476,7 +476,8 @@ def status_report(cluster: Cluster, kind: Kind, name: str, job: dict[str, Any] |
             figures = epoch_figures(cluster.scrape(main, port))
             out += [f"latest epoch ({main}:{port}/metrics):"] + (figures or ["  (no epoch finished yet)"])
         except ClusterError as exc:
-            out.append(f"metrics: not reachable ({exc})")
+            out.append(f"metrics: not reachable ({exc}; with networkPolicy.enabled, metricsFrom must let the API "
+                       "server's proxy in)")
     return out
 
 

@@ -817,20 +817,34 @@ def render(job: JobSpec, namespace: str | None = None, api: str | None = None,
     return result
 
 
+# The spec's free-form sections (passed through to the pod spec unchecked by the chart's schema) and where their
+# content lands in the rendered pods: a CRD problem there is the user's mistake.
+FREE_FORM_SECTIONS = (("nodePool.affinity", ".affinity"), ("nodePool.tolerations", ".tolerations"),
+                      ("nodePool.topologySpreadConstraints", ".topologySpreadConstraints"),
+                      ("extraVolumes", ".volumes."), ("extraVolumeMounts", ".volumeMounts."), ("extraEnv", ".env."))
+
+
 def _crd_problems(job: dict[str, Any], values: dict[str, Any]) -> list[str]:
     """The job against its CRD's schema, where the schema is at hand (schemas.schema_dir()): catches what the
-    chart passes through unchecked, e.g. a typo inside nodePool.affinity. An error where it comes from the
-    spec's free-form sections, else a warning (the chart's own output: a chart bug or a newer CRD)."""
+    chart passes through unchecked, e.g. a typo inside nodePool.affinity or an extraVolumes entry (which the
+    API server would drop, leaving e.g. a volume with no source: an emptyDir). An error where it comes from
+    the spec's free-form sections, else a warning (the chart's own output: a chart bug or a newer CRD)."""
     try:
         found = schemas.crd_problems(job)
     except schemas.SchemaMissing:
         return []
-    if not found:
-        return []
-    if values["nodePool"].get("affinity") and any(".affinity" in line for line in found):
-        lines = [re.sub(r"pytorchReplicaSpecs\.\w+\.", "pytorchReplicaSpecs.*.", line) for line in found
-                 if ".affinity" in line]  # the same problem in the Master's and the Workers' pods: once
-        raise SpecError([f"nodePool.affinity: the {job['kind']} CRD refuses it: {line}" for line in dict.fromkeys(lines)])
+    errors = []
+    for key, fragment in FREE_FORM_SECTIONS:
+        section, *rest = key.split(".")
+        value = values.get(section)
+        for part in rest:
+            value = value.get(part) if isinstance(value, dict) else None
+        if value:
+            lines = [re.sub(r"pytorchReplicaSpecs\.\w+\.", "pytorchReplicaSpecs.*.", line) for line in found
+                     if fragment in line]  # the same problem in the Master's and the Workers' pods: once
+            errors += [f"{key}: the {job['kind']} CRD refuses it: {line}" for line in dict.fromkeys(lines)]
+    if errors:
+        raise SpecError(errors)
     return [f"the rendered {job['kind']} breaks its CRD schema: {line}" for line in found]
 
 

@@ -114,6 +114,7 @@ def test_helm_values_of_a_spec_install_what_datctl_submits(tmp_path: Path) -> No
     ("trainer.perf.amp=fp16", "at '/trainer/perf/amp': value must be one of"),
     ("trainer.data.name=imagenet", "at '/trainer/data/name': value must be one of"),
     ("exporter.args={--namespace=}", "at '/exporter/args/0': 'not' failed"),
+    ("exporter.args={-n,kube-system}", "at '/exporter/args/0': 'not' failed"),
 ])
 def test_values_schema_rejects(setting: str, complaint: str) -> None:
     proc = helm("template", "run", str(CHART), "--set", setting, check=False)
@@ -219,7 +220,8 @@ def test_podmonitor_gating(args: list[str], expected: bool) -> None:
                                                 ("trainjob", "trainer.kubeflow.org", "trainjobs")])
 def test_exporter_is_least_privilege(api: str, group: str, plural: str) -> None:
     rendered = dict(((obj["kind"], obj["metadata"]["name"]), obj) for source, obj in
-                    template("--set", "exporter.enabled=true", "--set", f"api={api}", "--namespace", "team-a")
+                    template("--set", "exporter.enabled=true", "--set", f"api={api}", "--namespace", "team-a",
+                             "--set", "exporter.args={--watch-timeout=60}")
                     if source == "exporter.yaml")
     role = rendered[("Role", "run-exporter")]
     assert role["metadata"]["namespace"] == "team-a"
@@ -236,10 +238,12 @@ def test_exporter_is_least_privilege(api: str, group: str, plural: str) -> None:
     assert container["command"] == ["datctl", "exporter"]
     # the arguments the chart passes are ones `datctl exporter` accepts
     from controller import exporter
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)  # as `datctl exporter` parses them
     exporter.add_arguments(parser)
     parsed = parser.parse_args(container["args"])
     assert parsed.namespace == "team-a" and parsed.port == container["ports"][0]["containerPort"]
+    assert parsed.watch_timeout == 60  # exporter.args, before the chart's own flags (which win)
+    assert container["args"][-3:] == [f"--api={api}", "--namespace=team-a", f"--port={parsed.port}"]
     assert parsed.api == api
     service = rendered[("Service", "run-exporter")]
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
@@ -557,7 +561,9 @@ def test_a_monitoring_release_installs_the_shared_objects_and_no_run(tmp_path: P
                         (["--set", "job.enabled=false", "--set", "alerts.enabled=false", "--set",
                           "dashboard.enabled=false"], "this release would install nothing"),
                         (["--set", "job.enabled=false", "--set", "alerts.scope=all", "--set",  # alerts auto, no CRD
-                          "dashboard.enabled=false"], "this release would install nothing")):
+                          "dashboard.enabled=false"], "this release would install nothing"),
+                        (["-f", str(MONITORING), "--set", f"name={'m' * 55}"],  # no pod name to check it: Service
+                         f"the exporter's Service and Deployment \"{'m' * 55}-exporter\" exceed 63 characters")):
         proc = helm("template", "run", str(CHART), *values, check=False)
         assert proc.returncode != 0 and why in proc.stderr
     assert cli.main(["render", str(MONITORING), "--set", "name=mon", "-o", str(tmp_path)]) == 2

@@ -107,6 +107,15 @@ MISTAKES = {
     "affinity-typo": ({"nodePool/affinity": {"nodeAffinty": {}}},
                       "nodePool.affinity: the PyTorchJob CRD refuses it: spec.pytorchReplicaSpecs.*.template.spec."
                       "affinity: Additional properties are not allowed ('nodeAffinty' was unexpected)"),
+    # the API server would drop the unknown field: a volume without a source is an emptyDir, no InfiniBand
+    "volume-typo": ({"extraVolumes": [{"name": "ib", "hostpath": {"path": "/dev/infiniband"}}],
+                     "extraVolumeMounts": [{"name": "ib", "mountPath": "/dev/infiniband"}]},
+                    "extraVolumes: the PyTorchJob CRD refuses it: spec.pytorchReplicaSpecs.*.template.spec.volumes.4: "
+                    "Additional properties are not allowed ('hostpath' was unexpected)"),
+    "env-typo": ({"extraEnv": [{"name": "TOKEN", "valueFrom": {"secretKeyRefx": {}}}]},
+                 "extraEnv: the PyTorchJob CRD refuses it: spec.pytorchReplicaSpecs.*.template.spec.containers.0.env."),
+    "env-typo-in-trainjob": ({"api": "trainjob", "extraEnv": [{"name": "X", "valueFrom": {"fieldRefx": {}}}]},
+                                    "extraEnv: the TrainJob CRD refuses it: spec.trainer.env."),
     "accelerator-without-gpus": ({"nodePool/provider": "gke", "nodePool/accelerator": "nvidia-l4"},
                                  "nodePool.accelerator: 'nvidia-l4' with gpusPerNode 0 would place CPU-only pods"),
     "nccl-without-gpus": ({"trainer/dist/backend": "nccl"}, "trainer.dist.backend: nccl needs GPUs and gpusPerNode"),

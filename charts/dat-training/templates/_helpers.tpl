@@ -103,6 +103,10 @@ A monitoring-only release (job.enabled false) must watch every job and render so
 {{- if and (not .Values.dashboard.enabled) (not .Values.exporter.enabled) (not (include "dat-training.alertsEnabled" .)) }}
 {{- fail "job.enabled=false with the dashboard and the exporter off and no alerts (alerts.enabled false, or auto where the cluster serves no PrometheusRule): this release would install nothing" }}
 {{- end }}
+{{- $exporter := printf "%s-exporter" (include "dat-training.jobName" .) }}
+{{- if and .Values.exporter.enabled (gt (len $exporter) 63) }}
+{{- fail (printf "name %q is too long: the exporter's Service and Deployment %q exceed 63 characters" (include "dat-training.jobName" .) $exporter) }}
+{{- end }}
 {{- end }}
 {{- end }}
 

@@ -1,0 +1,6 @@
+"""`python -m controller` = `datctl`."""
+import sys
+
+from controller.cli import main
+
+sys.exit(main())
