@@ -324,11 +324,20 @@ _Validator = jsonschema.validators.extend(jsonschema.Draft7Validator, type_check
         "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))))
 
 
+def _string_keys(node: Any) -> Any:
+    """Mapping keys as helm sees them: YAML's `1:` or `true:` keys become the strings "1", "true" in JSON."""
+    if isinstance(node, dict):
+        return {(k if isinstance(k, str) else json.dumps(k)): _string_keys(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_string_keys(v) for v in node]
+    return node
+
+
 def _schema_errors(spec: dict[str, Any]) -> list[jsonschema.ValidationError]:
     schema = chart.values_schema()
     schema["properties"]["trainer"] = {"type": "object"}  # trainer/config.py words the trainer's problems
     validator = _Validator(schema)
-    return sorted(validator.iter_errors(spec), key=lambda e: list(map(str, e.absolute_path)))
+    return sorted(validator.iter_errors(_string_keys(spec)), key=lambda e: list(map(str, e.absolute_path)))
 
 
 def _helm_trainer_problems(trainer: dict[str, Any]) -> list[str]:

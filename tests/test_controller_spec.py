@@ -155,6 +155,17 @@ def test_each_mistake_is_one_line(case: str, tmp_path: Path, capsys: pytest.Capt
     assert lines[0].startswith("datctl: ") and line in lines[0], err
 
 
+def test_a_number_as_a_key_is_checked_as_helm_sees_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """YAML reads `1:` as a number; helm (JSON) sees the key "1", which is no variable name: datctl says so in
+    its own words instead of passing on helm's schema dump."""
+    path = write_spec(tmp_path, {"env": {1: "x"}})
+    assert "\n  1: x\n" in path.read_text()
+    code, out, err = render(capsys, str(path))
+    assert code == 2 and out == ""
+    assert err.splitlines() == ["datctl: env: '1' is invalid: an environment variable name: letters, digits, '_', "
+                                "'.', '-', not starting with a digit"], err
+
+
 def test_every_problem_gets_its_own_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = write_spec(tmp_path, {"nodez": 1, "gpuz": 1, "resources/limits/cpu": "two", "api": "mpijob"})
     code, _, err = render(capsys, str(path))
