@@ -182,6 +182,30 @@ def test_end_step_scaling_is_unbiased_while_the_bandit_moves_p():
     assert js.p[:2].min() > 3.0 / num_arms  # and p did move towards the large arms meanwhile
 
 
+def test_end_step_leaves_the_gradient_norms_on_the_device():
+    """The bandit's gradient norms stay where the gradients are until it next needs them (the next draw of the
+    mask, which comes after the next attack has been queued; or a checkpoint), so on a GPU no step waits for
+    its own backward to hand them to the host. Read later, they add up as if read at once."""
+    num_arms = 6
+    model = ArmModel(num_arms, dim=4)
+    js = JointSpar(cfg(budget=3.0, sample_every="3"), model, seed=0)
+    expected = torch.zeros(num_arms, dtype=torch.float64)
+    for t in range(2):  # within one sampling round: no new draw, so nothing is read
+        for param in js.begin_step(1, t):
+            param.grad = torch.full((4,), float(t + 1))
+        mask = js.mask.clone()
+        js.end_step()
+        expected[mask] += 4.0 * (t + 1) ** 2
+        for param in model.arms:
+            param.grad = None
+    assert js.round_sq_norm.eq(0).all()  # not read in end_step
+    assert torch.equal(js.state_dict()["round_sq_norm"], expected)  # a checkpoint reads them
+    js.begin_step(1, 2)  # the round's last step: still no draw, nothing new
+    js.end_step()
+    js.begin_step(1, 3)  # a new draw: the bandit read the round and started the next
+    assert js.round_sq_norm.eq(0).all() and js.round_steps == 0 and js._unread_sq_norms == []
+
+
 # ---- bandit -----------------------------------------------------------------------------------------------
 
 

@@ -256,6 +256,9 @@ class JointSpar:
         self.steps_since_sample = 0
         # Squared norms of the synced gradients summed over the current sampling round (one draw of the mask).
         self.round_sq_norm = torch.zeros(L, dtype=torch.float64)
+        # Per sparse step since the last read: (active arms, their squared norms on the device). Read when the
+        # bandit needs them, so no step waits for the device to hand them over.
+        self._unread_sq_norms: list[tuple[list[int], torch.Tensor]] = []
         self.round_steps = 0
         self._sparse_step = False
         self._before_update: list[tuple[nn.Parameter, torch.Tensor, float]] = []  # scale=update, this step
@@ -310,9 +313,8 @@ class JointSpar:
         if not self._sparse_step:
             return
         active = self.mask.nonzero().flatten().tolist()
-        if active:
-            # Norms of the synced gradients, taken before the 1/p scaling; one host transfer for all arms.
-            self.round_sq_norm[active] += torch.stack([_grad_sq_norm(self.arms[l][1]) for l in active]).cpu()
+        if active:  # norms of the synced gradients, taken before the 1/p scaling; read later (_read_sq_norms)
+            self._unread_sq_norms.append((active, torch.stack([_grad_sq_norm(self.arms[l][1]) for l in active])))
         self.round_steps += 1
         for l in active:
             scale = 1.0 / float(self.p[l])
@@ -349,6 +351,7 @@ class JointSpar:
         """
         if self.mask is None or self.round_steps == 0:
             return
+        self._read_sq_norms()
         active, p = self.mask, self.p
         scaled_sq = self.round_sq_norm / self.round_steps / p ** 2  # |g_l|^2 / p_l^2
         if not bool(torch.isfinite(scaled_sq).all()):
@@ -372,6 +375,18 @@ class JointSpar:
                 self.p = project_kl(p * log_w.exp(), self.arm_budget, self.cfg.p_min)
         self.round_sq_norm.zero_()
         self.round_steps = 0
+
+    def _read_sq_norms(self) -> None:
+        """Add the norms the device still holds to round_sq_norm (one host transfer; by the time the next
+        mask is drawn, the step they come from has long finished)."""
+        if not self._unread_sq_norms:
+            return
+        values = torch.cat([norms for _, norms in self._unread_sq_norms]).cpu()
+        at = 0
+        for active, _ in self._unread_sq_norms:
+            self.round_sq_norm[active] += values[at:at + len(active)]
+            at += len(active)
+        self._unread_sq_norms = []
 
     # ---- metrics and checkpoints ----------------------------------------------------------------------
 
@@ -399,6 +414,7 @@ class JointSpar:
         return out
 
     def state_dict(self) -> dict:
+        self._read_sq_norms()
         return {
             "num_arms": self.num_arms,
             "arm_names": list(self.arm_names),
@@ -434,6 +450,7 @@ class JointSpar:
         self.mask_epoch = int(state["mask_epoch"])
         self.steps_since_sample = int(state["steps_since_sample"])
         self.round_sq_norm = state["round_sq_norm"].to(torch.float64).clone()
+        self._unread_sq_norms = []
         if "sq_norm_estimate" in state:  # older checkpoints: budget_unit=arms, which does not use it
             self.sq_norm_estimate = state["sq_norm_estimate"].to(torch.float64).clone()
         self.round_steps = int(state["round_steps"])
