@@ -94,6 +94,9 @@ def test_unknown_keys_wrong_types_and_bad_values_are_reported_together(tmp_path)
     (["data.name=cifar10-ext", "data.val_size=50000"], "data.val_size 50000: cifar10-ext has 50000 labelled"),
     (["data.name=synthetic", "data.synthetic_train_size=512", "data.val_size=448"],
      "data.synthetic_train_size 512 less data.val_size 448 is smaller than one global batch"),
+    (["data.name=digits", "data.batch_size=1438"], "data.batch_size 1438: digits has 1437 training images"),
+    # PGD would descend the loss: every robust accuracy (and the best checkpoint) silently wrong
+    (["eval.alpha=-0.02"], "eval.alpha must be >= 0"),
 ])
 def test_mistakes_the_run_would_only_find_later(overrides, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):
@@ -207,6 +210,13 @@ def test_print_config_is_a_config_file_of_the_same_run(tmp_path):
     (["run.epochs=10", "jointspar.enabled=true", "jointspar.warmup_epochs=12"], "JointSpar never samples"),
     (["jointspar.enabled=true", "optim.name=lars"], "jointspar.scale=gradient with optim.name=lars: its trust ratio"),
     (["jointspar.enabled=true", "jointspar.scale=update"], "move up to 1/p_min = 80 times as far"),
+    (["optim.name=lars", "optim.lr=0.02", "data.batch_size=128"],
+     "LARS moves each layer by lr x trust_coeff = 1e-05 of its weight norm per step, too little to learn"),
+    (["optim.name=lamb", "optim.momentum=0.5"], "optim.momentum has no effect with optim.name=lamb"),
+    (["optim.name=sgd", "optim.betas=[0.8, 0.99]"], "optim.betas has no effect with optim.name=sgd"),
+    (["attack.name=fgsm", "attack.steps=7"], "attack.steps 7 has no effect with attack.name=fgsm"),
+    (["jointspar.enabled=true", "jointspar.budget_unit=bytes", "jointspar.budget=0.5", "jointspar.eta=0.5"],
+     "jointspar.eta has no effect with jointspar.budget_unit=bytes"),
 ])
 def test_settings_without_effect_are_noted(overrides, note):
     cfg = load_config(None, overrides, check_paths=False)

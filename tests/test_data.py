@@ -14,7 +14,7 @@ from trainer.config import DataConfig
 from trainer.data import DataError, ImageSet, TrainBatches, augment_crop_flip, convert_ti500k, load_dataset, load_ti500k
 
 
-def _write_cifar(root, n_train=20, n_test=10, seed=0):
+def _write_cifar(root, n_train=20, n_test=10, seed=0, protocol=2):
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -23,7 +23,7 @@ def _write_cifar(root, n_train=20, n_test=10, seed=0):
         batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
                  b"labels": rng.integers(0, 10, n).tolist(), b"batch_label": name.encode()}
         with open(folder / name, "wb") as fh:
-            pickle.dump(batch, fh, protocol=2)
+            pickle.dump(batch, fh, protocol=protocol)
         batches[name] = batch
     return folder, batches
 
@@ -286,6 +286,22 @@ def test_an_empty_ti500k_file_is_refused(tmp_path):
     path = tmp_path / "ti.npz"
     np.savez(path, data=np.zeros((0, 32, 32, 3), np.uint8), extrapolated_targets=np.zeros(0, np.int64))
     with pytest.raises(DataError, match="holds no images"):
+        load_ti500k(str(path))
+
+
+def test_an_empty_cifar_test_set_is_refused_before_training(tmp_path):
+    """Found at load time: it would otherwise fail only in the first evaluation, after a whole epoch."""
+    _write_cifar(tmp_path, n_test=0, protocol=4)  # (protocol 2 writes an empty array with builtins.bytes)
+    with pytest.raises(DataError, match="CIFAR-10 test set holds no images"):
+        load_dataset(DataConfig(name="cifar10", root=str(tmp_path)))
+
+
+def test_a_ti500k_pickle_of_ragged_images_is_one_line(tmp_path):
+    path = tmp_path / "ti.pickle"
+    with open(path, "wb") as fh:
+        pickle.dump({"data": [np.zeros((32, 32, 3), np.uint8), np.zeros((31, 32, 3), np.uint8)],
+                     "extrapolated_targets": [1, 2]}, fh)
+    with pytest.raises(DataError, match="data and extrapolated_targets must be arrays"):
         load_ti500k(str(path))
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from conftest import PYTHON, ROOT, free_port, read_jsonl, torch_env, train_cli
-from trainer import checkpoint
+from trainer import checkpoint, train
 from trainer.metrics import MetricsLog
 
 
@@ -147,6 +147,31 @@ def test_another_experiment_in_the_same_folder_is_not_resumed_silently(tmp_path,
     assert on_purpose.returncode == 0, on_purpose.stderr[-2000:]
     assert "train.loss ('dat' -> 'adv')" in on_purpose.stderr and "attack.steps (3 -> 2)" in on_purpose.stderr
     assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_setting_without_effect_does_not_block_a_resume_and_the_seed_of_a_split_does(tmp_path, synthetic_args):
+    """JointSpar's settings with JointSpar off (or the attack's with train.loss=clean) change nothing, so an
+    automatic resume goes on; with data.val_size the seed draws the held-out images, so another seed is
+    another experiment."""
+    out = tmp_path / "run"
+    common = [*synthetic_args, "--set", f"run.output_dir={out}", "--set", "data.val_size=32"]
+    assert train_cli([*common, "--set", "run.epochs=1"]).returncode == 0
+    proc = train_cli([*common, "--set", "run.epochs=2", "--set", "jointspar.budget=3"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before = (out / "checkpoint-latest.pt").read_bytes()
+    refused = train_cli([*common, "--set", "run.epochs=3", "--set", "run.seed=7"])
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "this folder's run trained run.seed=0, the config says 7" in refused.stderr
+    assert "the seed draws the held-out images" in refused.stderr
+    assert (out / "checkpoint-latest.pt").read_bytes() == before
+
+
+def test_resuming_a_best_checkpoint_keeps_it_as_the_best():
+    """--resume OUT/checkpoint-best.pt sets OUT's run aside and goes on from its best epoch: that file comes back
+    as OUT's best (its best_ra carries over, so without it OUT could end with no best checkpoint at all)."""
+    assert train.carried_over("/runs/a/checkpoint-best.pt") == ["metrics.jsonl", checkpoint.BEST]
+    assert train.carried_over("/runs/a/checkpoint-latest.pt") == ["metrics.jsonl", checkpoint.BEST]
+    assert train.carried_over("/runs/a/epoch-3.pt") == ["metrics.jsonl"]  # an older one: the best may be later
 
 
 def test_evaluate_a_checkpoint_under_a_stronger_attack(tmp_path, synthetic_args):

@@ -337,8 +337,11 @@ LABELLED_TRAIN = {"digits": 1437, "cifar10": 50_000, "cifar10-ext": 50_000}
 def _val_size_problems(data: DataConfig) -> list[str]:
     """data.val_size against the labelled training images of the data sets whose size is known unloaded."""
     labelled = LABELLED_TRAIN.get(data.name)
-    if labelled is None or not data.val_size:
+    if labelled is None:
         return []
+    if not data.val_size:
+        return ([f"data.batch_size {data.batch_size}: {data.name} has {labelled} training images, fewer than one "
+                 "global batch"] if data.name != "cifar10-ext" and labelled < data.batch_size else [])
     if data.val_size >= labelled:
         return [f"data.val_size {data.val_size}: {data.name} has {labelled} labelled training images; hold out fewer"]
     if data.name != "cifar10-ext" and labelled - data.val_size < data.batch_size:  # the rest trains
@@ -424,6 +427,7 @@ def problems(cfg: Config, world_size: int = 1, check_paths: bool = True) -> list
         (0 < cfg.optim.gamma <= 1, "optim.gamma must be in (0, 1]"),
         (cfg.eval.every >= 0, "eval.every must be >= 0"),
         (cfg.eval.eps == -1.0 or cfg.eval.eps >= 0, "eval.eps must be >= 0 (or -1 for attack.eps)"),
+        (cfg.eval.alpha >= 0, "eval.alpha must be >= 0 (0: 2.5 * eps / steps); a negative step descends the loss"),
         (cfg.eval.steps >= 1, "eval.steps must be >= 1"),
         (cfg.eval.restarts >= 1, "eval.restarts must be >= 1"),
         (cfg.eval.max_samples >= 0, "eval.max_samples must be >= 0"),
@@ -476,6 +480,20 @@ def ineffective_settings(cfg: Config) -> list[str]:
         notes.append(f"jointspar.scale=update with jointspar.arms=param: biases and norm parameters, which "
                      f"LARS/LAMB step without a trust ratio, move up to 1/p_min = {1 / cfg.jointspar.p_min:.0f} times "
                      "as far when drawn; jointspar.arms=weights trains them every step, unscaled")
+    optim, default_optim = cfg.optim, OptimConfig()
+    unused = {"lamb": ("momentum", "trust_coeff"), "lars": ("betas",), "sgd": ("betas", "trust_coeff")}[optim.name]
+    notes += [f"optim.{key} has no effect with optim.name={optim.name}" for key in unused
+              if getattr(optim, key) != getattr(default_optim, key)]
+    relative_step = scaled_lr(optim, cfg.data.batch_size) * optim.trust_coeff
+    if optim.name == "lars" and relative_step < 1e-4:
+        notes.append(f"optim.name=lars with optim.lr {optim.lr:g} ({scaled_lr(optim, cfg.data.batch_size):.3g} at batch "
+                     f"{cfg.data.batch_size}): LARS moves each layer by lr x trust_coeff = {relative_step:.2g} of its "
+                     "weight norm per step, too little to learn; LARS learning rates are O(1) (LAMB's O(0.001))")
+    if cfg.attack.name == "fgsm" and cfg.attack.steps != AttackConfig().steps:
+        notes.append(f"attack.steps {cfg.attack.steps} has no effect with attack.name=fgsm (one step)")
+    if cfg.jointspar.enabled and cfg.jointspar.budget_unit == "bytes" and cfg.jointspar.eta != JointSparConfig().eta:
+        notes.append("jointspar.eta has no effect with jointspar.budget_unit=bytes (p follows the gradient norms, "
+                     "not EXP3)")
     if cfg.jointspar.enabled and cfg.jointspar.warmup_epochs >= cfg.run.epochs > 0:
         notes.append(f"jointspar.warmup_epochs {cfg.jointspar.warmup_epochs} >= run.epochs {cfg.run.epochs}: "
                      "every epoch is dense, JointSpar never samples")

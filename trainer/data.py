@@ -154,7 +154,7 @@ def _cifar_arrays(batch: object, where: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{where}: not a CIFAR-10 batch ({exc})") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"{where}: CIFAR-10 data must be uint8 (N, 3072), got {data.dtype} {data.shape}")
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):  # [] reads as float
         raise DataError(f"{where}: CIFAR-10 labels must be N integers, got {labels.dtype} {labels.shape}")
     data, labels = data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
     if len(data) != len(labels):
@@ -168,7 +168,9 @@ def _cifar_sets(train_parts, test_part) -> tuple[ImageSet, ImageSet]:
     train = ImageSet(torch.from_numpy(x), torch.from_numpy(y))
     test = ImageSet(torch.from_numpy(test_part[0]), torch.from_numpy(test_part[1]))
     for s, name in ((train, "train"), (test, "test")):
-        if len(s) and (s.labels.min() < 0 or s.labels.max() > 9):
+        if not len(s):  # found now, not after a whole epoch of training
+            raise DataError(f"CIFAR-10 {name} set holds no images")
+        if s.labels.min() < 0 or s.labels.max() > 9:
             raise DataError(f"CIFAR-10 {name} labels outside 0..9")
     return train, test
 
@@ -190,7 +192,10 @@ def load_ti500k(path: str, limit: int = 0, seed: int = 0) -> ImageSet:
             data, targets = _key(obj, "data"), _key(obj, "extrapolated_targets")
         except (KeyError, TypeError):
             raise DataError(f"{path}: expected keys 'data' and 'extrapolated_targets'") from None
-    data, targets = np.asarray(data), np.asarray(targets)
+    try:
+        data, targets = np.asarray(data), np.asarray(targets)
+    except ValueError as exc:  # e.g. a list of images of different shapes
+        raise DataError(f"{path}: data and extrapolated_targets must be arrays ({exc})") from None
     if targets.ndim != 1:
         raise DataError(f"{path}: extrapolated_targets must be N integer labels, got {targets.dtype} {targets.shape}")
     if data.ndim != 4 or data.shape[1:] != (32, 32, 3) or data.dtype != np.uint8:

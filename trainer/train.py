@@ -23,7 +23,7 @@ from trainer import checkpoint
 from trainer.attacks import attack_mode, craft, default_alpha, pgd_step
 from trainer.communication import CommStats, GradientSync
 from trainer.config import Config, ConfigError, lr_rule, save_resolved, scaled_lr
-from trainer.data import ImageSet, TrainBatches, eval_batches, load_dataset
+from trainer.data import DataError, ImageSet, TrainBatches, eval_batches, load_dataset
 from trainer.distributed import (DistInfo, all_gather_objects, all_reduce_sum, average_buffers, barrier,
                                  broadcast_object, broadcast_parameters)
 from trainer.jointspar import DenseTraining, JointSpar
@@ -108,10 +108,18 @@ EXPERIMENT_DEFINING = ("data", "train", "attack", "jointspar")
 
 def experiment_settings(cfg: Config) -> dict[str, object]:
     plain = cfg.to_dict()
-    ignored = EXPERIMENT_IGNORED | ({"data.unlabeled_max", "data.unlabeled_fraction"} if cfg.data.name != "cifar10-ext"
-                                    else set())  # no effect on other data
-    return {f"{section}.{key}": value for section in EXPERIMENT_SECTIONS for key, value in plain[section].items()
-            if f"{section}.{key}" not in ignored}
+    ignored = set(EXPERIMENT_IGNORED)  # and the settings that have no effect in this config:
+    if cfg.data.name != "cifar10-ext":
+        ignored |= {"data.unlabeled_max", "data.unlabeled_fraction"}
+    if not cfg.jointspar.enabled:  # (jointspar.enabled itself is compared)
+        ignored |= {f"jointspar.{key}" for key in plain["jointspar"] if key != "enabled"}
+    if cfg.train.loss == "clean":
+        ignored |= {f"attack.{key}" for key in plain["attack"]}
+    settings = {f"{section}.{key}": value for section in EXPERIMENT_SECTIONS for key, value in plain[section].items()
+                if f"{section}.{key}" not in ignored}
+    if cfg.data.val_size or (cfg.data.name == "cifar10-ext" and cfg.data.unlabeled_max):
+        settings["run.seed"] = cfg.run.seed  # it draws the held-out images and the TI subset
+    return settings
 
 
 def _state_differences(saved: dict, current: dict, show: int = 3) -> str:
@@ -252,10 +260,12 @@ class Trainer:
         now = experiment_settings(self.cfg)
         saved = {**EXPERIMENT_BEFORE, **(state.get("experiment") or {})}
         moved = {k: (v, now.get(k)) for k, v in saved.items() if now.get(k, v) != v}
-        defining = [k for k in moved if k.split(".")[0] in EXPERIMENT_DEFINING]
+        defining = [k for k in moved if k.split(".")[0] in EXPERIMENT_DEFINING or k == "run.seed"]
         if defining and self.cfg.run.resume == "auto":  # found in run.output_dir, not named by the user
             key, more = defining[0], defining[1:]
             also = f" (and {', '.join(more)})" if more else ""
+            also += (" (with data.val_size or a TI subset the seed draws the held-out images)"
+                     if key == "run.seed" else "")
             raise checkpoint.CheckpointError(
                 f"{path}: this folder's run trained {key}={moved[key][0]!r}, the config says {moved[key][1]!r}{also}: "
                 f"another experiment? Give it its own run.output_dir (on Kubernetes: a new job name), start fresh "
@@ -319,7 +329,7 @@ class Trainer:
             group["lr"] = now["initial_lr"] * factor(sched.last_epoch)
         for key, saved, now in (("data.batch_size", state.get("batch_size"), self.cfg.data.batch_size),
                                 ("run.seed", state.get("seed"), self.cfg.run.seed)):
-            if saved is not None and saved != now:
+            if saved is not None and saved != now and key not in moved:
                 changed.append(f"{key} ({saved} -> {now})")
         changed += [f"{k} ({a!r} -> {b!r})" for k, (a, b) in moved.items()]
         self.config_changes = list(changed)  # what this config changed (the world size is the cluster's)
@@ -558,6 +568,8 @@ class Trainer:
             self.exporter.progress()
         self.model.train()
         clean, robust, total = all_reduce_sum([clean, robust, total], self.device)
+        if not total:  # the loaders refuse empty test sets; this is the last line of defence
+            raise DataError("no images to evaluate")
         return clean / total, robust / total
 
     def fit(self) -> dict | None:
@@ -669,6 +681,15 @@ def set_aside_earlier_run(output_dir: str, why: str = "starting fresh") -> str |
     return folder
 
 
+def carried_over(resume_from: str) -> list[str]:
+    """The files of the resumed checkpoint's folder that continue in run.output_dir: its log of the epochs so
+    far, and its best checkpoint when resuming its latest (saved at or after it) or that best itself."""
+    names = ["metrics.jsonl"]
+    if os.path.basename(resume_from) in (checkpoint.LATEST, checkpoint.BEST):
+        names.append(checkpoint.BEST)
+    return names
+
+
 def run(cfg: Config, dist_info: DistInfo) -> dict | None:
     """Train as configured; resume from OUTPUT_DIR (or run.resume) when a checkpoint is there."""
     out = cfg.run.output_dir
@@ -723,10 +744,7 @@ def run(cfg: Config, dist_info: DistInfo) -> dict | None:
             if resume_from:
                 source = os.path.dirname(os.path.realpath(resume_from))
                 source = aside if aside and source == os.path.realpath(out) else source
-                names = ["metrics.jsonl"]  # the resumed run's epochs so far, to continue its log
-                if os.path.basename(resume_from) == checkpoint.LATEST:
-                    names.append(checkpoint.BEST)  # saved at or before that latest: still its best
-                for name in names:
+                for name in carried_over(resume_from):
                     if os.path.isfile(os.path.join(source, name)):
                         shutil.copyfile(os.path.join(source, name), os.path.join(out, name))
         elif checkpoint.restore_best(out, {"epoch": trainer.start_epoch - 1, "step": trainer.start_step,
