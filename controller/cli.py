@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         cluster_args(p)
         p.set_defaults(func=func)
         if name == "watch":
-            p.add_argument("--interval", type=_seconds(least=0.0), default=10.0, help="seconds between polls")
+            p.add_argument("--interval", type=_seconds(least=1.0), default=10.0,
+                           help="seconds between polls (at least 1: each poll is a GET on the API server)")
             p.add_argument("--timeout", type=_seconds(least=0.0), default=0.0,
                            help="give up after this many seconds (0: never)")
         if name == "logs":

@@ -224,9 +224,12 @@ def test_status_errors(scenario: str, message: str, tmp_path: Path, capsys: pyte
     assert code == 1 and out == "" and err.startswith(message) and len(err.splitlines()) == 1
 
 
-def test_watch_until_failed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, _, _ = datctl(capsys, "watch-failed", tmp_path, "watch", "dat-smoke", "--interval", "0")
-    assert code == 1
+def test_watch_until_failed(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from controller import kube
+    pauses: list[float] = []
+    monkeypatch.setattr(kube.time, "sleep", pauses.append)
+    code, out, _, _ = datctl(capsys, "watch-failed", tmp_path, "watch", "dat-smoke", "--interval", "1")
+    assert code == 1 and pauses == [1.0, 1.0]  # between the three polls
     assert out.splitlines() == [
         "2026-11-27T09:14:02Z Created=True PyTorchJobCreated PyTorchJob dat-smoke is created.",
         "2026-11-27T09:14:31Z Running=True PyTorchJobRunning PyTorchJob team-a/dat-smoke is running.",
@@ -237,8 +240,10 @@ def test_watch_until_failed(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     ]
 
 
-def test_watch_until_succeeded(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, _, _ = datctl(capsys, "watch-succeeded", tmp_path, "watch", "dat-smoke", "--interval", "0")
+def test_watch_until_succeeded(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from controller import kube
+    monkeypatch.setattr(kube.time, "sleep", lambda seconds: None)
+    code, out, _, _ = datctl(capsys, "watch-succeeded", tmp_path, "watch", "dat-smoke", "--interval", "1")
     assert code == 0 and out.splitlines()[-1] == "PyTorchJob team-a/dat-smoke: succeeded"
     assert sum("Created=True" in line for line in out.splitlines()) == 1  # each transition printed once
 
@@ -246,7 +251,7 @@ def test_watch_until_succeeded(tmp_path: Path, capsys: pytest.CaptureFixture) ->
 def test_watch_gives_up_after_timeout(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with ReplayServer("status-running") as server:
         config = kubeconfig(tmp_path / "kubeconfig", server.url)
-        code = cli.main(["watch", "dat-smoke", "--timeout", "0.001", "--interval", "0", "--kubeconfig", str(config)])
+        code = cli.main(["watch", "dat-smoke", "--timeout", "0.001", "--interval", "1", "--kubeconfig", str(config)])
     assert code == 1 and "still Running after 0.001s" in capsys.readouterr().err
 
 
