@@ -242,10 +242,14 @@ class Cluster:
         verb = verb or self.get_job
         try:
             return PYTORCHJOB, verb(PYTORCHJOB, name)
-        except JobNotFound as not_pytorchjob:
+        except ClusterError as not_pytorchjob:
+            if not (isinstance(not_pytorchjob, JobNotFound) or not_pytorchjob.status == 403):
+                raise  # (403: a user allowed TrainJobs only)
             try:
                 return TRAINJOB, verb(TRAINJOB, name)
             except JobNotFound as not_trainjob:
+                if not isinstance(not_pytorchjob, JobNotFound):  # PyTorchJobs forbidden, no such TrainJob
+                    raise ClusterError(f"{not_pytorchjob} (nor is there a TrainJob {name})", status=403) from None
                 if all("is not installed" in str(e) for e in (not_pytorchjob, not_trainjob)):
                     raise JobNotFound(f"neither the PyTorchJob CRD ({PYTORCHJOB.api_version}) nor the TrainJob CRD "
                                       f"({TRAINJOB.api_version}) is installed in the cluster; {PYTORCHJOB.install}",

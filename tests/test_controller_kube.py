@@ -222,6 +222,8 @@ def test_status_of_a_trainjob(scenario: str, api: list[str], tmp_path: Path, cap
 def test_status_errors(scenario: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, err, _ = datctl(capsys, scenario, tmp_path, "status", "dat-smoke")
     assert code == 1 and out == "" and err.startswith(message) and len(err.splitlines()) == 1
+    if scenario == "status-forbidden":  # a user allowed TrainJobs only would have found one: it was looked for
+        assert err.rstrip().endswith("(nor is there a TrainJob dat-smoke)"), err
 
 
 def test_watch_until_failed(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -53,6 +53,8 @@ def test_dashboard_is_portable(dashboard):
         assert var["includeAll"] and var["allValue"] == ".*"
     # a job that never served trainer metrics (pending, failed early) is still one to pick
     assert "dat_job_condition" in variables["job"]["query"]["query"]
+    for name in ("namespace", "job"):  # over the dashboard's time range, like label_values: finished jobs too
+        assert variables[name]["query"]["query"].count("last_over_time(") == 2
     for panel in panels(dashboard):  # same-named jobs of two namespaces stay apart in every legend
         for target in panel["targets"]:
             legend = target.get("legendFormat", "")

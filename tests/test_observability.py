@@ -121,6 +121,7 @@ def test_two_ranks_of_one_pod_share_one_port_then_grace_then_stop(tmp_path):
         assert find(text, "dat_epoch_duration_seconds", **base) == [pytest.approx(last["epoch_seconds"])]
         assert find(text, "dat_epoch_train_duration_seconds", **base) == [
             pytest.approx(last["epoch_seconds"] - last["eval_seconds"])]
+        # from the process's second epoch (its first pays for compilation): epoch 2, resumed at step 4 of 8
         assert find(text, "dat_step_duration_seconds", **base) == [
             pytest.approx((last["epoch_seconds"] - last["eval_seconds"]) / 4)]
         assert find(text, "dat_phase_duration_seconds", **base, phase="communication") == [0.5]
@@ -355,5 +356,11 @@ def test_a_resumed_run_serves_its_last_evaluation_from_the_start(tmp_path, monke
         assert find(text, "dat_train_loss") == [1.0] and find(text, "dat_learning_rate") == [0.02]
         assert find(text, "dat_epoch_progress_ratio") == [0.0]
         assert find(text, "dat_training_end_timestamp_seconds") == []  # running
+        ex.observe_epoch(record(3, 0))  # the first epoch this process trains: compilation, warm-up
+        assert find(scrape(port), "dat_step_duration_seconds") == []
+        ex.observe_epoch(record(4, 0))
+        fourth = record(4, 0)
+        assert find(scrape(port), "dat_step_duration_seconds") == [
+            pytest.approx((fourth["epoch_seconds"] - fourth["eval_seconds"]) / fourth["steps"])]
     finally:
         ex.finish(linger=False)

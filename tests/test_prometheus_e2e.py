@@ -285,7 +285,7 @@ def test_training_metrics_dashboard_and_alerts_in_prometheus(stack, tmp_path):
         query = variable["query"]["query"]
         if query.startswith("query_result("):  # Grafana runs the query and applies the variable's regex
             label = re.fullmatch(r'/(\w+)="\(\[\^"\]\+\)"/', variable["regex"]).group(1)
-            inner = query[len("query_result("):-1].replace("$namespace", ".*")  # "All"
+            inner = query[len("query_result("):-1].replace("$namespace", ".*").replace("$__range", "1h")  # "All"
             values = {s["metric"][label] for s in prom.query(inner, t_final)}
             # the trainer's job and namespace, and the recorded cluster's jobs (which serve no trainer metrics)
             assert {"job": {JOB, "dat-small"}, "namespace": {NAMESPACE, RECORDED_NAMESPACE}}[variable["name"]] \

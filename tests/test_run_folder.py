@@ -164,6 +164,12 @@ def test_a_setting_without_effect_does_not_block_a_resume_and_the_seed_of_a_spli
     assert "this folder's run trained run.seed=0, the config says 7" in refused.stderr
     assert "the seed draws the held-out images" in refused.stderr
     assert (out / "checkpoint-latest.pt").read_bytes() == before
+    # train.loss=clean: the attack trains nothing, but attack.eps is what eval.eps -1 evaluates at
+    clean = [*synthetic_args, "--set", f"run.output_dir={tmp_path / 'clean'}", "--set", "train.loss=clean"]
+    assert train_cli([*clean, "--set", "run.epochs=1"]).returncode == 0
+    assert train_cli([*clean, "--set", "run.epochs=2", "--set", "attack.steps=2"]).returncode == 0
+    refused = train_cli([*clean, "--set", "run.epochs=3", "--set", "attack.eps=0.2"])
+    assert refused.returncode == 2 and "trained attack.eps=0.1, the config says 0.2" in refused.stderr
 
 
 def test_resuming_a_best_checkpoint_keeps_it_as_the_best():

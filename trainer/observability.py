@@ -122,6 +122,7 @@ class TrainingExporter:
         self.world_size = world_size
         self._labels = labels or {}
         self._finished = False
+        self._epochs_observed = 0  # by this process
         self._last_beat = self._last_push = self.clock()
         if self.enabled:
             self._define_metrics()
@@ -200,7 +201,8 @@ class TrainingExporter:
                                     "without evaluation (the training steps).")
         self._step_seconds = gauge("dat_step_duration_seconds", "Mean wall time of a training step of this rank "
                                    "in the last epoch (of the steps this run trained: an epoch resumed mid-way "
-                                   "counts its own).")
+                                   "counts its own); from the second epoch a process trains (the first pays for "
+                                   "compilation and warm-up).")
         self._phase_seconds = gauge("dat_phase_duration_seconds", "Time per phase in the last epoch.",
                                     ("phase",))
         self._phase_total = Counter("dat_phase_seconds", "Time per phase, summed over epochs.",
@@ -274,7 +276,8 @@ class TrainingExporter:
         if seconds is not None:
             self._epoch_seconds.labels(**lab).set(seconds)
             self._train_seconds.labels(**lab).set(max(seconds - eval_seconds, 0.0))
-            if steps:
+            if steps and self._epochs_observed:  # the first epoch a process trains pays for torch.compile and
+                # warm-up: after a resume within an epoch, over a few steps, it is no step time to compare
                 self._step_seconds.labels(**lab).set(max(seconds - eval_seconds, 0.0) / steps)
         for key, phase in PHASE_LABELS.items():
             v = value(f"{key}_seconds")
@@ -294,6 +297,7 @@ class TrainingExporter:
                 counter.labels(**lab).inc(v)
         if self.job_wide:
             self._set_job_wide(record)
+        self._epochs_observed += 1
         now = time.time()
         self._last_epoch_time.labels(**lab).set(now)
         self._progress_time.labels(**lab).set(now)

@@ -113,8 +113,8 @@ def experiment_settings(cfg: Config) -> dict[str, object]:
         ignored |= {"data.unlabeled_max", "data.unlabeled_fraction"}
     if not cfg.jointspar.enabled:  # (jointspar.enabled itself is compared)
         ignored |= {f"jointspar.{key}" for key in plain["jointspar"] if key != "enabled"}
-    if cfg.train.loss == "clean":
-        ignored |= {f"attack.{key}" for key in plain["attack"]}
+    if cfg.train.loss == "clean":  # (eval.eps -1 evaluates at attack.eps)
+        ignored |= {f"attack.{key}" for key in plain["attack"] if key != "eps" or cfg.eval.eps >= 0}
     settings = {f"{section}.{key}": value for section in EXPERIMENT_SECTIONS for key, value in plain[section].items()
                 if f"{section}.{key}" not in ignored}
     if cfg.data.val_size or (cfg.data.name == "cifar10-ext" and cfg.data.unlabeled_max):
