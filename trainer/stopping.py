@@ -26,12 +26,15 @@ class StopRequests:
     def __init__(self, world_size: int, timeout_seconds: float = 1800) -> None:
         self.received: int = 0  # the first signal this process got (0: none)
         self.received_at = 0.0
-        self._group = (dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_seconds))
-                       if world_size > 1 and dist.is_initialized() else None)
+        self._world_size, self._timeout_seconds = world_size, timeout_seconds
+        self._group: dist.ProcessGroup | None = None  # made by install(): an evaluation needs none
         self._pending: tuple[dist.Work, torch.Tensor] | None = None
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
+        """Catch the signals from now on. Collective the first time (every rank creates the poll's group)."""
+        if self._group is None and self._world_size > 1 and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self._timeout_seconds))
         for sig in HANDLED:
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
