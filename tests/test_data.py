@@ -301,7 +301,7 @@ def test_a_ti500k_pickle_of_ragged_images_is_one_line(tmp_path):
     with open(path, "wb") as fh:
         pickle.dump({"data": [np.zeros((32, 32, 3), np.uint8), np.zeros((31, 32, 3), np.uint8)],
                      "extrapolated_targets": [1, 2]}, fh)
-    with pytest.raises(DataError, match="data and extrapolated_targets must be arrays"):
+    with pytest.raises(DataError, match=r"data must be a numpy array \(N, 32, 32, 3\), got list"):
         load_ti500k(str(path))
 
 
@@ -344,3 +344,46 @@ def test_cifar10_ext_walks_never_repeat_an_image_within_a_step_and_run_on_across
             seen += step.tolist()
     ti = [i for i in seen if i >= labelled]
     assert len(ti) == 2 * 46 * 8 and len(set(ti)) >= 696
+
+
+class _Reduce:
+    """Pickles as f(*args) [+ BUILD state]: how a crafted data pickle names numpy's reconstructors."""
+
+    def __init__(self, f, args, state=None):
+        self.f, self.args, self.state = f, args, state
+
+    def __reduce__(self):
+        return (self.f, self.args) if self.state is None else (self.f, self.args, self.state)
+
+
+def _crafted_pickles() -> dict:
+    from numpy._core.multiarray import _reconstruct
+    overlap = _Reduce(np.dtype, ("V8", False, True), (3, "|", None, ("a", "b"), {"a": (np.dtype("O"), 0),
+                                                                                 "b": (np.dtype("<u8"), 0)}, 8, 1, 27))
+    u1_objects = _Reduce(np.dtype, ("u1", False, True), (3, "|", None, None, None, -1, -1, 63))
+    return {
+        # an object field overlapping an integer: the integer is freed as a PyObject pointer (a segfault or worse)
+        "overlapping-fields": (_Reduce(_reconstruct, (np.ndarray, (0,), b"b"),
+                                       (1, (1,), overlap, False, [(None, 0x4141414141414141)])), "refusing numpy dtype"),
+        "object-flags": (_Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (4,), u1_objects, False, [1, 2, 3, 4])),
+                         "refusing a numpy dtype state"),
+        # ndarray(shape, dtype, buffer, offset, strides) with zero strides: 1 byte seen as 200,000 images
+        "zero-strides": (_Reduce(np.ndarray, ((200_000, 32, 32, 3), np.dtype("u1"), b"\x00", 0, (0, 0, 0, 0))),
+                         "not a readable pickle"),
+        "short-bytes": (_Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (2, 32, 32, 3), np.dtype("u1"), False,
+                                                                         b"\x00" * 10)), "holds 10 bytes, not 6144"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_crafted_pickles()))
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_crafted_array_in_a_data_pickle_is_refused_not_built(tmp_path, case, protocol):
+    """numpy's own __setstate__ trusts its input; the loader builds plain numeric arrays from exactly the bytes
+    in the file instead, so these are one line each (run in a child: a regression would crash the process)."""
+    data, fragment = _crafted_pickles()[case]
+    path = tmp_path / "ti.pickle"
+    path.write_bytes(pickle.dumps({"data": data, "extrapolated_targets": [1]}, protocol=protocol))
+    code = ("import sys\nfrom trainer.data import DataError, load_ti500k\n"
+            f"try:\n    load_ti500k({str(path)!r})\nexcept DataError as exc:\n    print(exc)\n    sys.exit(2)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and fragment in proc.stdout, (proc.returncode, proc.stdout, proc.stderr[-2000:])

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 import pickle
-import re
 import tarfile
 import zipfile
 from dataclasses import dataclass
@@ -54,35 +54,130 @@ class Dataset:
 
 # ---------------------------------------------------------------- safe pickle reading
 
+# The CIFAR-10 batches and the TI-500K file are pickles: a plain pickle.load would run whatever code a tampered
+# file names (torchvision's CIFAR10 class uses plain pickle, so we read the files ourselves). Allowing numpy's own
+# reconstructors is not enough either: ndarray.__setstate__ and dtype.__setstate__ trust their input (a crafted
+# dtype state overlaps an object field with an integer: memory corruption; ndarray(...) with zero strides: a
+# 300-byte file becomes gigabytes). So the numpy names a data pickle uses map to the stand-ins below, which build
+# plain numeric arrays with np.frombuffer from exactly the bytes the file holds, and nothing else.
+
+_NUMERIC_DTYPES = {"b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8"}
+
+
+def _text(value: object) -> str:
+    return value.decode("latin1") if isinstance(value, bytes) else value if isinstance(value, str) else ""
+
+
+class _Dtype:
+    """numpy.dtype(spec, align, copy) followed by its pickled state: a plain numeric type and its byte order."""
+
+    def __init__(self, spec: object, align: object = False, copy: object = False) -> None:
+        name = _text(spec)
+        if name not in _NUMERIC_DTYPES:
+            raise DataError(f"refusing numpy dtype {spec!r} in a data pickle (plain numeric types only)")
+        self.dtype = np.dtype(name)
+
+    def __setstate__(self, state: object) -> None:
+        plain = (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4)
+                 and _text(state[1]) in ("<", ">", "|", "=") and state[2:5] == (None, None, None)
+                 and state[5:8] == (-1, -1, 0) and state[8:] in ((), (None,)))
+        if not plain:
+            raise DataError("refusing a numpy dtype state in a data pickle (fields, subarrays or flags)")
+        order = _text(state[1])
+        if order in "<>":
+            self.dtype = self.dtype.newbyteorder(order)
+
+
+def _array(raw: object, dtype: object, shape: object, order: object = "C") -> np.ndarray:
+    """An array of exactly the bytes given (no strides, no views of something smaller)."""
+    if isinstance(raw, pickle.PickleBuffer):
+        raw = raw.raw()
+    if not isinstance(raw, (bytes, bytearray, memoryview)) or not isinstance(dtype, _Dtype):
+        raise DataError("refusing an array of other than plain numeric bytes in a data pickle")
+    if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)):
+        raise DataError(f"refusing array shape {shape!r} in a data pickle")
+    count = math.prod(shape)
+    if len(raw) != count * dtype.dtype.itemsize:
+        raise DataError(f"an array of shape {shape} holds {len(raw)} bytes, not {count * dtype.dtype.itemsize}")
+    array = np.frombuffer(raw, dtype=dtype.dtype).copy()  # its own, writable memory
+    return array.reshape(shape, order="F" if _text(order) == "F" else "C")
+
+
+class _Reconstructed:
+    """numpy's _reconstruct(ndarray, (0,), b'b') followed by the array's state (protocols 0-4); replaced by the
+    array once the whole pickle is read (_materialise)."""
+
+    def __init__(self, cls: object, *_: object) -> None:
+        if cls is not _NDARRAY:
+            raise DataError("refusing numpy _reconstruct of anything but an ndarray in a data pickle")
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: object) -> None:
+        if not (isinstance(state, tuple) and len(state) in (4, 5)):
+            raise DataError("refusing an ndarray state in a data pickle")
+        shape, dtype, fortran, raw = state[-4:]
+        self.array = _array(raw, dtype, shape, "F" if fortran else "C")
+
+
+_NDARRAY = object()  # numpy.ndarray as a data pickle names it: only what _reconstruct is told to build
+
+
+def _scalar(dtype: object, raw: object) -> np.generic:
+    return _array(raw, dtype, (1,))[0]
+
+
+def _encode(text: object, encoding: object = "utf-8") -> bytes:
+    """_codecs.encode as protocol 2 pickles use it: Python 2 byte strings, stored as latin-1 text."""
+    if not (isinstance(text, str) and _text(encoding) in ("latin1", "latin-1")):
+        raise DataError("refusing _codecs.encode other than latin-1 text in a data pickle")
+    return text.encode("latin1")
+
+
+def _empty_bytes(*args: object) -> bytes:
+    if args:
+        raise DataError("refusing bytes(...) with arguments in a data pickle")
+    return b""
+
+
+_DATA_PICKLE_NAMES = {
+    **{(module, name): stand_in for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+       for name, stand_in in (("_reconstruct", _Reconstructed), ("scalar", _scalar))},
+    ("numpy.core.numeric", "_frombuffer"): _array, ("numpy._core.numeric", "_frombuffer"): _array,
+    ("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): _Dtype, ("_codecs", "encode"): _encode,
+    ("__builtin__", "bytes"): _empty_bytes, ("builtins", "bytes"): _empty_bytes,  # an empty array, protocol 2
+}
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles plain containers and numpy arrays only; any other global is refused.
-
-    The CIFAR-10 batches and the TI-500K file are pickles: a plain pickle.load would run whatever code a
-    tampered file names. torchvision's CIFAR10 class uses plain pickle, so we read the files ourselves.
-    """
-
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-    }
-
-    # numpy >= 2 names its dtype classes numpy.dtypes.<Kind>DType. Nothing else: from protocol 4 on a name may
-    # be a dotted path (numpy, "dtypes.__loader__...") that walks from an allowed module to arbitrary code.
-    DTYPE_CLASS = re.compile(r"[A-Z][A-Za-z0-9]*DType")
+    """Unpickles plain containers and plain numeric numpy arrays only; any other global is refused."""
 
     def find_class(self, module: str, name: str):
-        dtype_class = ((module == "numpy" and name.startswith("dtypes.") and self.DTYPE_CLASS.fullmatch(name[7:]))
-                       or (module == "numpy.dtypes" and self.DTYPE_CLASS.fullmatch(name)))
-        if (module, name) in self.ALLOWED or dtype_class:
-            return super().find_class(module, name)
-        raise DataError(f"refusing to load {module}.{name} from a data pickle (only numpy arrays allowed)")
+        try:
+            return _DATA_PICKLE_NAMES[(module, name)]
+        except KeyError:
+            raise DataError(f"refusing to load {module}.{name} from a data pickle (only numpy arrays allowed)") from None
+
+
+def _materialise(obj: object, depth: int = 0) -> object:
+    """The unpickled containers with each _Reconstructed replaced by its array."""
+    if depth > 8:
+        raise DataError("a data pickle nested deeper than a data set is")
+    if isinstance(obj, _Reconstructed):
+        if obj.array is None:
+            raise DataError("an ndarray without its state in a data pickle")
+        return obj.array
+    if isinstance(obj, _Dtype):
+        raise DataError("a bare numpy dtype in a data pickle")
+    if isinstance(obj, dict):
+        return {k: _materialise(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and any(isinstance(v, (_Reconstructed, _Dtype, dict, list, tuple)) for v in obj):
+        return type(obj)(_materialise(v, depth + 1) for v in obj)
+    return obj
 
 
 def safe_unpickle(fh, what: str) -> object:
     try:
-        return _NumpyOnlyUnpickler(fh, encoding="bytes").load()
+        return _materialise(_NumpyOnlyUnpickler(fh, encoding="bytes").load())
     except DataError as exc:
         raise DataError(f"{what}: {exc}") from None
     except Exception as exc:  # truncated or not a pickle at all
@@ -90,6 +185,8 @@ def safe_unpickle(fh, what: str) -> object:
 
 
 def _key(d: dict, name: str):
+    if not isinstance(d, dict):
+        raise KeyError(name)
     for k in (name, name.encode()):
         if k in d:
             return d[k]
@@ -149,9 +246,11 @@ def _read_cifar_archive(archive: str) -> tuple[ImageSet, ImageSet]:
 def _cifar_arrays(batch: object, where: str) -> tuple[np.ndarray, np.ndarray]:
     """The published format: `data` uint8 (N, 3072), rows of R, G, B planes; `labels` N integers."""
     try:
-        data, labels = np.asarray(_key(batch, "data")), np.asarray(_key(batch, "labels"))
+        data, labels = _key(batch, "data"), np.asarray(_key(batch, "labels"))
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{where}: not a CIFAR-10 batch ({exc})") from None
+    if not isinstance(data, np.ndarray):  # (a list of memo references to one array would multiply it)
+        raise DataError(f"{where}: CIFAR-10 data must be a numpy array, got {type(data).__name__}")
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"{where}: CIFAR-10 data must be uint8 (N, 3072), got {data.dtype} {data.shape}")
     if labels.ndim != 1 or (labels.size and not np.issubdtype(labels.dtype, np.integer)):  # [] reads as float
@@ -192,10 +291,12 @@ def load_ti500k(path: str, limit: int = 0, seed: int = 0) -> ImageSet:
             data, targets = _key(obj, "data"), _key(obj, "extrapolated_targets")
         except (KeyError, TypeError):
             raise DataError(f"{path}: expected keys 'data' and 'extrapolated_targets'") from None
+    if not isinstance(data, np.ndarray):  # (a list of memo references to one array would multiply it)
+        raise DataError(f"{path}: data must be a numpy array (N, 32, 32, 3), got {type(data).__name__}")
     try:
-        data, targets = np.asarray(data), np.asarray(targets)
-    except ValueError as exc:  # e.g. a list of images of different shapes
-        raise DataError(f"{path}: data and extrapolated_targets must be arrays ({exc})") from None
+        targets = np.asarray(targets)
+    except ValueError as exc:  # e.g. lists of different lengths
+        raise DataError(f"{path}: extrapolated_targets must be N integer labels ({exc})") from None
     if targets.ndim != 1:
         raise DataError(f"{path}: extrapolated_targets must be N integer labels, got {targets.dtype} {targets.shape}")
     if data.ndim != 4 or data.shape[1:] != (32, 32, 3) or data.dtype != np.uint8:
