@@ -128,3 +128,36 @@ def test_a_malformed_checkpoint_is_refused_in_one_line(tmp_path, change, problem
     assert problem in str(info.value)
     checkpoint.save_atomic(GOOD, str(path))
     assert checkpoint.load(str(path))["epoch"] == 2  # and the good one loads
+
+
+def test_a_compressed_checkpoint_is_refused_before_anything_expands(tmp_path):
+    """torch.save writes stored (uncompressed) members; a DEFLATE member of a hand-made .pt could hold a
+    gigabyte of zeros in a megabyte (its CRC is right, so only this check stops it)."""
+    import zipfile
+    path = tmp_path / "c.pt"
+    checkpoint.save_atomic({"epoch": 1, "model": {"w": torch.zeros(1 << 16)}}, str(path))
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as target:
+        for member in source.infolist():
+            target.writestr(member.filename, source.read(member.filename))
+    assert bomb.stat().st_size < path.stat().st_size / 10  # the zeros compress
+    with pytest.raises(checkpoint.CheckpointError, match="compressed members, which torch.save never writes"):
+        checkpoint.load(str(bomb))
+    assert checkpoint.load(str(path))["epoch"] == 1
+
+
+def test_files_planted_as_symbolic_links_are_never_written_through(tmp_path):
+    """A symlink at the lock file's name (or at a checkpoint's temporary name) in a shared output folder would
+    make the trainer truncate or overwrite the file it names."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / checkpoint.LOCK).symlink_to(victim)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot open the run's lock file .*symbolic link"):
+        checkpoint.hold_folder(str(out))
+    target = out / checkpoint.LATEST
+    (out / f"{checkpoint.LATEST}.tmp-{os.getpid()}").symlink_to(victim)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot write checkpoint"):
+        checkpoint.save_atomic({"epoch": 1, "model": {}}, str(target))
+    assert victim.read_text() == "precious\n" and not target.exists()

@@ -244,3 +244,16 @@ def test_lr_scaling_auto_follows_the_optimizer(name, rule, factor):
     from trainer.config import OptimConfig, scaled_lr
     assert scaled_lr(OptimConfig(name=name, lr=0.1, base_batch_size=256, lr_scaling=rule), 4096) == pytest.approx(
         0.1 * factor)
+
+
+def test_yaml_aliases_load_within_bounds(tmp_path):
+    """An anchor used twice is fine; one whose aliases expand beyond any config's size ("billion laughs") is a
+    one-line error, not minutes of CPU and a MemoryError traceback."""
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("attack: &strong {steps: 7}\neval: {steps: 7}\nrun: {epochs: 2}\n")
+    assert load_config(str(ok)).attack.steps == 7
+    laughs = tmp_path / "laughs.yaml"
+    laughs.write_text("run: {name: &a [x, x, x, x, x, x, x, x, x]}\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdef", "bcdefg")))
+    with pytest.raises(ConfigError, match="its aliases expand to more than 100,000 values"):
+        load_config(str(laughs))

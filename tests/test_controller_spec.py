@@ -233,6 +233,11 @@ def test_every_problem_gets_its_own_line(tmp_path: Path, capsys: pytest.CaptureF
     ("nodes: [1\n", "not valid YAML (line 2, column "),
     ("- nodes\n", "a job spec is a mapping of keys, got list"),
     ("nodes: 1\nname: a\nnodes: 2\n", "not valid YAML (line 3, column 1): key 'nodes' is given twice in one mapping"),
+    # "billion laughs": 7 lines whose aliases expand to 9^7 values; walking it would never end
+    ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n"
+                                                   for p, n in zip("abcdef", "bcdefg")),
+     "its aliases expand to more than 100,000 values"),
+    ("a: &a [1, *a]\n", "an alias refers to its own anchor (a recursive structure)"),
 ])
 def test_unreadable_spec(text: str, line: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, _, err = render(capsys, str(write_spec(tmp_path, text=text)))

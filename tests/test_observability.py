@@ -259,8 +259,31 @@ def test_unusable_metrics_dir_warns_and_training_goes_on(tmp_path, monkeypatch, 
                                 local_world_size=1, run_info=RUN_INFO, default_job_name="x")
     ex.observe_epoch(record(1, 0))
     ex.finish()
-    assert "set DAT_METRICS_DIR to a writable folder" in capsys.readouterr().err
+    assert "set DAT_METRICS_DIR to a folder of this user's" in capsys.readouterr().err
     assert ex.server is None and ex.rank_file == ""
+
+
+def test_a_metrics_folder_others_may_write_to_is_not_served(tmp_path, monkeypatch, capsys):
+    """Without DAT_METRICS_DIR the folder has a fixed name in /tmp: on a shared machine another user could make
+    it first and plant .prom files (a spoofed outcome="completed"). One that is not this user's alone is
+    refused; the endpoint stays off, training goes on."""
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "local-rank-7.prom").write_text('dat_training_outcome{outcome="completed"} 1\n')
+    monkeypatch.setenv("DAT_METRICS_DIR", str(shared))
+    ex = TrainingExporter.start(MetricsConfig(port=free_port()), rank=0, local_rank=0, node_rank=0, world_size=1,
+                                local_world_size=1, run_info=RUN_INFO, default_job_name="x")
+    ex.finish(linger=False)
+    assert "others may write to it" in capsys.readouterr().err
+    assert ex.server is None and ex.rank_file == ""
+    shared.chmod(0o700)  # this user's alone: used
+    ex = TrainingExporter.start(MetricsConfig(port=free_port()), rank=0, local_rank=0, node_rank=0, world_size=1,
+                                local_world_size=1, run_info=RUN_INFO, default_job_name="x")
+    try:
+        assert ex.rank_file and not (shared / "local-rank-7.prom").exists()  # stale files of the pod removed
+    finally:
+        ex.finish(linger=False)
 
 
 def test_progress_heartbeat_is_throttled_and_pushed_less_often(tmp_path, monkeypatch, capsys):

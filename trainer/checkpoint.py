@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import socket
+import stat
 import zipfile
 from typing import IO
 
@@ -28,7 +29,16 @@ def hold_folder(output_dir: str) -> IO | None:
     when the process ends, a kill included): a second run in the same folder, e.g. a replacement pod started
     while the old one still writes to a shared volume, is refused rather than mixing the two runs' checkpoints
     and logs. None where the filesystem keeps no locks."""
-    handle = open(os.path.join(output_dir, LOCK), "a+")
+    path = os.path.join(output_dir, LOCK)
+    try:  # never through a symbolic link: truncating it would overwrite whatever file it names
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open the run's lock file ({exc.strerror}"
+                              f"{': a symbolic link?' if exc.errno == errno.ELOOP else ''})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: not a regular file; remove it")
+    handle = os.fdopen(fd, "a+")
     try:
         fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -50,11 +60,12 @@ def save_atomic(state: dict, path: str) -> None:
     """Write next to the target, fsync, then rename: a crash leaves the previous file intact."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as fh:
+        with _create(tmp) as fh:
             torch.save(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path)
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError from its zip writer
         folder = os.path.dirname(path) or "."
         free = shutil.disk_usage(folder).free
@@ -66,6 +77,25 @@ def save_atomic(state: dict, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _create(path: str) -> IO[bytes]:
+    """A new file for writing, never through a symbolic link planted at its name."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644), "wb")
+
+
+def _fsync_folder(path: str) -> None:
+    """Make a rename into path's folder durable (a power loss after it keeps the new name)."""
+    try:
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems (and network volumes) refuse fsync on a folder: nothing to make durable
+        pass
+    finally:
+        os.close(fd)
 
 
 def _size_hint(state: object) -> int:
@@ -86,12 +116,19 @@ def load(path: str, map_location: str | torch.device = "cpu") -> dict:
         raise CheckpointError(f"{path}: not a loadable checkpoint (not a torch.save zip archive)")
     try:  # torch.load does not check the archive's CRCs: damaged tensor bytes would load as garbage weights
         with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
+            members = archive.infolist()
+            if any(member.compress_type != zipfile.ZIP_STORED for member in members):
+                damaged = None  # refused below, before anything is decompressed
+            else:
+                damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise CheckpointError(f"{path}: not a loadable checkpoint ({exc})") from None
     if damaged:
         raise CheckpointError(f"{path}: damaged checkpoint ({damaged.rsplit('/', 1)[-1]} fails its CRC check); "
                               "resume from another checkpoint with --resume, or --no-resume to start fresh")
+    if any(member.compress_type != zipfile.ZIP_STORED for member in members):
+        raise CheckpointError(f"{path}: not a checkpoint this trainer wrote (compressed members, which torch.save "
+                              "never writes and which could expand far beyond the file's size in memory)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:  # weights_only refused an object: never unpickle what may run code
@@ -163,8 +200,12 @@ def restore_best(output_dir: str, state: dict) -> bool:
         return False  # already that epoch's (by content: timestamps on network volumes can tie or lag)
     tmp = f"{best}.tmp-{os.getpid()}"
     try:
-        shutil.copyfile(latest, tmp)
+        with open(latest, "rb") as source, _create(tmp) as target:
+            shutil.copyfileobj(source, target)
+            target.flush()
+            os.fsync(target.fileno())
         os.replace(tmp, best)
+        _fsync_folder(best)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

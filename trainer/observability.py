@@ -150,11 +150,15 @@ class TrainingExporter:
             folder = os.environ.get("DAT_METRICS_DIR") or os.path.join(
                 tempfile.gettempdir(), f"dat-metrics-port{port}-node{node_rank}")
             try:
-                os.makedirs(folder, exist_ok=True)
+                os.makedirs(folder, mode=0o700, exist_ok=True)
+                owner = os.stat(folder)
+                if owner.st_uid != os.getuid() or owner.st_mode & 0o022:
+                    # another user's folder in a shared /tmp could feed this endpoint its own series
+                    raise OSError(errno.EPERM, "it belongs to another user or others may write to it")
                 rank_file = os.path.join(folder, f"local-rank-{local_rank}.prom")
             except OSError as exc:
-                _warn(f"cannot create {folder} ({exc.strerror or exc}); set DAT_METRICS_DIR to a writable "
-                      "folder; this pod's metrics are not exposed")
+                _warn(f"cannot use {folder} ({exc.strerror or exc}); set DAT_METRICS_DIR to a folder of this "
+                      "user's; this pod's metrics are not exposed")
             if rank_file and local_rank == 0:
                 # Files of an earlier attempt in this pod (restart, resume) would be served as stale
                 # series. Other local ranks write their first file only after their first training step,

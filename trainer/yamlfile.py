@@ -28,6 +28,44 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+    # Aliases share one node, so "billion laughs" (a few anchors, each listing the previous one many times)
+    # loads small but is exponentially large to anything that walks it: refused by its expanded size.
+    def get_single_node(self) -> yaml.Node | None:
+        return _checked(super().get_single_node())
+
+    def get_node(self) -> yaml.Node | None:
+        return _checked(super().get_node())
+
+
+MAX_EXPANDED_NODES = 100_000  # a job spec or trainer config has a few hundred
+
+
+def _checked(node: yaml.Node | None) -> yaml.Node | None:
+    sizes: dict[int, int] = {}
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes:
+            if sizes[id(n)] < 0:
+                raise yaml.composer.ComposerError(None, None, "an alias refers to its own anchor (a recursive "
+                                                  "structure)", n.start_mark)
+            return sizes[id(n)]
+        sizes[id(n)] = -1
+        children = (n.value if isinstance(n, yaml.SequenceNode) else
+                    [part for pair in n.value for part in pair] if isinstance(n, yaml.MappingNode) else [])
+        total = 1 + sum(size(child) for child in children)
+        if total > MAX_EXPANDED_NODES:
+            raise yaml.composer.ComposerError(None, None, f"its aliases expand to more than {MAX_EXPANDED_NODES:,} "
+                                              "values", n.start_mark)
+        sizes[id(n)] = total
+        return total
+
+    if node is not None:
+        try:
+            size(node)
+        except RecursionError:
+            raise yaml.composer.ComposerError(None, None, "nested too deeply", node.start_mark) from None
+    return node
+
 
 
 # Scalars as helm's YAML reads them (go-yaml), not as YAML 1.1 does: no base-60 (1:30 stays a string, not 90),
