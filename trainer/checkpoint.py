@@ -116,17 +116,14 @@ def load(path: str, map_location: str | torch.device = "cpu") -> dict:
         raise CheckpointError(f"{path}: not a loadable checkpoint (not a torch.save zip archive)")
     try:  # torch.load does not check the archive's CRCs: damaged tensor bytes would load as garbage weights
         with zipfile.ZipFile(path) as archive:
-            members = archive.infolist()
-            if any(member.compress_type != zipfile.ZIP_STORED for member in members):
-                damaged = None  # refused below, before anything is decompressed
-            else:
-                damaged = archive.testzip()
+            compressed = any(member.compress_type != zipfile.ZIP_STORED for member in archive.infolist())
+            damaged = None if compressed else archive.testzip()  # a compressed one is refused undecompressed
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise CheckpointError(f"{path}: not a loadable checkpoint ({exc})") from None
     if damaged:
         raise CheckpointError(f"{path}: damaged checkpoint ({damaged.rsplit('/', 1)[-1]} fails its CRC check); "
                               "resume from another checkpoint with --resume, or --no-resume to start fresh")
-    if any(member.compress_type != zipfile.ZIP_STORED for member in members):
+    if compressed:
         raise CheckpointError(f"{path}: not a checkpoint this trainer wrote (compressed members, which torch.save "
                               "never writes and which could expand far beyond the file's size in memory)")
     try:
