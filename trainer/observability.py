@@ -13,7 +13,8 @@ Environment (all optional):
   DAT_JOB_NAME     the job's name (the chart and datctl set it); the fallbacks are the
                    pod hostname ``<job>-master-0`` / ``<job>-worker-<i>``, then the run name.
   DAT_NAMESPACE    the pod's namespace; added to the Pushgateway grouping key.
-  DAT_METRICS_DIR  where the ranks of a pod exchange their metrics (default: a folder under $TMPDIR).
+  DAT_METRICS_DIR  where the ranks of a pod exchange their metrics (default: a folder under $TMPDIR); it must
+                   be this user's and writable by no one else (it feeds the endpoint).
 """
 from __future__ import annotations
 
