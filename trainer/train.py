@@ -102,8 +102,9 @@ EXPERIMENT_IGNORED = {"data.root", "data.download", "data.device_resident", "dat
 EXPERIMENT_BEFORE = {"data.unlabeled_fraction": 0.0, "data.val_size": 0}
 # A run found in run.output_dir that differs in these sections' settings is another experiment, not this one's
 # earlier attempt (a restarted pod never changes them). The optimizer's settings, run.epochs and evaluation may
-# change on an automatic resume: lowering the LR or extending a run is how one continues it.
-EXPERIMENT_DEFINING = ("data", "train", "attack", "jointspar")
+# change on an automatic resume: lowering the LR or extending a run is how one continues it. (Of run.*, only
+# run.seed is among the experiment's settings, and only where it draws images: see experiment_settings.)
+EXPERIMENT_DEFINING = ("data", "train", "attack", "jointspar", "run")
 
 
 def experiment_settings(cfg: Config) -> dict[str, object]:
@@ -260,7 +261,7 @@ class Trainer:
         now = experiment_settings(self.cfg)
         saved = {**EXPERIMENT_BEFORE, **(state.get("experiment") or {})}
         moved = {k: (v, now.get(k)) for k, v in saved.items() if now.get(k, v) != v}
-        defining = [k for k in moved if k.split(".")[0] in EXPERIMENT_DEFINING or k == "run.seed"]
+        defining = [k for k in moved if k.split(".")[0] in EXPERIMENT_DEFINING]
         if defining and self.cfg.run.resume == "auto":  # found in run.output_dir, not named by the user
             key, more = defining[0], defining[1:]
             also = f" (and {', '.join(more)})" if more else ""
