@@ -5,6 +5,7 @@ a job that does not exist, an unreachable API server, a missing kubeconfig.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -38,17 +39,51 @@ class Kind:
     plural: str
     succeeded: str  # terminal success condition
     install: str
+    suspend_path: tuple[str, ...] = ()  # where the job's suspend flag lives
 
     @property
     def api_version(self) -> str:
         return f"{self.group}/{self.version}"
 
 
-PYTORCHJOB = Kind("PyTorchJob", "kubeflow.org", "v1", "pytorchjobs", "Succeeded", OPERATOR_INSTALL)
-TRAINJOB = Kind("TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs", "Complete", TRAINER_INSTALL)
+PYTORCHJOB = Kind("PyTorchJob", "kubeflow.org", "v1", "pytorchjobs", "Succeeded", OPERATOR_INSTALL,
+                  ("spec", "runPolicy", "suspend"))
+TRAINJOB = Kind("TrainJob", "trainer.kubeflow.org", "v1alpha1", "trainjobs", "Complete", TRAINER_INSTALL,
+                ("spec", "suspend"))
 PODMONITOR = Kind("PodMonitor", "monitoring.coreos.com", "v1", "podmonitors", "",
                   "install the prometheus-operator CRDs, or set metrics.podMonitor: false")
 KINDS = {"pytorchjob": PYTORCHJOB, "trainjob": TRAINJOB}
+
+
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+
+
+def _dig(obj: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+    return obj
+
+
+def _nested(path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    for key in reversed(path):
+        value = {key: value}
+    return value
+
+
+def hold(job: dict[str, Any], kind: Kind) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The job as submit creates it, suspended and without its Kueue queue label, and the merge patch that
+    releases it: suspend false, or (scheduling.kueueQueue) the queue label back on a job Kueue keeps suspended
+    until it admits it. Kueue would otherwise be free to start the job before its objects exist."""
+    labels = dict(job["metadata"].get("labels") or {})
+    queue = labels.pop(KUEUE_QUEUE, None)
+    held = copy.deepcopy(job)
+    held["metadata"]["labels"] = labels
+    parent = held
+    for key in kind.suspend_path[:-1]:
+        parent = parent.setdefault(key, {})
+    parent[kind.suspend_path[-1]] = True
+    release = {"metadata": {"labels": {KUEUE_QUEUE: queue}}} if queue else _nested(kind.suspend_path, False)
+    return held, release
 
 
 class ClusterError(RuntimeError):
@@ -260,73 +295,79 @@ class Cluster:
                 raise ClusterError(f"{not_pytorchjob}; {exc}", status=exc.status) from None
 
     def submit(self, objects: list[dict[str, Any]], kind: Kind, out: IO[str] | None = None) -> dict[str, Any]:
-        """Create the ConfigMap (and a TrainJob's ServiceAccount, the NetworkPolicy when given), the job and the
-        PodMonitor (when given).
-        Server-side dry runs of the job and the PodMonitor first catch a missing CRD, RBAC, the operator's webhook
-        and admission before anything is created; the other objects get the job as owner, so deleting the job
-        removes them."""
+        """Create the job held (suspended, out of Kueue's sight), then its ConfigMap, a TrainJob's ServiceAccount,
+        the NetworkPolicy and the PodMonitor (those given) owned by it, then release it.
+
+        No pod starts before its config and NetworkPolicy exist, the job's deletion removes the rest (garbage
+        collection), and a failed submit deletes just the job: so the user needs only create on those kinds, never
+        patch or delete (RBAC cannot name objects that do not exist yet). Server-side dry runs of everything first
+        catch a missing CRD, RBAC, the operator's webhook and admission before anything is created."""
         out = out or sys.stdout
         job = next(o for o in objects if o["kind"] == kind.kind)
+        job, release = hold(job, kind)
         name, ns = job["metadata"]["name"], self.namespace
         what = f"{kind.kind} {ns}/{name}"
-        create_job = self.custom.create_namespaced_custom_object
-        self.call(kind, f"{what} (dry run)", create_job, kind.group, kind.version, ns, kind.plural, job,
-                  dry_run="All")
-        core = [o for o in objects if o["kind"] in self._core_calls()]
+        custom = self.custom
+        self.call(kind, f"{what} (dry run)", custom.create_namespaced_custom_object, kind.group, kind.version, ns,
+                  kind.plural, job, dry_run="All")
+        owned = [o for o in objects if o["kind"] in self._core_calls()]
+        owned.sort(key=lambda o: o["kind"] != "NetworkPolicy")  # the policy first: it guards the job's pods
         monitors = [o for o in objects if o["kind"] == PODMONITOR.kind]
         for monitor in monitors:  # a PodMonitor the cluster refuses must not leave a job running unwatched
-            self.call(PODMONITOR, f"PodMonitor {ns}/{name} (dry run)", self.custom.create_namespaced_custom_object,
+            self.call(PODMONITOR, f"PodMonitor {ns}/{name} (dry run)", custom.create_namespaced_custom_object,
                       PODMONITOR.group, PODMONITOR.version, ns, PODMONITOR.plural, monitor, dry_run="All")
-        for account in (o for o in objects if o["kind"] == "ServiceAccount"):  # RBAC often forbids creating these
+        for account in (o for o in owned if o["kind"] == "ServiceAccount"):  # RBAC often forbids creating these
             try:
-                self._core(account, "create", ns, account, dry_run="All")
+                self._create(account, dry_run="All")
             except ClusterError as exc:
                 if exc.status != 403 or "quota" in str(exc):  # RBAC, not a ResourceQuota
                     raise
                 raise ClusterError(f"{exc}; set serviceAccountName in the spec to an existing ServiceAccount "
                                    "(one without a token: automountServiceAccountToken: false)") from None
-        for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):  # the job must not start unprotected
-            self._core(policy, "create", ns, policy, dry_run="All")
-        created_core: list[dict[str, Any]] = []
-        try:
-            for obj in core:
-                self._core(obj, "create", ns, obj)
-                created_core.append(obj)
-                print(f"{obj['kind'].lower()}/{obj['metadata']['name']} created", file=out)
-            created = self.call(kind, what, create_job, kind.group, kind.version, ns, kind.plural, job)
-        except ClusterError:
-            for obj in reversed(created_core):  # leave nothing behind
-                self._core(obj, "delete", obj["metadata"]["name"], ns)
-            raise
-        print(f"{kind.kind.lower()}/{name} created", file=out)
+        for policy in (o for o in owned if o["kind"] == "NetworkPolicy"):  # the job must not start unprotected
+            self._create(policy, dry_run="All")
+        created = self.call(kind, what, custom.create_namespaced_custom_object, kind.group, kind.version, ns,
+                            kind.plural, job)
+        print(f"{kind.kind.lower()}/{name} created (suspended until its objects exist)", file=out)
         owner = {"apiVersion": kind.api_version, "kind": kind.kind, "name": name,
                  "uid": created["metadata"]["uid"], "controller": True, "blockOwnerDeletion": False}
-        for obj in core:
-            self._core(obj, "patch", obj["metadata"]["name"], ns, {"metadata": {"ownerReferences": [owner]}})
-        for monitor in monitors:
-            monitor = {**monitor, "metadata": {**monitor["metadata"], "ownerReferences": [owner]}}
-            self.call(PODMONITOR, f"PodMonitor {ns}/{name}", self.custom.create_namespaced_custom_object,
-                      PODMONITOR.group, PODMONITOR.version, ns, PODMONITOR.plural, monitor)
-            print(f"podmonitor/{name} created", file=out)
+        try:
+            if not _dig(created, kind.suspend_path):
+                raise ClusterError(f"{what}: the cluster dropped {'.'.join(kind.suspend_path)} (a {kind.kind} CRD "
+                                   f"older than the one datctl is written for), so the job could start before "
+                                   f"its objects exist; {kind.install}")
+            for obj in owned + monitors:
+                obj = {**obj, "metadata": {**obj["metadata"], "ownerReferences": [owner]}}
+                if obj["kind"] == PODMONITOR.kind:
+                    self.call(PODMONITOR, f"PodMonitor {ns}/{name}", custom.create_namespaced_custom_object,
+                              PODMONITOR.group, PODMONITOR.version, ns, PODMONITOR.plural, obj)
+                else:
+                    self._create(obj)
+                print(f"{obj['kind'].lower()}/{obj['metadata']['name']} created", file=out)
+            self.call(kind, f"{what} (release)", custom.patch_namespaced_custom_object, kind.group, kind.version,
+                      ns, kind.plural, name, release)
+        except (ClusterError, KeyboardInterrupt) as exc:  # leave nothing behind: what was created goes with the job
+            try:
+                self.delete(kind, name)
+            except ClusterError as also:
+                raise ClusterError(f"{exc or 'interrupted'}; and deleting the held {kind.kind} failed too ({also}): "
+                                   f"datctl delete {name} -n {ns}", status=getattr(exc, "status", None)) from None
+            raise
+        queue = release.get("metadata", {}).get("labels", {}).get(KUEUE_QUEUE)
+        print(f"{kind.kind.lower()}/{name} " + (f"queued (Kueue LocalQueue {queue} starts it once admitted)"
+                                                 if queue else "started"), file=out)
         return created
 
-    def _core_calls(self) -> dict[str, dict[str, Callable]]:
-        """The calls for the built-in kinds a rendered job comes with."""
-        networking = client.NetworkingV1Api(self.api)
-        return {"NetworkPolicy": {"create": networking.create_namespaced_network_policy,
-                                  "delete": networking.delete_namespaced_network_policy,
-                                  "patch": networking.patch_namespaced_network_policy},
-                "ConfigMap": {"create": self.core.create_namespaced_config_map,
-                              "delete": self.core.delete_namespaced_config_map,
-                              "patch": self.core.patch_namespaced_config_map},
-                "ServiceAccount": {"create": self.core.create_namespaced_service_account,
-                                   "delete": self.core.delete_namespaced_service_account,
-                                   "patch": self.core.patch_namespaced_service_account}}
+    def _core_calls(self) -> dict[str, Callable]:
+        """The create calls for the built-in kinds a rendered job comes with."""
+        return {"NetworkPolicy": client.NetworkingV1Api(self.api).create_namespaced_network_policy,
+                "ConfigMap": self.core.create_namespaced_config_map,
+                "ServiceAccount": self.core.create_namespaced_service_account}
 
-    def _core(self, obj: dict[str, Any], verb: str, *args: Any, **kwargs: Any) -> Any:
+    def _create(self, obj: dict[str, Any], **kwargs: Any) -> Any:
         dry_run = " (dry run)" if kwargs.get("dry_run") else ""
         return self.call(None, f"{obj['kind']} {self.namespace}/{obj['metadata']['name']}{dry_run}",
-                         self._core_calls()[obj["kind"]][verb], *args, **kwargs)
+                         self._core_calls()[obj["kind"]], self.namespace, obj, **kwargs)
 
     def delete(self, kind: Kind, name: str) -> None:
         self._job_call(kind, name, self.custom.delete_namespaced_custom_object, propagation_policy="Background")

@@ -3,6 +3,7 @@ recorded API server answers (tests/recorded/*.json): success, CRD missing (404),
 a failed create rolled back, a Failed job, an unreachable server and a missing kubeconfig."""
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -39,43 +40,81 @@ def rendered(namespace: str = "team-a", api: str | None = None) -> dict[str, dic
     return {o["kind"]: o for o in spec.render(spec.load_spec(SMOKE), namespace=namespace, api=api).objects}
 
 
-def test_submit_creates_everything_owned_by_the_job(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def rendered_with(*overrides: str) -> dict[str, dict]:
+    return {o["kind"]: o for o in spec.render(spec.load_spec(SMOKE, list(overrides)), namespace="team-a").objects}
+
+
+OWNER = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "name": "dat-smoke",
+         "uid": "5b7f3c1e-2d4a-4f7e-9c61-0a8e1d2f3b44", "controller": True, "blockOwnerDeletion": False}
+
+
+def held(job: dict, path: tuple[str, ...] = ("spec", "runPolicy")) -> dict:
+    """The rendered job as submit creates it: suspended, no Kueue label."""
+    job = copy.deepcopy(job)
+    job["metadata"]["labels"].pop("kueue.x-k8s.io/queue-name", None)
+    parent = job
+    for key in path:
+        parent = parent[key]
+    parent["suspend"] = True
+    return job
+
+
+def test_submit_creates_the_job_held_then_its_objects_owned_by_it_then_releases_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, err, server = datctl(capsys, "submit-ok", tmp_path, "submit", SMOKE)
     assert code == 0, err
     assert "datctl: warning: checkpoint.claimName is empty: checkpoints go to an emptyDir" in err
-    assert out.splitlines()[:3] == ["configmap/dat-smoke-config created", "pytorchjob/dat-smoke created",
-                                    "podmonitor/dat-smoke created"]
+    assert out.splitlines()[:4] == ["pytorchjob/dat-smoke created (suspended until its objects exist)",
+                                    "configmap/dat-smoke-config created", "podmonitor/dat-smoke created",
+                                    "pytorchjob/dat-smoke started"]
     assert "datctl watch dat-smoke -n team-a" in out
-    dry_run, monitor_dry_run, configmap, job, patch, monitor = server.requests[1:]
+    dry_run, monitor_dry_run, job, configmap, monitor, release = server.requests[1:]
     objects = rendered()
-    assert dry_run["query"] == {"dryRun": "All"} and dry_run["body"] == objects["PyTorchJob"]
+    assert dry_run["query"] == {"dryRun": "All"} and dry_run["body"] == job["body"] == held(objects["PyTorchJob"])
+    assert "suspend" not in objects["PyTorchJob"]["spec"]["runPolicy"]  # kubectl apply of a render starts at once
     assert monitor_dry_run["query"] == {"dryRun": "All"} and monitor_dry_run["body"] == objects["PodMonitor"]
-    assert configmap["body"] == objects["ConfigMap"] and job["body"] == objects["PyTorchJob"]
-    owner = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "name": "dat-smoke",
-             "uid": "5b7f3c1e-2d4a-4f7e-9c61-0a8e1d2f3b44", "controller": True, "blockOwnerDeletion": False}
-    assert patch["path"].endswith("/configmaps/dat-smoke-config")
-    assert patch["body"] == {"metadata": {"ownerReferences": [owner]}}
-    assert monitor["body"]["metadata"]["ownerReferences"] == [owner]
-    assert monitor["body"]["spec"] == objects["PodMonitor"]["spec"]
+    for created, rendered_object in ((configmap, objects["ConfigMap"]), (monitor, objects["PodMonitor"])):
+        assert created["body"]["metadata"]["ownerReferences"] == [OWNER]  # owned from creation: no patch needed
+        assert {**created["body"], "metadata": {**created["body"]["metadata"], "ownerReferences": None}} == {
+            **rendered_object, "metadata": {**rendered_object["metadata"], "ownerReferences": None}}
+    assert (release["method"], release["path"]) == ("PATCH", JOBS + "/dat-smoke")
+    assert release["headers"]["content-type"] == "application/merge-patch+json"
+    assert release["body"] == {"spec": {"runPolicy": {"suspend": False}}}
+    assert not [r for r in server.requests if r["method"] in ("PATCH", "DELETE") and r is not release]
     assert all(r["headers"].get("authorization") == "Bearer recorded-token" for r in server.requests)
 
 
-def test_a_network_policy_is_in_place_before_the_job_and_owned_by_it(tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture) -> None:
+def test_with_kueue_the_release_puts_the_queue_label_on_and_kueue_starts_the_job(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Created with its queue label, Kueue could admit (unsuspend) the job before its NetworkPolicy exists."""
+    code, out, err, server = datctl(capsys, "submit-kueue", tmp_path, "submit", SMOKE,
+                                    "--set", "scheduling.kueueQueue=team-a-gpus")
+    assert code == 0, err
+    job = next(r for r in server.requests if r["path"] == JOBS and not r["query"])
+    assert "kueue.x-k8s.io/queue-name" not in job["body"]["metadata"]["labels"]
+    assert job["body"]["spec"]["runPolicy"]["suspend"] is True
+    assert rendered_with("scheduling.kueueQueue=team-a-gpus")["PyTorchJob"]["metadata"]["labels"][
+        "kueue.x-k8s.io/queue-name"] == "team-a-gpus"
+    release = server.requests[-1]
+    assert release["body"] == {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "team-a-gpus"}}}
+    assert "pytorchjob/dat-smoke queued (Kueue LocalQueue team-a-gpus starts it once admitted)" in out
+
+
+def test_a_network_policy_exists_before_the_job_can_start_and_is_owned_by_it(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture) -> None:
     code, out, err, server = datctl(capsys, "submit-networkpolicy", tmp_path, "submit", SMOKE,
                                     "--set", "networkPolicy.enabled=true")
     assert code == 0, err
-    assert out.splitlines()[:4] == ["networkpolicy/dat-smoke created", "configmap/dat-smoke-config created",
-                                    "pytorchjob/dat-smoke created", "podmonitor/dat-smoke created"]
+    assert out.splitlines()[:5] == ["pytorchjob/dat-smoke created (suspended until its objects exist)",
+                                    "networkpolicy/dat-smoke created", "configmap/dat-smoke-config created",
+                                    "podmonitor/dat-smoke created", "pytorchjob/dat-smoke started"]
     policies = [r for r in server.requests if r["path"].startswith("/apis/networking.k8s.io/v1/")]
-    dry_run, create, patch = policies
+    dry_run, create = policies
     assert dry_run["query"] == {"dryRun": "All"} and dry_run["body"]["kind"] == "NetworkPolicy"
-    assert create["body"] == dry_run["body"] and create["body"]["spec"]["podSelector"]["matchLabels"][
-        "app.kubernetes.io/component"] == "trainer"
-    assert server.requests.index(create) < next(i for i, r in enumerate(server.requests)
-                                                if r["path"] == JOBS and not r["query"])
-    assert patch["method"] == "PATCH" and patch["path"].endswith("/networkpolicies/dat-smoke")
-    assert patch["body"]["metadata"]["ownerReferences"][0]["kind"] == "PyTorchJob"
+    assert create["body"] == {**dry_run["body"], "metadata": {**dry_run["body"]["metadata"], "ownerReferences": [OWNER]}}
+    assert create["body"]["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "trainer"
+    release = server.requests.index(next(r for r in server.requests if r["method"] == "PATCH"))
+    assert server.requests.index(create) < release == len(server.requests) - 1
 
 
 def test_a_network_policy_rbac_forbids_is_reported_before_anything_is_created(
@@ -132,11 +171,37 @@ def test_submit_existing_job(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert code == 1 and '"dat-smoke" already exists (delete it first: datctl delete NAME)' in err
 
 
-def test_failed_create_leaves_nothing_behind(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_failed_create_after_the_job_deletes_the_held_job(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """What was created is owned by the job: deleting it removes them, so datctl needs no delete on them."""
     code, out, err, server = datctl(capsys, "submit-rollback", tmp_path, "submit", SMOKE)
-    assert code == 1 and "etcdserver: request timed out" in err
-    assert (server.requests[-1]["method"], server.requests[-1]["path"]) == \
-        ("DELETE", "/api/v1/namespaces/team-a/configmaps/dat-smoke-config")
+    assert code == 1 and "ConfigMap team-a/dat-smoke-config: " in err and "etcdserver: request timed out" in err
+    assert (server.requests[-1]["method"], server.requests[-1]["path"]) == ("DELETE", JOBS + "/dat-smoke")
+    delete = server.requests[-1]
+    assert delete["query"].get("propagationPolicy") == "Background"  # the owned objects go with it
+    assert not any(r["method"] == "PATCH" for r in server.requests)  # never released
+
+
+def test_a_held_job_that_cannot_be_deleted_either_is_named_with_how_to_delete_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err, server = datctl(capsys, "submit-rollback-delete-fails", tmp_path, "submit", SMOKE)
+    line = without_warnings(err)
+    assert code == 1 and len(line.splitlines()) == 1 and "etcdserver: request timed out" in line
+    assert "; and deleting the held PyTorchJob failed too (" in line and "unable to handle the request" in line
+    assert line.rstrip().endswith("datctl delete dat-smoke -n team-a")
+
+
+@pytest.mark.parametrize("scenario,message", [
+    ("submit-release-forbidden", "PyTorchJob team-a/dat-smoke (release): forbidden by RBAC: "),
+    ("submit-suspend-dropped", "PyTorchJob team-a/dat-smoke: the cluster dropped spec.runPolicy.suspend (a "
+                               "PyTorchJob CRD older than the one datctl is written for), so the job could start "
+                               "before its objects exist; install the Kubeflow training operator v1.9"),
+])
+def test_a_job_that_cannot_be_held_or_released_is_deleted(scenario: str, message: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    code, out, err, server = datctl(capsys, scenario, tmp_path, "submit", SMOKE)
+    assert code == 1 and without_warnings(err).startswith(f"datctl: {message}")
+    assert len(without_warnings(err).splitlines()) == 1
+    assert (server.requests[-1]["method"], server.requests[-1]["path"]) == ("DELETE", JOBS + "/dat-smoke")
 
 
 def test_a_trainjob_comes_with_a_serviceaccount_that_mounts_no_token(tmp_path: Path,
@@ -145,26 +210,30 @@ def test_a_trainjob_comes_with_a_serviceaccount_that_mounts_no_token(tmp_path: P
     job and owned by it, whose automountServiceAccountToken is false."""
     code, out, err, server = datctl(capsys, "submit-trainjob", tmp_path, "submit", SMOKE, "--api", "trainjob")
     assert code == 0, err
-    assert out.splitlines()[:4] == ["serviceaccount/dat-smoke-trainer created", "configmap/dat-smoke-config created",
-                                    "trainjob/dat-smoke created", "podmonitor/dat-smoke created"]
+    assert out.splitlines()[:5] == ["trainjob/dat-smoke created (suspended until its objects exist)",
+                                    "serviceaccount/dat-smoke-trainer created", "configmap/dat-smoke-config created",
+                                    "podmonitor/dat-smoke created", "trainjob/dat-smoke started"]
     objects = rendered(api="trainjob")
-    dry_run, account = server.requests[3], server.requests[4]["body"]
+    dry_run, job, account = server.requests[3], server.requests[4]["body"], server.requests[5]["body"]
+    assert job == held(objects["TrainJob"], ("spec",))
     assert dry_run["query"] == {"dryRun": "All"} and dry_run["body"] == objects["ServiceAccount"]
-    assert account == objects["ServiceAccount"] and account["automountServiceAccountToken"] is False
+    assert account["automountServiceAccountToken"] is False
+    assert account["metadata"]["ownerReferences"][0]["kind"] == "TrainJob"
     pod = objects["TrainJob"]["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"][
         "replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == account["metadata"]["name"] == "dat-smoke-trainer"
-    patches = {r["path"].rsplit("/", 2)[-2]: r["body"] for r in server.requests if r["method"] == "PATCH"}
-    assert set(patches) == {"configmaps", "serviceaccounts"}
-    assert {p["metadata"]["ownerReferences"][0]["kind"] for p in patches.values()} == {"TrainJob"}
+    (release,) = [r for r in server.requests if r["method"] == "PATCH"]
+    assert release["path"].endswith("/trainjobs/dat-smoke") and release["body"] == {"spec": {"suspend": False}}
 
 
-def test_a_failed_trainjob_create_removes_its_serviceaccount_and_configmap(tmp_path: Path,
-                                                                          capsys: pytest.CaptureFixture) -> None:
+def test_a_failed_trainjob_submit_deletes_the_trainjob_that_owns_its_serviceaccount(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, err, server = datctl(capsys, "submit-trainjob-rollback", tmp_path, "submit", SMOKE, "--api", "trainjob")
     assert code == 1 and "etcdserver: request timed out" in err
-    assert [(r["method"], r["path"].rsplit("/", 2)[-2:]) for r in server.requests[-2:]] == [
-        ("DELETE", ["configmaps", "dat-smoke-config"]), ("DELETE", ["serviceaccounts", "dat-smoke-trainer"])]
+    account = next(r for r in server.requests if r["path"].endswith("/serviceaccounts") and not r["query"])
+    assert account["body"]["metadata"]["ownerReferences"][0]["uid"] == "7c2e9a41-6b3d-4f18-a5e0-1d9c8b7a6f52"
+    assert [(r["method"], r["path"].rsplit("/", 2)[-2:]) for r in server.requests[-1:]] == [
+        ("DELETE", ["trainjobs", "dat-smoke"])]
 
 
 def test_a_serviceaccount_rbac_forbids_is_reported_before_anything_is_created(tmp_path: Path,
@@ -420,7 +489,7 @@ def test_an_object_the_kubernetes_client_refuses_is_one_line(tmp_path: Path) -> 
     policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "dat-smoke"},
               "spec": {"podSelector": {}, "egress": [{"tox": []}]}}
     with pytest.raises(kube.ClusterError) as caught:
-        cluster._core(policy, "create", "team-a", policy, dry_run="All")
+        cluster._create(policy, dry_run="All")
     text = str(caught.value)
     assert text.startswith("NetworkPolicy team-a/dat-smoke (dry run): the kubernetes client refused it: ")
     assert "tox" in text and "\n" not in text

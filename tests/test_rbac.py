@@ -68,8 +68,7 @@ def test_every_recorded_datctl_call_is_allowed_by_the_role() -> None:
 def test_the_role_grants_only_what_datctl_uses() -> None:
     """Each grant is used by a recorded call, or is the rollback / delete / other-api twin of one."""
     (role,) = [d for d in yaml.safe_load_all(ROLE.read_text()) if d]
-    twins = {("trainer.kubeflow.org", "trainjobs", "delete"),  # delete --api trainjob
-             ("networking.k8s.io", "networkpolicies", "delete")}  # a failed submit removes what it created
+    twins = {("trainer.kubeflow.org", "trainjobs", "delete")}  # delete --api trainjob
     assert granted(role) - recorded_calls() - twins == set()
 
 

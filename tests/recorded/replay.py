@@ -2,7 +2,8 @@
 
 Each scenario file (tests/recorded/*.json) lists exchanges: the request datctl must send next (method, path,
 optional query subset) and the API server's recorded answer (status, content type, body). A create can answer
-with the posted object plus the fields the server adds (`echo` + `set`), as the API server does. Requests are
+with the posted object plus the fields the server adds (`echo` + `set`), as the API server does, and a merge
+patch with the object created earlier in the conversation, patched (`patched`). Requests are
 kept for assertions; a request out of order gets a 599 and is listed in `mismatches`.
 """
 from __future__ import annotations
@@ -27,6 +28,18 @@ def _merge(base: Any, extra: Any) -> Any:
     return copy.deepcopy(extra)
 
 
+def _merge_patch(target: Any, patch: Any) -> Any:
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge_patch(out.get(key), value)
+    return out
+
+
 class ReplayServer:
     def __init__(self, scenario: str, substitutions: dict[str, str] | None = None) -> None:
         text = (HERE / f"{scenario}.json").read_text()
@@ -35,6 +48,7 @@ class ReplayServer:
         self.exchanges = json.loads(text)["exchanges"]
         self.requests: list[dict[str, Any]] = []
         self.mismatches: list[str] = []
+        self.created: dict[str, Any] = {}  # path of each object created so far: the object as answered
         self._next = 0
         self._lock = threading.Lock()
         replay = self
@@ -91,6 +105,11 @@ class ReplayServer:
         payload = answer.get("body")
         if answer.get("echo"):
             payload = _merge(body, answer.get("set", {}))
+            if handler.command == "POST" and "dryRun" not in query and answer["status"] == 201:
+                self.created[f"{url.path}/{payload['metadata']['name']}"] = payload
+        if answer.get("patched"):  # a JSON merge patch (RFC 7386) of what was created
+            payload = self.created[url.path] = _merge(self.created[url.path], answer.get("set", {}))
+            payload = self.created[url.path] = _merge_patch(payload, body)
         content_type = answer.get("contentType", "application/json")
         data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
         self._send(handler, answer["status"], content_type, data)
