@@ -56,6 +56,8 @@ KINDS = {"pytorchjob": PYTORCHJOB, "trainjob": TRAINJOB}
 
 
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+KUEUE_GATE = "kueue.x-k8s.io/admission-gated-by"  # Kueue does not admit a job while it has this (Kueue >= 0.19)
+DATCTL_GATE = "dat-k8s.io/datctl"
 
 
 def _dig(obj: Any, path: tuple[str, ...]) -> Any:
@@ -70,20 +72,29 @@ def _nested(path: tuple[str, ...], value: Any) -> dict[str, Any]:
     return value
 
 
-def hold(job: dict[str, Any], kind: Kind) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The job as submit creates it, suspended and without its Kueue queue label, and the merge patch that
-    releases it: suspend false, or (scheduling.kueueQueue) the queue label back on a job Kueue keeps suspended
-    until it admits it. Kueue would otherwise be free to start the job before its objects exist."""
-    labels = dict(job["metadata"].get("labels") or {})
-    queue = labels.pop(KUEUE_QUEUE, None)
+def hold(job: dict[str, Any], kind: Kind) -> dict[str, Any]:
+    """The job as submit creates it: suspended, and gated for Kueue (inert where Kueue is not installed)."""
     held = copy.deepcopy(job)
-    held["metadata"]["labels"] = labels
+    held["metadata"]["annotations"] = {**(held["metadata"].get("annotations") or {}), KUEUE_GATE: DATCTL_GATE}
     parent = held
     for key in kind.suspend_path[:-1]:
         parent = parent.setdefault(key, {})
     parent[kind.suspend_path[-1]] = True
-    release = {"metadata": {"labels": {KUEUE_QUEUE: queue}}} if queue else _nested(kind.suspend_path, False)
-    return held, release
+    return held
+
+
+def kueue_queue(job: dict[str, Any]) -> str | None:
+    """The LocalQueue of a job Kueue manages: the spec's scheduling.kueueQueue, or the one Kueue's webhook gave it."""
+    return ((job.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE)
+
+
+def release(created: dict[str, Any], kind: Kind) -> dict[str, Any]:
+    """The merge patch that releases the held job, as the cluster created it: without datctl's Kueue gate, and
+    not suspended unless Kueue manages it (Kueue unsuspends it once it admits it)."""
+    patch: dict[str, Any] = {"metadata": {"annotations": {KUEUE_GATE: None}}}
+    if not kueue_queue(created):
+        patch["spec"] = _nested(kind.suspend_path[1:], False)
+    return patch
 
 
 class ClusterError(RuntimeError):
@@ -295,7 +306,7 @@ class Cluster:
                 raise ClusterError(f"{not_pytorchjob}; {exc}", status=exc.status) from None
 
     def submit(self, objects: list[dict[str, Any]], kind: Kind, out: IO[str] | None = None) -> dict[str, Any]:
-        """Create the job held (suspended, out of Kueue's sight), then its ConfigMap, a TrainJob's ServiceAccount,
+        """Create the job held (suspended, and gated for Kueue), then its ConfigMap, a TrainJob's ServiceAccount,
         the NetworkPolicy and the PodMonitor (those given) owned by it, then release it.
 
         No pod starts before its config and NetworkPolicy exist, the job's deletion removes the rest (garbage
@@ -304,7 +315,7 @@ class Cluster:
         catch a missing CRD, RBAC, the operator's webhook and admission before anything is created."""
         out = out or sys.stdout
         job = next(o for o in objects if o["kind"] == kind.kind)
-        job, release = hold(job, kind)
+        job = hold(job, kind)
         name, ns = job["metadata"]["name"], self.namespace
         what = f"{kind.kind} {ns}/{name}"
         custom = self.custom
@@ -316,16 +327,11 @@ class Cluster:
         for monitor in monitors:  # a PodMonitor the cluster refuses must not leave a job running unwatched
             self.call(PODMONITOR, f"PodMonitor {ns}/{name} (dry run)", custom.create_namespaced_custom_object,
                       PODMONITOR.group, PODMONITOR.version, ns, PODMONITOR.plural, monitor, dry_run="All")
-        for account in (o for o in owned if o["kind"] == "ServiceAccount"):  # RBAC often forbids creating these
+        for obj in owned:  # RBAC, quota, admission, and a leftover of the same name, before anything exists
             try:
-                self._create(account, dry_run="All")
+                self._create(obj, dry_run="All")
             except ClusterError as exc:
-                if exc.status != 403 or "quota" in str(exc):  # RBAC, not a ResourceQuota
-                    raise
-                raise ClusterError(f"{exc}; set serviceAccountName in the spec to an existing ServiceAccount "
-                                   "(one without a token: automountServiceAccountToken: false)") from None
-        for policy in (o for o in owned if o["kind"] == "NetworkPolicy"):  # the job must not start unprotected
-            self._create(policy, dry_run="All")
+                raise ClusterError(_owned_refused(obj, exc, ns, name), status=exc.status) from None
         created = self.call(kind, what, custom.create_namespaced_custom_object, kind.group, kind.version, ns,
                             kind.plural, job)
         print(f"{kind.kind.lower()}/{name} created (suspended until its objects exist)", file=out)
@@ -345,7 +351,7 @@ class Cluster:
                     self._create(obj)
                 print(f"{obj['kind'].lower()}/{obj['metadata']['name']} created", file=out)
             self.call(kind, f"{what} (release)", custom.patch_namespaced_custom_object, kind.group, kind.version,
-                      ns, kind.plural, name, release)
+                      ns, kind.plural, name, release(created, kind))
         except (ClusterError, KeyboardInterrupt) as exc:  # leave nothing behind: what was created goes with the job
             try:
                 self.delete(kind, name)
@@ -353,9 +359,9 @@ class Cluster:
                 raise ClusterError(f"{exc or 'interrupted'}; and deleting the held {kind.kind} failed too ({also}): "
                                    f"datctl delete {name} -n {ns}", status=getattr(exc, "status", None)) from None
             raise
-        queue = release.get("metadata", {}).get("labels", {}).get(KUEUE_QUEUE)
-        print(f"{kind.kind.lower()}/{name} " + (f"queued (Kueue LocalQueue {queue} starts it once admitted)"
-                                                 if queue else "started"), file=out)
+        queue = kueue_queue(created)
+        print(f"{kind.kind.lower()}/{name} " + (f"released to Kueue LocalQueue {queue} (it starts the job once "
+                                                 "admitted)" if queue else "released"), file=out)
         return created
 
     def _core_calls(self) -> dict[str, Callable]:
@@ -410,6 +416,18 @@ class Cluster:
         return self.call(None, f"metrics of pod {self.namespace}/{pod}",
                          self.core.connect_get_namespaced_pod_proxy_with_path,
                          f"{pod}:{port}", self.namespace, "metrics", _request_timeout=5)
+
+
+def _owned_refused(obj: dict[str, Any], exc: ClusterError, namespace: str, job: str) -> str:
+    """The dry run's refusal of an object created with the job, with what to do about it."""
+    if exc.status == 409:
+        return (f"{obj['kind']} {namespace}/{obj['metadata']['name']} already exists: left by an earlier job "
+                f"{job} that Kubernetes is still deleting (retry in a few seconds), or another's (choose another "
+                f"job name)")
+    if obj["kind"] == "ServiceAccount" and exc.status == 403 and "quota" not in str(exc):  # RBAC, not a quota
+        return (f"{exc}; set serviceAccountName in the spec to an existing ServiceAccount (one without a token: "
+                "automountServiceAccountToken: false)")
+    return str(exc)
 
 
 def pod_selector(kind: Kind, name: str, replica: str | None = None) -> str:

@@ -48,10 +48,13 @@ OWNER = {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "name": "dat-smo
          "uid": "5b7f3c1e-2d4a-4f7e-9c61-0a8e1d2f3b44", "controller": True, "blockOwnerDeletion": False}
 
 
+GATE = {"kueue.x-k8s.io/admission-gated-by": "dat-k8s.io/datctl"}
+
+
 def held(job: dict, path: tuple[str, ...] = ("spec", "runPolicy")) -> dict:
-    """The rendered job as submit creates it: suspended, no Kueue label."""
+    """The rendered job as submit creates it: suspended, gated for Kueue."""
     job = copy.deepcopy(job)
-    job["metadata"]["labels"].pop("kueue.x-k8s.io/queue-name", None)
+    job["metadata"]["annotations"] = {**job["metadata"].get("annotations", {}), **GATE}
     parent = job
     for key in path:
         parent = parent[key]
@@ -66,38 +69,53 @@ def test_submit_creates_the_job_held_then_its_objects_owned_by_it_then_releases_
     assert "datctl: warning: checkpoint.claimName is empty: checkpoints go to an emptyDir" in err
     assert out.splitlines()[:4] == ["pytorchjob/dat-smoke created (suspended until its objects exist)",
                                     "configmap/dat-smoke-config created", "podmonitor/dat-smoke created",
-                                    "pytorchjob/dat-smoke started"]
+                                    "pytorchjob/dat-smoke released"]
     assert "datctl watch dat-smoke -n team-a" in out
-    dry_run, monitor_dry_run, job, configmap, monitor, release = server.requests[1:]
+    dry_run, monitor_dry_run, configmap_dry_run, job, configmap, monitor, release = server.requests[1:]
     objects = rendered()
     assert dry_run["query"] == {"dryRun": "All"} and dry_run["body"] == job["body"] == held(objects["PyTorchJob"])
     assert "suspend" not in objects["PyTorchJob"]["spec"]["runPolicy"]  # kubectl apply of a render starts at once
     assert monitor_dry_run["query"] == {"dryRun": "All"} and monitor_dry_run["body"] == objects["PodMonitor"]
+    assert configmap_dry_run["query"] == {"dryRun": "All"} and configmap_dry_run["body"] == objects["ConfigMap"]
     for created, rendered_object in ((configmap, objects["ConfigMap"]), (monitor, objects["PodMonitor"])):
         assert created["body"]["metadata"]["ownerReferences"] == [OWNER]  # owned from creation: no patch needed
         assert {**created["body"], "metadata": {**created["body"]["metadata"], "ownerReferences": None}} == {
             **rendered_object, "metadata": {**rendered_object["metadata"], "ownerReferences": None}}
     assert (release["method"], release["path"]) == ("PATCH", JOBS + "/dat-smoke")
     assert release["headers"]["content-type"] == "application/merge-patch+json"
-    assert release["body"] == {"spec": {"runPolicy": {"suspend": False}}}
+    assert release["body"] == {"metadata": {"annotations": {"kueue.x-k8s.io/admission-gated-by": None}},
+                               "spec": {"runPolicy": {"suspend": False}}}
     assert not [r for r in server.requests if r["method"] in ("PATCH", "DELETE") and r is not release]
     assert all(r["headers"].get("authorization") == "Bearer recorded-token" for r in server.requests)
 
 
-def test_with_kueue_the_release_puts_the_queue_label_on_and_kueue_starts_the_job(
-        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """Created with its queue label, Kueue could admit (unsuspend) the job before its NetworkPolicy exists."""
-    code, out, err, server = datctl(capsys, "submit-kueue", tmp_path, "submit", SMOKE,
-                                    "--set", "scheduling.kueueQueue=team-a-gpus")
+@pytest.mark.parametrize("scenario,overrides,queue", [
+    ("submit-kueue", ["--set", "scheduling.kueueQueue=team-a-gpus"], "team-a-gpus"),
+    ("submit-kueue-default", [], "default"),  # Kueue's webhook gave it the namespace's default LocalQueue
+])
+def test_a_job_kueue_manages_is_created_gated_and_released_by_removing_the_gate(
+        scenario: str, overrides: list[str], queue: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Kueue unsuspends a job it admits: datctl's gate keeps it from admitting the job before its objects exist,
+    and the release leaves suspend to Kueue (setting it false would be undone, or start an unadmitted job)."""
+    code, out, err, server = datctl(capsys, scenario, tmp_path, "submit", SMOKE, *overrides)
     assert code == 0, err
     job = next(r for r in server.requests if r["path"] == JOBS and not r["query"])
-    assert "kueue.x-k8s.io/queue-name" not in job["body"]["metadata"]["labels"]
+    assert job["body"]["metadata"]["annotations"]["kueue.x-k8s.io/admission-gated-by"] == "dat-k8s.io/datctl"
     assert job["body"]["spec"]["runPolicy"]["suspend"] is True
-    assert rendered_with("scheduling.kueueQueue=team-a-gpus")["PyTorchJob"]["metadata"]["labels"][
-        "kueue.x-k8s.io/queue-name"] == "team-a-gpus"
+    assert job["body"]["metadata"]["labels"].get("kueue.x-k8s.io/queue-name") == (queue if overrides else None)
     release = server.requests[-1]
-    assert release["body"] == {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "team-a-gpus"}}}
-    assert "pytorchjob/dat-smoke queued (Kueue LocalQueue team-a-gpus starts it once admitted)" in out
+    assert release["body"] == {"metadata": {"annotations": {"kueue.x-k8s.io/admission-gated-by": None}}}
+    assert f"pytorchjob/dat-smoke released to Kueue LocalQueue {queue} (it starts the job once admitted)" in out
+
+
+def test_a_leftover_configmap_of_the_same_name_is_reported_before_anything_is_created(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err, server = datctl(capsys, "submit-configmap-exists", tmp_path, "submit", SMOKE)
+    assert code == 1 and out == ""
+    assert without_warnings(err) == (
+        "datctl: ConfigMap team-a/dat-smoke-config already exists: left by an earlier job dat-smoke that Kubernetes "
+        "is still deleting (retry in a few seconds), or another's (choose another job name)\n")
+    assert all(r["method"] == "GET" or r["query"] == {"dryRun": "All"} for r in server.requests)
 
 
 def test_a_network_policy_exists_before_the_job_can_start_and_is_owned_by_it(tmp_path: Path,
@@ -107,7 +125,7 @@ def test_a_network_policy_exists_before_the_job_can_start_and_is_owned_by_it(tmp
     assert code == 0, err
     assert out.splitlines()[:5] == ["pytorchjob/dat-smoke created (suspended until its objects exist)",
                                     "networkpolicy/dat-smoke created", "configmap/dat-smoke-config created",
-                                    "podmonitor/dat-smoke created", "pytorchjob/dat-smoke started"]
+                                    "podmonitor/dat-smoke created", "pytorchjob/dat-smoke released"]
     policies = [r for r in server.requests if r["path"].startswith("/apis/networking.k8s.io/v1/")]
     dry_run, create = policies
     assert dry_run["query"] == {"dryRun": "All"} and dry_run["body"]["kind"] == "NetworkPolicy"
@@ -212,9 +230,9 @@ def test_a_trainjob_comes_with_a_serviceaccount_that_mounts_no_token(tmp_path: P
     assert code == 0, err
     assert out.splitlines()[:5] == ["trainjob/dat-smoke created (suspended until its objects exist)",
                                     "serviceaccount/dat-smoke-trainer created", "configmap/dat-smoke-config created",
-                                    "podmonitor/dat-smoke created", "trainjob/dat-smoke started"]
+                                    "podmonitor/dat-smoke created", "trainjob/dat-smoke released"]
     objects = rendered(api="trainjob")
-    dry_run, job, account = server.requests[3], server.requests[4]["body"], server.requests[5]["body"]
+    dry_run, job, account = server.requests[3], server.requests[5]["body"], server.requests[6]["body"]
     assert job == held(objects["TrainJob"], ("spec",))
     assert dry_run["query"] == {"dryRun": "All"} and dry_run["body"] == objects["ServiceAccount"]
     assert account["automountServiceAccountToken"] is False
@@ -223,7 +241,9 @@ def test_a_trainjob_comes_with_a_serviceaccount_that_mounts_no_token(tmp_path: P
         "replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == account["metadata"]["name"] == "dat-smoke-trainer"
     (release,) = [r for r in server.requests if r["method"] == "PATCH"]
-    assert release["path"].endswith("/trainjobs/dat-smoke") and release["body"] == {"spec": {"suspend": False}}
+    assert release["path"].endswith("/trainjobs/dat-smoke")
+    assert release["body"] == {"metadata": {"annotations": {"kueue.x-k8s.io/admission-gated-by": None}},
+                               "spec": {"suspend": False}}
 
 
 def test_a_failed_trainjob_submit_deletes_the_trainjob_that_owns_its_serviceaccount(
