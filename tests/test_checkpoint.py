@@ -1,5 +1,6 @@
 import os
 import pickle
+import resource
 import shutil
 
 import pytest
@@ -38,6 +39,31 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, error, re
     assert str(info.value).startswith(f"cannot write checkpoint {path} {reason}"), info.value
     assert str(info.value).endswith("; the previous one is kept")
     assert path.read_bytes() == good and list(tmp_path.iterdir()) == [path]
+
+
+def test_a_checkpoint_larger_than_the_file_size_limit_says_so(tmp_path):
+    """torch's zip writer only says "unexpected pos" when a write fails (here EFBIG: Python ignores SIGXFSZ)."""
+    path = tmp_path / "c.pt"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, hard))
+    try:
+        with pytest.raises(checkpoint.CheckpointError) as info:
+            checkpoint.save_atomic({"epoch": 1, "model": {"w": torch.zeros(200_000)}}, str(path))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert "larger than the file size limit (ulimit -f) of 0.2 MiB" in str(info.value)
+    assert str(info.value).endswith("there is no earlier one") and list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_whose_folder_went_away_says_so(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    checkpoint.save_atomic({"epoch": 1, "model": {}}, str(folder / "c.pt"))
+    folder.rename(tmp_path / "moved")  # a volume unmounted, the folder moved
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.save_atomic({"epoch": 2, "model": {}}, str(folder / "c.pt"))
+    assert str(info.value) == (f"cannot write checkpoint {folder / 'c.pt'} (No such file or directory); its folder "
+                               "is gone (a volume unmounted, the folder moved or deleted)")
 
 
 @pytest.mark.parametrize("content, fragment", [

@@ -364,6 +364,22 @@ def test_a_run_that_got_sigterm_does_not_linger(tmp_path, monkeypatch):
     assert slept == [] and ex.server is None
 
 
+def test_a_hand_edited_history_value_is_skipped_not_a_crash_loop(tmp_path, monkeypatch):
+    """A metrics.jsonl record whose value is no number (edited by hand) must not stop every restart."""
+    monkeypatch.setenv("DAT_METRICS_DIR", str(tmp_path))
+    port = free_port()
+    edited = {**record(1, 0), "test_robust_acc": "n/a", "train_loss": [1], "lr": True}
+    ex = TrainingExporter.start(MetricsConfig(port=port, job_name="edited"), rank=0, local_rank=0, node_rank=0,
+                                world_size=1, local_world_size=1, run_info=RUN_INFO, default_job_name="x",
+                                epochs_done=2, history=[edited, {**record(2, 0), "train_loss": "x"}])
+    try:
+        text = scrape(port)
+        assert find(text, "dat_test_robust_accuracy") == [] and find(text, "dat_train_loss") == []
+        assert find(text, "dat_test_clean_accuracy") == [0.5] and find(text, "dat_learning_rate") == [0.02]
+    finally:
+        ex.finish(linger=False)
+
+
 def test_a_resumed_run_serves_its_last_evaluation_from_the_start(tmp_path, monkeypatch):
     """The job-wide gauges of a resumed run come from its metrics.jsonl records before its first new epoch: the
     accuracy of the last evaluation (epoch 1 here; epoch 2 was not evaluated), the loss and LR of epoch 2."""

@@ -1,6 +1,7 @@
 """What a run leaves in run.output_dir when it starts over, diverges, is killed while saving or resumes
 with another batch size: no earlier run is lost or wrongly resumed, no broken model is saved."""
 import json
+import os
 import subprocess
 import time
 
@@ -114,6 +115,52 @@ def test_resume_with_another_batch_size_continues_the_schedule_by_epochs(tmp_pat
     assert "data.batch_size (32 -> 16)" in proc.stderr and "the LR schedule continues from epoch 2" in proc.stderr
     third = read_jsonl(out / "metrics.jsonl")[2]
     assert third["epoch"] == 3 and third["lr"] == pytest.approx(0.01 * (2 * 16 + 1) / (4 * 16))
+
+
+def test_a_restart_of_a_run_started_from_a_named_checkpoint_goes_on_from_its_own(tmp_path, synthetic_args):
+    """run.resume names a checkpoint (in a job's ConfigMap, so every restarted pod names it again): the first
+    start continues from it, every later one from the folder's own latest, never back to the named one. A
+    train.micro_batches change (what the out-of-memory line suggests) is no other experiment."""
+    first, out = tmp_path / "first", tmp_path / "run"
+    assert train_cli([*synthetic_args, "--set", f"run.output_dir={first}", "--set", "run.epochs=1"]).returncode == 0
+    named = str(first / "checkpoint-latest.pt")
+    common = [*synthetic_args, "--set", f"run.output_dir={out}", "--set", f"run.resume={named}"]
+    started = train_cli([*common, "--set", "run.epochs=2"])
+    assert started.returncode == 0, started.stderr[-2000:]
+    assert f"resumed from {named}" in started.stdout
+    assert checkpoint.load(str(out / "checkpoint-latest.pt"))["resumed_from"] == named
+    again = train_cli([*common, "--set", "run.epochs=2"])  # the pod restarted after the run finished
+    assert again.returncode == 0 and "nothing to do: the checkpoint is from epoch 2" in again.stdout, again.stderr
+    on = train_cli([*common, "--set", "run.epochs=3", "--set", "train.micro_batches=2"])
+    assert on.returncode == 0, on.stderr[-2000:]
+    assert f"run.resume {named}: this folder's run already started from it" in on.stdout
+    assert f"resumed from {out / 'checkpoint-latest.pt'} (saved after epoch 2)" in on.stdout
+    assert "train.micro_batches (1 -> 2)" in on.stderr
+    assert not list(out.glob("previous-*"))  # nothing set aside: the same run went on
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_settings_of_data_a_run_does_not_use_are_no_part_of_its_experiment():
+    from trainer.config import Config
+    digits = train.experiment_settings(Config())
+    assert not [k for k in digits if k.startswith("data.synthetic_")] and "train.micro_batches" not in digits
+    synthetic = Config()
+    synthetic.data.name = "synthetic"
+    assert train.experiment_settings(synthetic)["data.synthetic_train_size"] == synthetic.data.synthetic_train_size
+
+
+def test_a_failed_metrics_append_names_the_file(tmp_path, monkeypatch):
+    """A full disk fails the write or the fsync, whose error names no file (dat-train's line would name the
+    folder)."""
+    log = MetricsLog(str(tmp_path), enabled=True)
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as info:
+        log.append({"epoch": 1})
+    assert info.value.filename == str(tmp_path / "metrics.jsonl") and info.value.errno == 28
 
 
 def test_a_cut_off_metrics_line_is_dropped_on_resume(tmp_path):

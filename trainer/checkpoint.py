@@ -5,6 +5,7 @@ import errno
 import fcntl
 import os
 import pickle
+import resource
 import shutil
 import socket
 import stat
@@ -67,16 +68,29 @@ def save_atomic(state: dict, path: str) -> None:
         os.replace(tmp, path)
         _fsync_folder(path)
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError from its zip writer
-        folder = os.path.dirname(path) or "."
-        free = shutil.disk_usage(folder).free
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
-            f"the disk is full, {free / 2**20:.0f} MiB free" if free < 2 * _size_hint(state) else
-            str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__)
-        kept = "the previous one is kept" if os.path.exists(path) else "there is no earlier one"
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _why_unwritten(exc, path, state)
+        kept = ("the previous one is kept" if os.path.exists(path) else "there is no earlier one"
+                if os.path.isdir(os.path.dirname(path) or ".") else
+                "its folder is gone (a volume unmounted, the folder moved or deleted)")
         raise CheckpointError(f"cannot write checkpoint {path} ({reason}); {kept}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _why_unwritten(exc: BaseException, path: str, state: dict) -> str:
+    """torch's zip writer says only "unexpected pos": name the likely cause (a full disk, the file size limit)."""
+    needed = _size_hint(state)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < needed:
+        return f"larger than the file size limit (ulimit -f) of {limit / 2**20:.1f} MiB"
+    try:
+        free = shutil.disk_usage(os.path.dirname(path) or ".").free
+    except OSError as gone:  # the folder itself went away
+        return gone.strerror or type(gone).__name__
+    if free < 2 * needed:
+        return f"the disk is full, {free / 2**20:.0f} MiB free"
+    return str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
 
 
 def _create(path: str) -> IO[bytes]:
@@ -162,6 +176,8 @@ def _structure_problem(state: dict) -> str | None:
     for key in ("experiment", "optim", "jointspar", "within_epoch"):
         if state.get(key) is not None and not isinstance(state[key], dict):
             return f"{key} is not a mapping"
+    if state.get("resumed_from") is not None and not isinstance(state["resumed_from"], str):
+        return "resumed_from is not a path"
     if "best_ra" in state and (isinstance(state["best_ra"], bool) or not isinstance(state["best_ra"], (int, float))):
         return f"best_ra {state['best_ra']!r} is not a number"
     if state.get("step") and not (isinstance(state.get("within_epoch"), dict)
@@ -170,21 +186,35 @@ def _structure_problem(state: dict) -> str | None:
     return None
 
 
+def origin(resume: str) -> str:
+    """How a run started from an explicit run.resume records where it started (in each of its checkpoints)."""
+    return os.path.abspath(resume)
+
+
 def find_resume(output_dir: str, resume: str) -> str | None:
-    """The checkpoint to continue from: an explicit path (a run's folder means its latest checkpoint), else
-    OUTPUT_DIR's latest when resume=auto."""
-    if resume not in ("auto", "never"):
-        return os.path.join(resume, LATEST) if os.path.isdir(resume) else resume
+    """The checkpoint to continue from: OUTPUT_DIR's latest when resume=auto, or when it continues the run an
+    explicit run.resume started (a restarted pod, whose config still names that checkpoint, must not go back to
+    it); else the explicit path (a run's folder means its latest checkpoint)."""
     path = os.path.join(output_dir, LATEST)
+    if resume not in ("auto", "never"):
+        if os.path.exists(path) and _saved(path, "resumed_from") == origin(resume):
+            return path
+        return os.path.join(resume, LATEST) if os.path.isdir(resume) else resume
     return path if resume == "auto" and os.path.exists(path) else None
 
 
-def _saved_epoch(path: str) -> int | None:
-    """The epoch a checkpoint file was saved after, read without loading its tensors; None if unreadable."""
+def _saved(path: str, key: str) -> object:
+    """One entry of a checkpoint file, read without loading its tensors; None if unreadable."""
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(key)
     except Exception:  # damaged or not a checkpoint: treated as stale, to be replaced
         return None
+
+
+def _saved_epoch(path: str) -> int | None:
+    """The epoch a checkpoint file was saved after; None if unreadable."""
+    epoch = _saved(path, "epoch")
+    return epoch if isinstance(epoch, int) else None
 
 
 def restore_best(output_dir: str, state: dict) -> bool:

@@ -15,7 +15,9 @@ from trainer.config import ConfigError, ineffective_settings, load_config
 from trainer.data import DataError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR)
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR,
+                errno.EFBIG, errno.EIO)
+LOST_ERRNOS = (errno.ENOENT, errno.ESTALE)  # the run's folder went away: a volume unmounted, the folder moved
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,10 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS + (TrainingDiverged,) as exc:
         print(f"dat-train: {prefix}{exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a full disk, a volume turned read-only: what the run was writing
+    except OSError as exc:  # a full disk, a volume turned read-only or gone: what the run was writing
+        out = cfg.run.output_dir
+        if exc.errno in LOST_ERRNOS and not os.path.isdir(out):
+            print(f"dat-train: {prefix}run.output_dir {out} is gone (a volume unmounted, the folder moved or "
+                  f"deleted): {exc.filename or out}: {exc.strerror}", file=sys.stderr)
+            return 2
         if exc.errno not in WRITE_ERRNOS:
             raise
-        print(f"dat-train: {prefix}cannot write {exc.filename or cfg.run.output_dir}: {exc.strerror}", file=sys.stderr)
+        print(f"dat-train: {prefix}cannot write {exc.filename or out}: {exc.strerror}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError too
         text = str(exc)

@@ -77,9 +77,13 @@ class MetricsLog:
         if broken:
             log.warning("%s: dropped %d unreadable line(s)", self.path, broken)
         tmp = self.path + ".tmp"
-        with open(tmp, "w") as fh:
-            fh.writelines(kept)
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as fh:
+                fh.writelines(kept)
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):  # a full disk: the old file stays, nothing half-written beside it
+                os.remove(tmp)
 
     def records(self) -> list[dict]:
         """The records written so far (rank 0; none elsewhere), lines that cannot be read left out."""
@@ -97,11 +101,16 @@ class MetricsLog:
         return found
 
     def append(self, record: dict) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        try:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
+        except OSError as exc:  # a write or fsync error names no file: say which
+            exc.filename = exc.filename or self.path
+            raise
 
 
 TABLE = [("epoch", "{:>5}", "{:>5d}"), ("loss", "{:>7}", "{:>7.4f}"), ("train_acc", "{:>9}", "{:>9.4f}"),

@@ -317,8 +317,9 @@ class TrainingExporter:
                            (self._test_robust, "test_robust_acc"), (self._lr, "lr"),
                            (self._active_layers, "jointspar_active_arms"),
                            (self._active_fraction, "jointspar_active_fraction")):
-            if record.get(key) is not None:
-                gauge.labels(**self._labels).set(float(record[key]))
+            value = record.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):  # (a hand-edited history line)
+                gauge.labels(**self._labels).set(float(value))
         self._epoch_progress.labels(**self._labels).set(0.0)
 
     def progress(self, done: int | None = None, total: int | None = None) -> None:

@@ -97,7 +97,7 @@ def compiled_passes(setting: str, device: torch.device, have_compiler: bool = Tr
 # files are, how batches are evaluated or placed (no effect on what is learnt); the batch size is named apart.
 EXPERIMENT_SECTIONS = ("data", "train", "attack", "eval", "jointspar")
 EXPERIMENT_IGNORED = {"data.root", "data.download", "data.device_resident", "data.eval_batch_size", "data.batch_size",
-                      "data.ti500k_path"}
+                      "data.ti500k_path", "train.micro_batches"}  # (micro-batches: the fix the out-of-memory line names)
 # Settings added after checkpoints began to record these: what a checkpoint without them was trained with.
 EXPERIMENT_BEFORE = {"data.unlabeled_fraction": 0.0, "data.val_size": 0}
 # A run found in run.output_dir that differs in these sections' settings is another experiment, not this one's
@@ -112,6 +112,8 @@ def experiment_settings(cfg: Config) -> dict[str, object]:
     ignored = set(EXPERIMENT_IGNORED)  # and the settings that have no effect in this config:
     if cfg.data.name != "cifar10-ext":
         ignored |= {"data.unlabeled_max", "data.unlabeled_fraction"}
+    if cfg.data.name != "synthetic":
+        ignored |= {f"data.{key}" for key in plain["data"] if key.startswith("synthetic_")}
     if not cfg.jointspar.enabled:  # (jointspar.enabled itself is compared)
         ignored |= {f"jointspar.{key}" for key in plain["jointspar"] if key != "enabled"}
     if cfg.train.loss == "clean":  # (eval.eps -1 evaluates at attack.eps)
@@ -191,6 +193,7 @@ class Trainer:
         # One id per run, kept across resumes: the metrics' run_id label, so that the alerts never compare a run
         # with an earlier one of the same job name.
         self.run_id = broadcast_object(uuid.uuid4().hex[:12])
+        self.resumed_from: str | None = None  # set by resume()
         # device-side running sums of (loss, clean correct, adv correct, images) over the epoch: no host sync per step
         self.totals = torch.zeros(4, device=self.device)
 
@@ -219,6 +222,7 @@ class Trainer:
             "best_ra": self.best_ra,
             "best_epoch": self.best_epoch,
             "run_id": self.run_id,
+            "resumed_from": self.resumed_from,  # the explicit run.resume this run started from, if any
             "seed": self.cfg.run.seed,  # with the epoch, this fixes every RNG stream of the next epoch
             "model_name": self.cfg.model.name,
             "optimizer_name": self.cfg.optim.name,
@@ -226,6 +230,7 @@ class Trainer:
             "experiment": experiment_settings(self.cfg),
             "world_size": self.dist.world_size,
             "batch_size": self.cfg.data.batch_size,
+            "micro_batches": self.cfg.train.micro_batches,
         }
 
     def read_checkpoint(self, path: str) -> dict:
@@ -328,7 +333,9 @@ class Trainer:
         for group, now, factor in zip(self.optimizer.param_groups, configured, sched.lr_lambdas):
             group.update(now)
             group["lr"] = now["initial_lr"] * factor(sched.last_epoch)
+        saved_micro = state.get("micro_batches", (state.get("experiment") or {}).get("train.micro_batches"))
         for key, saved, now in (("data.batch_size", state.get("batch_size"), self.cfg.data.batch_size),
+                                ("train.micro_batches", saved_micro, self.cfg.train.micro_batches),
                                 ("run.seed", state.get("seed"), self.cfg.run.seed)):
             if saved is not None and saved != now and key not in moved:
                 changed.append(f"{key} ({saved} -> {now})")
@@ -349,6 +356,8 @@ class Trainer:
         self.start_epoch, self.best_ra = int(state["epoch"]) + 1, float(state["best_ra"])
         self.best_epoch = int(state.get("best_epoch") or 0)
         self.run_id = str(state.get("run_id") or self.run_id)  # older checkpoints: a new id
+        explicit = self.cfg.run.resume not in ("auto", "never")
+        self.resumed_from = checkpoint.origin(self.cfg.run.resume) if explicit else state.get("resumed_from")
 
     def _keep_lr_rule(self, saved_optim: dict) -> bool:
         """optim.lr_scaling auto meeting a checkpoint trained under another rule (a run from before auto, whose
@@ -732,6 +741,11 @@ def run(cfg: Config, dist_info: DistInfo) -> dict | None:
                 log.log(level, note)
             where = (f"step {trainer.start_step} of epoch {trainer.start_epoch}" if trainer.start_step else
                      f"epoch {trainer.start_epoch - 1}")
+            named = cfg.run.resume
+            named = os.path.join(named, checkpoint.LATEST) if os.path.isdir(named) else named
+            if named not in ("auto", "never") and not (os.path.exists(named) and os.path.samefile(named, resume_from)):
+                print(f"run.resume {cfg.run.resume}: this folder's run already started from it, so it goes on from "
+                      f"its own latest checkpoint (a new run.output_dir starts over from {cfg.run.resume})", flush=True)
             print(f"resumed from {resume_from} (saved after {where})", flush=True)
         barrier()  # every rank has read the checkpoint before rank 0 may move it aside
     if dist_info.is_main:
