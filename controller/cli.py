@@ -172,6 +172,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
     else:
         kind, _ = cluster.find_job(args.name, cluster.delete)
     what = "ConfigMap, ServiceAccount" if kind is kube.TRAINJOB else "ConfigMap"
+    if args.wait and not cluster.wait_deleted(kind, args.name, args.timeout):
+        raise kube.ClusterError(f"{kind.kind} {cluster.namespace}/{args.name} or its ConfigMap is still there after "
+                                f"{args.timeout:g} s (a finalizer? kubectl get {kind.plural},configmaps -n "
+                                f"{cluster.namespace}); a submit of the same name waits for them to go")
     print(f"{kind.kind.lower()}/{args.name} deleted (its pods, and the {what}, NetworkPolicy and PodMonitor "
           "datctl created with it, are garbage-collected)")
     return 0
@@ -270,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="seconds between polls (at least 1: each poll is a GET on the API server)")
             p.add_argument("--timeout", type=_seconds(least=0.0), default=0.0,
                            help="give up after this many seconds (0: never)")
+        if name == "delete":
+            p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                           help="wait until the job and its ConfigMap are gone, as kubectl delete does (default), "
+                                "so that a submit of the same name can follow")
+            p.add_argument("--timeout", type=_seconds(least=0.0), default=60.0,
+                           help="seconds to wait for that (default 60)")
         if name == "logs":
             p.add_argument("--replica", help="master-0, worker-<i> (TrainJob: node-<i>); default: the first pod")
             p.add_argument("-f", "--follow", action="store_true")

@@ -378,6 +378,25 @@ class Cluster:
     def delete(self, kind: Kind, name: str) -> None:
         self._job_call(kind, name, self.custom.delete_namespaced_custom_object, propagation_policy="Background")
 
+    def wait_deleted(self, kind: Kind, name: str, timeout: float, interval: float = 1.0) -> bool:
+        """Until the job and its ConfigMap (garbage-collected after it) are gone, as kubectl delete waits: a
+        submit of the same name meanwhile would find them. False if either is still there after timeout s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.get_job(kind, name)
+            except JobNotFound:
+                try:
+                    self.call(None, f"ConfigMap {self.namespace}/{name}-config", self.core.read_namespaced_config_map,
+                              f"{name}-config", self.namespace)
+                except ClusterError as exc:
+                    if exc.status == 404:
+                        return True
+                    raise
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(interval)
+
     def pods(self, kind: Kind, name: str, replica: str | None = None) -> list[client.V1Pod]:
         selector = pod_selector(kind, name, replica)
         pods = self.call(None, f"pods of {kind.kind} {self.namespace}/{name}", self.core.list_namespaced_pod,

@@ -354,11 +354,29 @@ def test_logs_of_the_master(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
         "training.kubeflow.org/replica-index=0")
 
 
-def test_delete(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_delete_waits_until_the_job_and_its_configmap_are_gone(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """As kubectl delete waits: a submit of the same name right after would find the ConfigMap (409)."""
+    from controller import kube
+    slept: list[float] = []
+    monkeypatch.setattr(kube.time, "sleep", slept.append)
     code, out, _, server = datctl(capsys, "delete", tmp_path, "delete", "dat-smoke")
     assert code == 0 and out.startswith("pytorchjob/dat-smoke deleted")
     request = server.requests[0]
     assert (request["body"] or {}).get("propagationPolicy", request["query"].get("propagationPolicy")) == "Background"
+    assert [r["path"].rsplit("/", 2)[-2] for r in server.requests[1:]] == [
+        "pytorchjobs", "pytorchjobs", "configmaps", "pytorchjobs", "configmaps"]  # polled until both were gone
+    assert slept == [1.0, 1.0]
+
+
+def test_delete_that_times_out_waiting_says_what_is_left(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with ReplayServer("delete") as server:
+        config = kubeconfig(tmp_path / "kubeconfig", server.url)
+        code = cli.main(["delete", "dat-smoke", "--timeout", "0", "--kubeconfig", str(config)])
+    out, err = capsys.readouterr()
+    assert code == 1 and out == "" and len(server.requests) == 2
+    assert err == ("datctl: PyTorchJob team-a/dat-smoke or its ConfigMap is still there after 0 s (a finalizer? "
+                   "kubectl get pytorchjobs,configmaps -n team-a); a submit of the same name waits for them to go\n")
 
 
 def test_unreachable_cluster(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
