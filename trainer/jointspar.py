@@ -4,8 +4,9 @@ Each step only a random subset of "arms" (parameter tensors, or modules) is trai
 ``requires_grad=False`` for the step, so autograd never computes their weight gradients, the gradient
 sync never sends them and the optimizer (which skips ``grad is None``) never touches them. Arm l is
 active with probability p_l; active gradients are scaled by 1/p_l so the gradient estimate is unbiased
-(an SGD update too; LARS's and LAMB's trust ratio divides the scale out again, so under them an arm's
-expected update is p_l times its dense one). With scale=update the optimizer's update of an active arm is
+(not the update: weight decay and momentum act on an arm's active steps only, so its decay is p_l times the
+dense one; LARS's and LAMB's trust ratio divides the scale out again, so under them an arm's expected update
+is p_l times its dense one). With scale=update the optimizer's update of an active arm is
 scaled by 1/p_l instead, which makes the expected update the dense one under any optimizer (weight decay
 included). p moves towards the arms whose gradients are large (lowering
 the estimator's variance), within p_min <= p <= 1 and a budget:

@@ -389,13 +389,15 @@ class Trainer:
 
     def save_within_epoch(self, epoch: int, step: int, lr: float) -> None:
         """checkpoint-latest.pt after `step` steps of `epoch` (run.checkpoint_every_steps), so that a killed run
-        loses at most that many steps. Collective: every rank takes part. The epoch's running totals are summed
-        into rank 0's; every rank's RNG state and BatchNorm statistics are kept as they are (the attack reads
-        the latter in eval mode, so averaging them here would change the training), and the checkpoint's
-        model holds their average, as at an epoch's end."""
+        loses at most that many steps. Collective: every rank takes part. Every rank's running totals of the
+        epoch (their sum is checked and counted), RNG state and BatchNorm statistics are kept as they are (the
+        attack reads the latter in eval mode, so averaging them here would change the training), and the
+        checkpoint's model holds their average, as at an epoch's end."""
         with self.timer.phase("comm"):
-            totals = all_reduce_sum(self.totals.tolist(), self.device)
+            own = self.totals.tolist()
+            totals = all_reduce_sum(own, self.device)
             ranks = all_gather_objects({
+                "totals": own,  # restored as they are: the epoch's sums come out bit for bit as uninterrupted
                 "cpu_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                 "buffers": {name: b.detach().cpu() for name, b in self.model.named_buffers()}})
@@ -415,12 +417,14 @@ class Trainer:
             checkpoint.save_atomic(state, os.path.join(self.cfg.run.output_dir, checkpoint.LATEST))
 
     def _restore_within_epoch(self, within: dict) -> float:
-        """The epoch's totals (summed over ranks: rank 0 holds them), gradient bytes, and this rank's RNG state
-        and BatchNorm statistics as they were at the checkpoint; returns the images already counted."""
-        if self.dist.is_main:
+        """This rank's running totals of the epoch, gradient bytes, RNG state and BatchNorm statistics as they
+        were at the checkpoint; returns the images already counted (all ranks')."""
+        mine = within["ranks"][self.dist.rank]
+        if "totals" in mine:
+            self.totals.copy_(torch.tensor(mine["totals"], dtype=self.totals.dtype))
+        elif self.dist.is_main:  # checkpoints from before: the sum over ranks, on rank 0
             self.totals.copy_(torch.tensor(within["totals"], dtype=self.totals.dtype))
         self.grad_sync.stats = CommStats(**within["comm"])
-        mine = within["ranks"][self.dist.rank]
         torch.set_rng_state(mine["cpu_rng"])
         if mine["cuda_rng"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
