@@ -2,7 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.attacks import attack_mode, craft
+import torch.nn as nn
+
+from trainer.attacks import attack_mode, craft, default_alpha
 from trainer.config import DataConfig
 from trainer.data import load_dataset
 from trainer.models import build_model
@@ -61,15 +63,14 @@ def test_more_steps_never_raise_robust_accuracy(digits_model):
     model, x, y = digits_model
     ra5 = robust_accuracy(model, x, y, 0.08, steps=5)[0]
     ra20 = robust_accuracy(model, x, y, 0.08, steps=20)[0]
-    ra20r = robust_accuracy(model, x, y, 0.08, steps=20, restarts=3)[0]
-    assert ra20 <= ra5 + 0.02 and ra20r <= ra20 + 1e-9
+    assert ra20 <= ra5 + 0.02
 
 
 def test_fgsm_is_weaker_than_pgd(digits_model):
     model, x, y = digits_model
     fgsm = robust_accuracy(model, x, y, 0.08, name="fgsm")[0]
     pgd = robust_accuracy(model, x, y, 0.08, steps=10)[0]
-    assert fgsm >= pgd - 0.01
+    assert fgsm >= pgd + 0.05  # one step of 1.25 eps against ten of 0.25 eps: clearly weaker here (0.70 vs 0.60)
 
 
 def test_attack_touches_no_parameter_gradient(digits_model):
@@ -88,3 +89,37 @@ def test_attack_touches_no_parameter_gradient(digits_model):
     # BatchNorm in eval mode during the attack: running statistics untouched
     assert all(torch.equal(a, b) for a, b in zip(running, model.buffers()))
     model.eval()
+
+
+def test_restarts_keep_every_sample_already_fooled_and_fool_more(digits_model):
+    """The first restart draws what a single run draws (same seed), so its fooled samples stay fooled."""
+    model, x, y = digits_model
+    _, once = robust_accuracy(model, x, y, 0.08, steps=20)
+    _, five = robust_accuracy(model, x, y, 0.08, steps=20, restarts=5)
+    with torch.no_grad():
+        fooled_once, fooled_five = model(once).argmax(1) != y, model(five).argmax(1) != y
+    assert not (fooled_once & ~fooled_five).any()
+    assert fooled_five.sum() > fooled_once.sum()  # 5 more of 360 at this seed
+    assert (five - x).abs().max() <= 0.08 + 1e-6
+
+
+@pytest.mark.parametrize("name", ["pgd", "fgsm"])
+def test_random_start_fills_the_ball_and_no_random_start_begins_at_the_image(name):
+    """With zero weights the loss has no input gradient, so the result is the start point itself."""
+    model = nn.Linear(64, 10)
+    nn.init.zeros_(model.weight)
+    x, y = torch.full((256, 64), 0.5), torch.zeros(256, dtype=torch.long)
+    torch.manual_seed(0)
+    with attack_mode(model):
+        delta = craft(name, model, x, y, eps=0.1, alpha=0.0, steps=3) - x
+        still = craft("pgd", model, x, y, eps=0.1, alpha=0.0, steps=3, random_start=False)
+    assert delta.abs().max() <= 0.1 + 1e-6
+    assert delta.abs().mean().item() == pytest.approx(0.05, abs=0.002)  # uniform in [-eps, eps]
+    assert delta.mean().item() == pytest.approx(0.0, abs=0.002)
+    assert torch.equal(still, x)
+
+
+def test_default_step_sizes():
+    assert default_alpha("pgd", 8 / 255, 10) == pytest.approx(2.5 * (8 / 255) / 10)
+    assert default_alpha("pgd", 0.1, 4) == pytest.approx(0.0625)
+    assert default_alpha("fgsm", 0.1, 10) == pytest.approx(0.125)  # one step of 1.25 eps, whatever `steps` says

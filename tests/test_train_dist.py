@@ -57,6 +57,25 @@ def test_exactly_one_gradient_all_reduce_pass_per_step(tmp_path, loss, bucket_mb
     assert ranks[0]["digest"] == ranks[1]["digest"]  # both ranks applied the same update
 
 
+def test_gradient_sync_leaves_every_rank_the_mean_of_the_ranks_gradients(tmp_path):
+    """LARS/LAMB are blind to a gradient's scale, so a sum instead of the mean would pass every training test."""
+    torchrun([str(ROOT / "tests" / "workers" / "grad_sync_mean.py"), str(tmp_path / "g")])
+    ranks = [json.loads((tmp_path / f"g.rank{r}.json").read_text()) for r in range(2)]
+    for overlap in ("True", "False"):
+        local0, local1 = ranks[0][overlap]["local"], ranks[1][overlap]["local"]
+        assert ranks[0][overlap]["buckets"] > 1 and ranks[0][overlap]["calls"] == ranks[0][overlap]["buckets"]
+        for rank in ranks:
+            synced = rank[overlap]["synced"]
+            assert synced.keys() == local0.keys() | {"unused.weight", "unused.bias"}
+            for name, grad in synced.items():
+                if name.startswith("unused"):
+                    assert not torch.tensor(grad).any()
+                    continue
+                mean = (torch.tensor(local0[name]) + torch.tensor(local1[name])) / 2
+                assert not torch.equal(torch.tensor(local0[name]), torch.tensor(local1[name]))
+                torch.testing.assert_close(torch.tensor(grad), mean, msg=name)
+
+
 def _params(path):
     state = torch.load(path, weights_only=True)
     return state["model"], state["optimizer"]
