@@ -2,11 +2,15 @@ import os
 import pickle
 import resource
 import shutil
+import stat
 
 import pytest
 import torch
 
 from trainer import checkpoint
+from trainer.config import config_from_dict
+from trainer.distributed import DistInfo
+from trainer.train import Trainer
 
 
 def test_round_trip(tmp_path):
@@ -125,7 +129,41 @@ def test_best_is_restored_when_a_kill_fell_between_the_two_saves(tmp_path):
     assert not checkpoint.restore_best(str(tmp_path), {"epoch": 3, "best_epoch": 3})  # already current
     assert not checkpoint.restore_best(str(tmp_path), {"epoch": 4, "best_epoch": 3})  # latest is not the best
     best.unlink()
+    # a checkpoint taken within epoch 4 (step 5) records epoch 3 as done, but it is not epoch 3's checkpoint
+    assert not checkpoint.restore_best(str(tmp_path), {"epoch": 3, "best_epoch": 3, "step": 5})
+    assert not best.exists()
     assert checkpoint.restore_best(str(tmp_path), {"epoch": 3, "best_epoch": 3}) and best.exists()
+
+
+def test_save_makes_the_file_durable_before_its_name_then_the_name(tmp_path, monkeypatch):
+    """fsync(temporary file) -> rename -> fsync(folder): otherwise a power loss can leave an empty checkpoint
+    under the final name, or the old name back."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(
+        "fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    checkpoint.save_atomic({"epoch": 1}, str(tmp_path / "c.pt"))
+    assert events == ["fsync file", "replace", "fsync folder"]
+
+
+def test_trainer_saves_latest_first_and_best_only_when_strictly_better(tmp_path, monkeypatch):
+    cfg = config_from_dict({"run": {"output_dir": str(tmp_path), "progress": False},
+                            "data": {"name": "synthetic", "synthetic_train_size": 32, "synthetic_image_size": 8,
+                                     "batch_size": 16}, "model": {"name": "small_cnn", "width": 4}})
+    trainer = Trainer(cfg, DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0,
+                                    device=torch.device("cpu")))
+    saved = []
+    monkeypatch.setattr(checkpoint, "save_atomic",
+                        lambda state, path: saved.append((os.path.basename(path), state["epoch"], state["best_ra"])))
+    for epoch, robust_acc in enumerate([0.3, 0.3, 0.5, None, 0.4], start=1):
+        trainer.save(epoch, robust_acc)
+    assert saved == [(checkpoint.LATEST, 1, 0.3), (checkpoint.BEST, 1, 0.3),  # LATEST first: a kill between
+                     (checkpoint.LATEST, 2, 0.3),  # a tie is not better
+                     (checkpoint.LATEST, 3, 0.5), (checkpoint.BEST, 3, 0.5),
+                     (checkpoint.LATEST, 4, 0.5),  # not evaluated this epoch
+                     (checkpoint.LATEST, 5, 0.5)]
+    assert trainer.best_epoch == 3
 
 
 GOOD = {"epoch": 2, "step": 0, "model": {"w": torch.zeros(2)}, "optimizer": {}, "schedule": {}, "best_ra": 0.5,
