@@ -103,6 +103,22 @@ def test_mistakes_the_run_would_only_find_later(overrides, fragment):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize("low, high, out_low, out_high", [
+    ("attack.eps=0", "attack.eps=1", "attack.eps=-0.01", "attack.eps=1.01"),
+    ("metrics.port=0", "metrics.port=65535", "metrics.port=-1", "metrics.port=65536"),
+    ("jointspar.p_min=1e-9", "jointspar.p_min=1", "jointspar.p_min=0", "jointspar.p_min=1.5"),
+    ("optim.gamma=1e-9", "optim.gamma=1", "optim.gamma=0", "optim.gamma=1.01"),
+])
+def test_range_limits_are_inclusive_where_documented(low, high, out_low, out_high):
+    base = ["jointspar.budget=4"]  # JointSpar's own checks would otherwise depend on the model's arm count
+    for inside in (low, high):
+        load_config(None, [*base, inside])
+    for outside in (out_low, out_high):
+        key = outside.split("=")[0]
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config(None, [*base, outside])
+
+
 def test_eps_as_written_in_papers():
     cfg = load_config(None, ["attack.eps=8/255", "eval.eps= 4 / 255"])
     assert cfg.attack.eps == 8 / 255 and cfg.eval.eps == 4 / 255
