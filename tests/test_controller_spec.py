@@ -155,6 +155,16 @@ def test_each_mistake_is_one_line(case: str, tmp_path: Path, capsys: pytest.Capt
     assert lines[0].startswith("datctl: ") and line in lines[0], err
 
 
+def test_the_limits_themselves_are_accepted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_spec(tmp_path, {"scheduling/volcano/enabled": True, "scheduling/volcano/minAvailable": 2,  # every pod
+                                 "shm/sizeLimit": "1535Mi"})  # just below resources.limits.memory 1536Mi
+    code, out, err = render(capsys, str(path))
+    assert code == 0 and "minAvailable" not in err and "shm" not in err, err
+    job = next(doc for doc in yaml.safe_load_all(out) if doc["kind"] == "PyTorchJob")
+    assert job["spec"]["runPolicy"]["schedulingPolicy"]["minAvailable"] == 2
+    volumes = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["volumes"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1535Mi"}} in volumes
+
 def test_a_number_as_a_key_is_checked_as_helm_sees_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """YAML reads `1:` as a number; helm (JSON) sees the key "1", which is no variable name: datctl says so in
     its own words instead of passing on helm's schema dump."""

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
+from controller.exporter import EXPORTED, JobStore
 from controller.schemas import crd_problems
 from recorded_watch.replay import HERE as RECORDED, ReplayServer
 
@@ -315,3 +316,19 @@ def test_a_failed_job_without_completion_time_ends_when_failed_turned_true():
     failed["status"] = "False"
     del obj["status"]["completionTime"]
     assert JobState.from_object(obj, EXPORTED["pytorchjob"]).completion is None  # still running
+
+
+def test_a_job_recreated_under_the_same_name_starts_its_restart_count_afresh() -> None:
+    def restarting(uid: str, when: str) -> dict:
+        return {"metadata": {"namespace": "a", "name": "dat-resnet", "uid": uid},
+                "status": {"conditions": [{"type": "Restarting", "status": "True", "lastTransitionTime": when}]}}
+
+    store = JobStore(EXPORTED["pytorchjob"])
+    store.upsert(restarting("uid-1", "2026-11-28T10:00:00Z"))
+    store.upsert(restarting("uid-1", "2026-11-28T10:00:00Z"))  # the same transition in a second event
+    store.upsert(restarting("uid-1", "2026-11-28T10:05:00Z"))
+    assert len(store.snapshot()[0].restart_marks) == 2
+    store.replace([restarting("uid-2", "2026-11-28T11:00:00Z")])  # deleted and submitted again: a new uid
+    assert len(store.snapshot()[0].restart_marks) == 1
+    store.upsert(restarting("uid-2", "2026-11-28T11:30:00Z"))
+    assert len(store.snapshot()[0].restart_marks) == 2
