@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # The DAT trainer image: CUDA PyTorch with the project installed, run as a non-root user. Pods start it as
-#   torchrun -m trainer --config /etc/dat/config.yaml   (nodes, rank and rendezvous from the operator's PET_* env)
+#   dat-torchrun -m trainer --config /etc/dat/config.yaml   (torchrun that exits as its workers did; nodes,
+#   rank and rendezvous from the operator's PET_* env)
 # and the same image serves `datctl exporter`. Build: make image [IMAGE=registry/dat-k8s:tag]
 # checkov:skip=CKV_DOCKER_7: FROM takes this ARG's default, a pinned tag (checkov does not resolve ARGs)
 ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
@@ -28,7 +29,7 @@ COPY controller /tmp/dat-src/controller
 RUN pip install --no-cache-dir /tmp/dat-src \
     && rm -rf /tmp/dat-src \
     && python -c "import torch, torchvision, timm, trainer.cli, controller.cli" \
-    && command -v torchrun datctl
+    && command -v torchrun dat-torchrun dat-train datctl
 
 # Non-root with a fixed UID/GID >= 10000, clear of the nodes' own users (the chart's securityContext runs as
 # 10001:10001). The root filesystem is read-only in the pods: HOME and caches live on the /tmp emptyDir.

@@ -19,8 +19,8 @@ def torch_env(**extra: str) -> dict:
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, check: bool = True,
              env: dict | None = None) -> subprocess.CompletedProcess:
-    """A real multi-process torchrun launch (gloo on the CPU)."""
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    """A real multi-process torchrun launch (gloo on the CPU), through dat-torchrun as the pods run it."""
+    cmd = [PYTHON, "-m", "trainer.launch", "--standalone", f"--nproc_per_node={nproc}", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env or torch_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

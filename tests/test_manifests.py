@@ -176,7 +176,7 @@ def test_published_setup(name: str, optimizer: str, jointspar: bool, tmp_path: P
     assert cfg.metrics.port == ports["metrics"]
     monitor = next(o for o in objects if o["kind"] == "PodMonitor")
     assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
-    assert container["command"] == ["torchrun", "-m", "trainer", "--config", "/etc/dat/config.yaml"]
+    assert container["command"] == ["dat-torchrun", "-m", "trainer", "--config", "/etc/dat/config.yaml"]
 
 
 def test_smoke_job(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ def test_smoke_pods_train_and_resume(tmp_path: Path) -> None:
     config_path.write_text(yaml.safe_dump(config))
     command = [config_path.as_posix() if arg == f"{mounts['config']}/config.yaml" else arg
                for arg in container["command"]]
-    assert command[0] == "torchrun"
+    assert command[0] == "dat-torchrun"
 
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     scratch = tmp_path / "scratch"  # the pod's /tmp emptyDir

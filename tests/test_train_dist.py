@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PYTHON, ROOT, read_jsonl, torch_env, torchrun, train_cli
+from conftest import PYTHON, ROOT, free_port, read_jsonl, torch_env, torchrun, train_cli
 from trainer import checkpoint
 from trainer.metrics import PHASES
 
@@ -112,7 +112,7 @@ def _state(pid: int) -> str:
 
 def _launched_until(args: list[str], out: Path, epochs: int, **popen) -> subprocess.Popen:
     """torchrun of `args` into `out`, running in the background, returned once `epochs` epochs are logged."""
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+    cmd = [PYTHON, "-m", "trainer.launch", "--standalone", "--nproc_per_node=2", *args,
            "--set", f"run.output_dir={out}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=torch_env(), stdout=subprocess.DEVNULL, **popen)
     deadline, metrics = time.time() + 240, out / "metrics.jsonl"
@@ -122,6 +122,40 @@ def _launched_until(args: list[str], out: Path, epochs: int, **popen) -> subproc
         time.sleep(0.05)
     return proc
 
+
+def test_a_killed_worker_and_the_rank_that_lost_it_exit_with_statuses_the_operator_retries(tmp_path,
+                                                                                           synthetic_args):
+    """Two single-rank "nodes" (two dat-torchrun processes, as two pods run them); node 1's worker is killed
+    (SIGKILL, as the OOM killer does) mid-run. Its launcher exits 137; node 0's rank finds its collective
+    broken, says so in one line and exits 200, which its launcher passes on. torchrun alone exits 1 on both,
+    which restartPolicy ExitCode treats as permanent: one preempted node would end the job."""
+    out, port = tmp_path / "run", free_port()
+    args = ["-m", "trainer", *synthetic_args, "--set", "run.epochs=4", "--set", "data.synthetic_train_size=1024",
+            "--set", f"run.output_dir={out}"]
+    nodes = [subprocess.Popen([PYTHON, "-m", "trainer.launch", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}", *args],
+                              cwd=ROOT, env=torch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    deadline, metrics = time.time() + 240, out / "metrics.jsonl"
+    while time.time() < deadline and nodes[0].poll() is None and not metrics.exists():
+        time.sleep(0.05)
+    assert nodes[0].poll() is None, "the run ended before the kill; make it longer"
+    workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == nodes[1].pid]
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGKILL)
+    (_, err0), (_, err1) = (node.communicate(timeout=120) for node in nodes)
+    assert nodes[1].returncode == 137, err1[-3000:]
+    assert nodes[0].returncode == 200, err0[-3000:]
+    assert "dat-train: [rank 0] lost contact with another rank (" in err0, err0[-3000:]
+    assert "Traceback" not in err0 + err1
+    assert checkpoint.load(str(out / "checkpoint-latest.pt"))["epoch"] >= 1  # what the restart resumes from
+
+
+def test_a_users_mistake_exits_2_through_the_launcher(tmp_path, synthetic_args):
+    proc = torchrun(["-m", "trainer", *synthetic_args, "--set", f"run.output_dir={tmp_path}", "--set", "optim.lr=-1"],
+                    check=False)
+    assert proc.returncode == 2 and "dat-train: config error: optim.lr must be > 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 def test_killed_run_resumes_bit_identically(tmp_path, synthetic_args):
     args = ["-m", "trainer", *synthetic_args, "--set", "run.epochs=4", "--set", "data.synthetic_train_size=512"]
@@ -314,7 +348,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_after_a_checkpoin
     worker = str(Path(__file__).parent / "workers" / "crash_mid_epoch.py")
     settings = json.dumps({"run": {"checkpoint_every_steps": 0}})
     stopped = torchrun([worker, str(tmp_path / "run"), "sigterm:7", settings], nproc=2, check=False)
-    assert stopped.returncode != 0
+    assert stopped.returncode == 143  # the workers' status, which restartPolicy ExitCode retries
     assert "rank 0: stopped by SIGTERM after step 9 of epoch 2:" in stopped.stderr, stopped.stderr[-3000:]
     assert "rank 1: stopped by SIGTERM after step 9 of epoch 2\n" in stopped.stderr  # rank 0 says where it is kept
     assert "exitcode  : 143" in stopped.stderr  # torchrun's report of its workers
@@ -340,7 +374,7 @@ def test_sigterm_to_torchrun_checkpoints_and_the_restart_ends_as_an_uninterrupte
     assert proc.poll() is None, "the run ended before the signal; make it longer"
     proc.send_signal(signal.SIGTERM)  # to torchrun alone, as the kubelet signals a container's PID 1
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0
+    assert proc.returncode == 143  # as the shell reports SIGTERM: the operator's ExitCode policy restarts it
     assert "dat-train: stopped by SIGTERM after " in err, err[-3000:]
     assert "Traceback" not in err.split("dat-train: stopped by")[0]  # the workers' one line, no trace of theirs
     state = checkpoint.load(str(stopped / "checkpoint-latest.pt"))

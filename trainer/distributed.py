@@ -25,6 +25,17 @@ class DistInfo:
         return self.rank == 0
 
 
+GLOO_PEER_ERRORS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out waiting")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """A collective failed because another rank went away or stopped answering: NCCL and the c10d store raise
+    torch.distributed.DistError; gloo raises a plain RuntimeError that says so in its text."""
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in GLOO_PEER_ERRORS)
+
+
 LAUNCH_HINT = "torchrun sets these variables: launch with `torchrun ... -m trainer`, or unset them to run one process"
 
 

@@ -257,10 +257,11 @@ Per-pod resources; GPUs from gpusPerNode.
 {{- end }}
 
 {{/*
-The trainer command: torchrun takes nodes, rank and rendezvous from the operator's PET_* environment.
+The trainer command: dat-torchrun (torchrun that exits as its workers did, see trainer/launch.py) takes nodes,
+rank and rendezvous from the operator's PET_* environment.
 */}}
 {{- define "dat-training.command" -}}
-["torchrun", "-m", "trainer", "--config", "/etc/dat/config.yaml"]
+["dat-torchrun", "-m", "trainer", "--config", "/etc/dat/config.yaml"]
 {{- end }}
 
 {{/*

@@ -1,0 +1,42 @@
+"""`dat-torchrun`: torchrun, exiting as its workers did.
+
+torchrun itself exits 1 whenever a worker fails or it is signalled, so the exit statuses the trainer chooses
+(2: a user's mistake, 128 + N: stopped by signal N after a checkpoint, 200: lost another rank) never reach
+Kubernetes. With them, the training operator's restartPolicy ExitCode (and a Job's podFailurePolicy) can fail
+a job on a mistake at once and restart it after a preemption. This wraps torch.distributed.run unchanged
+(same arguments, same worker handling, same failure report) and only chooses the exit status:
+
+- a worker failed: the first failure's status (torchrun's "Root Cause"), 128 + N for a worker ended by
+  signal N (e.g. 137 for one the kernel's OOM killer took);
+- torchrun was signalled (the pod deleted, preempted, drained): 128 + N, as the shell would report it.
+"""
+from __future__ import annotations
+
+import sys
+
+from torch.distributed import run as torchrun
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+
+def exit_status(exc: ChildFailedError | SignalException) -> int:
+    if isinstance(exc, SignalException):
+        return 128 + int(exc.sigval)
+    _, failure = exc.get_first_failure()
+    return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        torchrun.main(argv)
+    except ChildFailedError as exc:
+        print(exc.format_msg(), file=sys.stderr)  # torchrun's own report of its workers, without its traceback
+        return exit_status(exc)
+    except SignalException as exc:
+        print(f"dat-torchrun: {exc}", file=sys.stderr)
+        return exit_status(exc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
