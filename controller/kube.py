@@ -22,6 +22,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
 
+from trainer import exits
 from trainer.observability import RANK_LABELS  # labels of every trainer metric
 from trainer.yamlfile import describe_yaml_error
 
@@ -521,6 +522,17 @@ def epoch_figures(text: str) -> list[str]:
     return [] if epoch == 0 else lines
 
 
+def exit_note(pod: Any) -> str:
+    """How the pod's trainer container last ended, in words: its exit status now (a finished or failed pod)
+    or before its latest restart; '' while it never ended."""
+    for container in pod.status.container_statuses or []:
+        for when, state in (("exited", container.state), ("last exit", container.last_state)):
+            ended = state.terminated if state else None
+            if ended is not None:
+                return f"  {when} {ended.exit_code}: {exits.describe(ended.exit_code, ended.reason)}"
+    return ""
+
+
 def status_report(cluster: Cluster, kind: Kind, name: str, job: dict[str, Any] | None = None) -> list[str]:
     """job: the job as just read, if it was."""
     job = job if job is not None else cluster.get_job(kind, name)
@@ -544,7 +556,8 @@ def status_report(cluster: Cluster, kind: Kind, name: str, job: dict[str, Any] |
         for pod in pods:
             restarts = sum(s.restart_count for s in (pod.status.container_statuses or []))
             out.append(f"  {pod.metadata.name:<40} {pod.status.phase or '?':<10} restarts {restarts}"
-                       f"{'  node ' + pod.spec.node_name if pod.spec and pod.spec.node_name else ''}")
+                       f"{'  node ' + pod.spec.node_name if pod.spec and pod.spec.node_name else ''}"
+                       f"{exit_note(pod)}")
     # rank 0 serves the epoch figures: master-0 / node-0, found by the labels the operator gives its pod
     wanted = dict(part.split("=", 1) for part in pod_selector(kind, name, default_replica(kind, job)).split(","))
     first = next((p for p in pods if wanted.items() <= (p.metadata.labels or {}).items()), None)

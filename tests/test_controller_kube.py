@@ -275,7 +275,10 @@ def test_status_of_a_running_job(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert lines[0] == "PyTorchJob team-a/dat-smoke: Running"
     assert any(line.split()[:2] == ["Running", "True"] for line in lines)
     assert "  Master  active 1, succeeded 0, failed 0" in lines
-    assert any(line.split()[:4] == ["dat-smoke-worker-0", "Running", "restarts", "1"] for line in lines)
+    worker = next(line for line in lines if line.split()[:1] == ["dat-smoke-worker-0"])
+    assert worker.split()[:4] == ["dat-smoke-worker-0", "Running", "restarts", "1"]
+    assert worker.endswith("  last exit 200: lost contact with another rank")
+    assert "exit" not in next(line for line in lines if line.split()[:1] == ["dat-smoke-master-0"])
     figures = {line.split()[0]: float(line.split()[1]) for line in lines[lines.index(
         "latest epoch (dat-smoke-master-0:9400/metrics):") + 1:]}
     # rank 0's gauges only; counters and the info metric left out
@@ -283,6 +286,19 @@ def test_status_of_a_running_job(tmp_path: Path, capsys: pytest.CaptureFixture) 
                        "dat_test_clean_accuracy": 0.3125, "dat_images_per_second": 6.14}
     assert server.requests[1]["query"] == {"labelSelector": "training.kubeflow.org/job-name=dat-smoke"}
 
+
+
+def test_status_of_a_failed_job_says_why_its_pod_exited(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err, server = datctl(capsys, "status-failed", tmp_path, "status", "dat-smoke")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "PyTorchJob team-a/dat-smoke: Failed"
+    master = next(line for line in lines if line.split()[:1] == ["dat-smoke-master-0"])
+    assert master.split()[:4] == ["dat-smoke-master-0", "Failed", "restarts", "0"]
+    assert master.endswith("  exited 2: a mistake in the config, data or checkpoint, or diverged or out of memory: "
+                           "its log says which")
+    assert not any("latest epoch" in line for line in lines)  # no running master to ask
+    assert len(server.requests) == 2
 
 @pytest.mark.parametrize("scenario, api", [("status-trainjob", ["--api", "trainjob"]),
                                            # without --api: no PyTorchJob CRD (a Trainer v2 cluster), so the TrainJob

@@ -10,6 +10,7 @@ import sys
 
 import yaml
 
+from trainer import exits
 from trainer.checkpoint import CheckpointError
 from trainer.config import ConfigError, ineffective_settings, load_config
 from trainer.data import DataError
@@ -18,10 +19,6 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError)
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR,
                 errno.EFBIG, errno.EIO)
 LOST_ERRNOS = (errno.ENOENT, errno.ESTALE)  # the run's folder went away: a volume unmounted, the folder moved
-# Exit statuses, for the training operator's restartPolicy ExitCode (>= 128 restarts the pod, 1-127 fails the job)
-# and Job podFailurePolicy rules: a user's mistake fails at once; a stop or a lost peer restarts and resumes.
-EXIT_USER_ERROR = 2  # config, data, checkpoint, divergence, out of memory, an unwritable run folder
-EXIT_PEER_LOST = 200  # a collective failed because another rank went away (128 + N: stopped by signal N)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.evaluate and (args.resume or args.no_resume):
         print("dat-train: --evaluate reads the checkpoint it names; --resume / --no-resume do not apply", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return exits.USER_ERROR
     if args.resume and args.no_resume:
         print("dat-train: --resume and --no-resume contradict each other; give one", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return exits.USER_ERROR
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"run.resume={args.resume}")
@@ -64,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         world_size = env_world_size()
     except ConfigError as exc:
         print(f"dat-train: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return exits.USER_ERROR
     errors: list[str] = []
     cfg = None
     try:
@@ -77,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if errors:
         if os.environ.get("RANK", "0") == "0":  # every rank reads the same config: one message is enough
             print(f"dat-train: config error: {'; '.join(errors)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return exits.USER_ERROR
     if os.environ.get("RANK", "0") == "0":
         for note in ineffective_settings(cfg):
             print(f"dat-train: note: {note}", file=sys.stderr)
@@ -94,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         info = setup(cfg.dist.backend, cfg.dist.timeout_seconds)
     except ConfigError as exc:  # the launch environment or dist.backend
         print(f"dat-train: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return exits.USER_ERROR
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     prefix = f"[rank {info.rank}] " if info.world_size > 1 else ""
@@ -111,29 +108,29 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + exc.signum  # what the shell reports for a process the signal ended
     except USER_ERRORS + (TrainingDiverged,) as exc:
         print(f"dat-train: {prefix}{exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return exits.USER_ERROR
     except OSError as exc:  # a full disk, a volume turned read-only or gone: what the run was writing
         out = cfg.run.output_dir
         if exc.errno in LOST_ERRNOS and not os.path.isdir(out):
             print(f"dat-train: {prefix}run.output_dir {out} is gone (a volume unmounted, the folder moved or "
                   f"deleted): {exc.filename or out}: {exc.strerror}", file=sys.stderr)
-            return EXIT_USER_ERROR
+            return exits.USER_ERROR
         if exc.errno not in WRITE_ERRNOS:
             raise
         print(f"dat-train: {prefix}cannot write {exc.filename or out}: {exc.strerror}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return exits.USER_ERROR
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError too
         text = str(exc)
         if lost_peer(exc):
             print(f"dat-train: {prefix}lost contact with another rank ({text.strip().splitlines()[0][:200]}); "
-                  f"exit {EXIT_PEER_LOST} so that the job restarts and resumes from its last checkpoint",
+                  f"exit {exits.PEER_LOST} so that the job restarts and resumes from its last checkpoint",
                   file=sys.stderr)
-            return EXIT_PEER_LOST
+            return exits.PEER_LOST
         if not isinstance(exc, MemoryError) and "out of memory" not in text and "can't allocate memory" not in text:
             raise
         print(f"dat-train: {prefix}out of memory ({text.strip().splitlines()[0][:160] if text.strip() else 'MemoryError'}); "
               "lower data.batch_size or model.width, or split the batch with train.micro_batches", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return exits.USER_ERROR
     except KeyboardInterrupt:
         return 130
     finally:

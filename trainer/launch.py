@@ -1,7 +1,7 @@
 """`dat-torchrun`: torchrun, exiting as its workers did.
 
 torchrun itself exits 1 whenever a worker fails or it is signalled, so the exit statuses the trainer chooses
-(2: a user's mistake, 128 + N: stopped by signal N after a checkpoint, 200: lost another rank) never reach
+(trainer/exits.py: 2 a user's mistake, 128 + N stopped by signal N, 200 lost another rank) never reach
 Kubernetes. With them, the training operator's restartPolicy ExitCode (and a Job's podFailurePolicy) can fail
 a job on a mistake at once and restart it after a preemption. This wraps torch.distributed.run unchanged
 (same arguments, same worker handling, same failure report) and only chooses the exit status:
