@@ -151,6 +151,19 @@ def test_a_killed_worker_and_the_rank_that_lost_it_exit_with_statuses_the_operat
     assert checkpoint.load(str(out / "checkpoint-latest.pt"))["epoch"] >= 1  # what the restart resumes from
 
 
+@pytest.mark.parametrize("node_rank, words", [(0, "1/2 clients joined"), (1, "trying to connect to")])
+def test_a_rendezvous_nobody_joins_exits_with_a_status_the_operator_retries(tmp_path, node_rank, words):
+    """A node alone: the other's pod not scheduled in time (node 0 waits for it), or the master unreachable
+    (node 1 cannot connect). One line and 201, not torchrun's page of C++ frames and 1."""
+    proc = subprocess.run([PYTHON, "-m", "trainer.launch", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node_rank}",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--rdzv_conf=timeout=3",
+                           "-m", "trainer", "--set", f"run.output_dir={tmp_path}"],
+                          cwd=ROOT, env=torch_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 201, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dat-torchrun: rendezvous failed (") and words in last, last
+    assert "Traceback" not in proc.stderr
+
 def test_a_users_mistake_exits_2_through_the_launcher(tmp_path, synthetic_args):
     proc = torchrun(["-m", "trainer", *synthetic_args, "--set", f"run.output_dir={tmp_path}", "--set", "optim.lr=-1"],
                     check=False)

@@ -8,12 +8,14 @@ import signal
 
 USER_ERROR = 2  # config, data, checkpoint, divergence, out of memory, an unwritable run folder
 PEER_LOST = 200  # a collective failed because another rank went away (128 + N: stopped or killed by signal N)
+NO_RENDEZVOUS = 201  # dat-torchrun: the other nodes did not join in time, or the master could not be reached
 
 _MEANING = {
     0: "finished",
     1: "crashed: its log has the traceback",
     USER_ERROR: "a mistake in the config, data or checkpoint, or diverged or out of memory: its log says which",
     PEER_LOST: "lost contact with another rank",
+    NO_RENDEZVOUS: "the other nodes did not join in time, or the master was unreachable",
 }
 
 

@@ -8,15 +8,21 @@ a job on a mistake at once and restart it after a preemption. This wraps torch.d
 
 - a worker failed: the first failure's status (torchrun's "Root Cause"), 128 + N for a worker ended by
   signal N (e.g. 137 for one the kernel's OOM killer took);
-- torchrun was signalled (the pod deleted, preempted, drained): 128 + N, as the shell would report it.
+- torchrun was signalled (the pod deleted, preempted, drained): 128 + N, as the shell would report it;
+- the rendezvous failed (a node's pod not scheduled in time, the master unreachable): 201, retryable, with
+  one line instead of a page of C++ frames.
 """
 from __future__ import annotations
 
 import sys
 
+from torch.distributed import DistError
 from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous.api import RendezvousError
+
+from trainer import exits
 
 
 def exit_status(exc: ChildFailedError | SignalException) -> int:
@@ -35,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     except SignalException as exc:
         print(f"dat-torchrun: {exc}", file=sys.stderr)
         return exit_status(exc)
+    except (RendezvousError, DistError) as exc:  # before any worker started
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        print(f"dat-torchrun: rendezvous failed ({first}); exit {exits.NO_RENDEZVOUS} so that the pod restarts "
+              "and tries again", file=sys.stderr)
+        return exits.NO_RENDEZVOUS
     return 0
 
 
