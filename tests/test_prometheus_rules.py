@@ -17,7 +17,7 @@ from controller.schemas import crd_problems
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "dat-training"
 RULES_FILE = CHART / "files" / "prometheus-rules.yaml"
-ALERTS = {"DATJobFailed", "DATJobWithoutMetrics", "DATExporterDown", "DATTrainingAborted", "DATTrainingStalled",
+ALERTS = {"DATJobFailed", "DATJobRestartingRepeatedly", "DATJobWithoutMetrics", "DATExporterDown", "DATTrainingAborted", "DATTrainingStalled",
           "DATEpochSlow", "DATCommunicationDominant", "DATRobustAccuracyCollapse"}
 HEADER = """\
 # Prometheus alerting rules for DAT training runs (all jobs). Load with rule_files: in prometheus.yml.
@@ -121,7 +121,8 @@ def test_prometheusrule_follows_alerts_enabled():
 
 
 @pytest.mark.parametrize("setting", ["alerts.scope=everything", "alerts.slowEpochFactor=0.5",
-                                     "alerts.communicationShare=2", "alerts.slowEpochWindow=1hour"])
+                                     "alerts.communicationShare=2", "alerts.slowEpochWindow=1hour",
+                                     "alerts.restartsInWindow=0", "alerts.restartWindow=hourly"])
 def test_bad_alert_values_are_rejected_by_the_schema(setting):
     proc = helm_template("--set", "alerts.enabled=true", "--set", setting)
     assert proc.returncode != 0
@@ -157,6 +158,11 @@ tests:
         values: '0+60x72'
       - series: 'dat_job_condition{{job_namespace="a", job_name="finished", kind="TrainJob", condition="Complete"}}'
         values: '1x72'
+      # restarts the exporter saw: "flappy" restarted at 10, 20 and 30 min (a restart loop), "once" at 10 min
+      - series: 'dat_job_restarts_total{{job_namespace="a", job_name="flappy", kind="PyTorchJob"}}'
+        values: '0x9 1x10 2x10 3x70'
+      - series: 'dat_job_restarts_total{{job_namespace="a", job_name="once", kind="PyTorchJob"}}'
+        values: '0x9 1x90'
       # the exporter itself: up for 20 minutes, then gone
       - series: 'dat_exporter_jobs{{namespace="dat-system", kind="PyTorchJob"}}'
         values: '4x20 stale'
@@ -253,6 +259,15 @@ tests:
               summary: TrainJob a/bad-v2 failed
               description: The training operator marked the job Failed (reported by datctl exporter). See kubectl describe trainjob -n a bad-v2.
       - {{eval_time: 70m, alertname: DATJobFailed, exp_alerts: []}}  # an hour after the failure: quiet
+      - {{eval_time: 25m, alertname: DATJobRestartingRepeatedly, exp_alerts: []}}
+      - eval_time: 35m
+        alertname: DATJobRestartingRepeatedly
+        exp_alerts:
+          - exp_labels: {{severity: warning, job_namespace: a, job_name: flappy, kind: PyTorchJob}}
+            exp_annotations:
+              summary: PyTorchJob a/flappy restarted 3 times
+              description: 'The training operator restarted the job at least 3 times in 1h (each restart resumes from the last checkpoint, but a loop makes no progress). datctl status shows how each pod last exited: 200 lost a peer, 201 rendezvous failed, 137 killed (OOM), 143 stopped by SIGTERM. Under restartPolicy ExitCode such restarts have no limit.'
+      - {{eval_time: 95m, alertname: DATJobRestartingRepeatedly, exp_alerts: []}}  # no restart in the last hour
       - {{eval_time: 10m, alertname: DATJobWithoutMetrics, exp_alerts: []}}
       - eval_time: 20m
         alertname: DATJobWithoutMetrics
@@ -268,7 +283,7 @@ tests:
           - exp_labels: {{severity: warning}}
             exp_annotations:
               summary: datctl exporter serves no metrics
-              description: 'No datctl exporter metrics for 10m: DATJobFailed and DATJobWithoutMetrics cannot fire. Check the exporter Deployment and its PodMonitor.'
+              description: 'No datctl exporter metrics for 10m: DATJobFailed, DATJobRestartingRepeatedly and DATJobWithoutMetrics cannot fire. Check the exporter Deployment and its PodMonitor.'
       - {{eval_time: 4m, alertname: DATTrainingAborted, exp_alerts: []}}
       - eval_time: 50m
         alertname: DATTrainingAborted
