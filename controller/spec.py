@@ -762,6 +762,10 @@ def render_warnings(v: dict[str, Any], given: dict[str, Any], rendered: dict[str
     if (v.get("exporter") or {}).get("enabled"):
         out.append("exporter.enabled: datctl submits the run's own objects, not the exporter; it comes with "
                    "`helm install NAME charts/dat-training -f SPEC`")
+    if v["api"] == "pytorchjob" and v["restartPolicy"] == "ExitCode" and not v["runPolicy"]["activeDeadlineSeconds"]:
+        out.append("restartPolicy ExitCode restarts a pod that exited 128 or above (SIGTERM, a lost peer, an OOM "
+                   "kill) without limit, as the operator counts none of them against backoffLimit; set "
+                   "runPolicy.activeDeadlineSeconds to bound the job")
     if not v["checkpoint"]["claimName"]:
         out.append("checkpoint.claimName is empty: checkpoints go to an emptyDir and are lost with the pod "
                    "(a rescheduled or deleted pod starts over); set checkpoint.claimName to a PVC to keep them")

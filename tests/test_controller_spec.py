@@ -402,6 +402,19 @@ def test_checkpoints_on_an_empty_dir_are_warned_about(tmp_path: Path, capsys: py
                              "checkpoint.claimName to a PVC to keep them"]
 
 
+
+def test_an_exit_code_policy_without_a_deadline_is_warned_about(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    base = {"image/repository": "ghcr.io/team/dat-k8s", "checkpoint/claimName": "ckpt", "restartPolicy": "ExitCode"}
+    code, _, err = render(capsys, str(write_spec(tmp_path, {**base, "runPolicy/activeDeadlineSeconds": 0})))
+    assert code == 0 and warnings(err) == [
+        "datctl: warning: restartPolicy ExitCode restarts a pod that exited 128 or above (SIGTERM, a lost peer, an "
+        "OOM kill) without limit, as the operator counts none of them against backoffLimit; set "
+        "runPolicy.activeDeadlineSeconds to bound the job"]
+    bounded = write_spec(tmp_path, {**base, "runPolicy/activeDeadlineSeconds": 86400})
+    code, _, err = render(capsys, str(bounded))
+    assert code == 0 and warnings(err) == []
+
 @pytest.mark.parametrize("api", ["pytorchjob", "trainjob"])
 def test_objects_datctl_applies_say_datctl_manages_them(api: str, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
