@@ -21,6 +21,12 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 LOST_ERRNOS = (errno.ENOENT, errno.ESTALE)  # the run's folder went away: a volume unmounted, the folder moved
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write: the ranks of a pod share its stderr, unbuffered in the image
+    (PYTHONUNBUFFERED), where print's separate write of the newline lets another rank's line cut in."""
+    sys.stderr.write(line + "\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="dat-train",
@@ -47,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.distributed import env_world_size, lost_peer, setup, teardown
 
     if args.evaluate and (args.resume or args.no_resume):
-        print("dat-train: --evaluate reads the checkpoint it names; --resume / --no-resume do not apply", file=sys.stderr)
+        _say("dat-train: --evaluate reads the checkpoint it names; --resume / --no-resume do not apply")
         return exits.USER_ERROR
     if args.resume and args.no_resume:
-        print("dat-train: --resume and --no-resume contradict each other; give one", file=sys.stderr)
+        _say("dat-train: --resume and --no-resume contradict each other; give one")
         return exits.USER_ERROR
     overrides = list(args.overrides)
     if args.resume:
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         world_size = env_world_size()
     except ConfigError as exc:
-        print(f"dat-train: {exc}", file=sys.stderr)
+        _say(f"dat-train: {exc}")
         return exits.USER_ERROR
     errors: list[str] = []
     cfg = None
@@ -73,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         errors += _model_and_machine_problems(cfg)  # what --check adds: the model's arms, a C compiler here
     if errors:
         if os.environ.get("RANK", "0") == "0":  # every rank reads the same config: one message is enough
-            print(f"dat-train: config error: {'; '.join(errors)}", file=sys.stderr)
+            _say(f"dat-train: config error: {'; '.join(errors)}")
         return exits.USER_ERROR
     if os.environ.get("RANK", "0") == "0":
         for note in ineffective_settings(cfg):
-            print(f"dat-train: note: {note}", file=sys.stderr)
+            _say(f"dat-train: note: {note}")
     from trainer.train import TrainingDiverged, TrainingStopped, evaluate_checkpoint, run
 
     if args.print_config:
@@ -90,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = setup(cfg.dist.backend, cfg.dist.timeout_seconds)
     except ConfigError as exc:  # the launch environment or dist.backend
-        print(f"dat-train: {exc}", file=sys.stderr)
+        _say(f"dat-train: {exc}")
         return exits.USER_ERROR
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
@@ -104,32 +110,31 @@ def main(argv: list[str] | None = None) -> int:
             run(cfg, info)
     except TrainingStopped as exc:  # every rank stopped at the same step; one line says where
         if info.is_main:
-            print(f"dat-train: {exc}", file=sys.stderr)
+            _say(f"dat-train: {exc}")
         return 128 + exc.signum  # what the shell reports for a process the signal ended
     except USER_ERRORS + (TrainingDiverged,) as exc:
-        print(f"dat-train: {prefix}{exc}", file=sys.stderr)
+        _say(f"dat-train: {prefix}{exc}")
         return exits.USER_ERROR
     except OSError as exc:  # a full disk, a volume turned read-only or gone: what the run was writing
         out = cfg.run.output_dir
         if exc.errno in LOST_ERRNOS and not os.path.isdir(out):
-            print(f"dat-train: {prefix}run.output_dir {out} is gone (a volume unmounted, the folder moved or "
-                  f"deleted): {exc.filename or out}: {exc.strerror}", file=sys.stderr)
+            _say(f"dat-train: {prefix}run.output_dir {out} is gone (a volume unmounted, the folder moved or "
+                 f"deleted): {exc.filename or out}: {exc.strerror}")
             return exits.USER_ERROR
         if exc.errno not in WRITE_ERRNOS:
             raise
-        print(f"dat-train: {prefix}cannot write {exc.filename or out}: {exc.strerror}", file=sys.stderr)
+        _say(f"dat-train: {prefix}cannot write {exc.filename or out}: {exc.strerror}")
         return exits.USER_ERROR
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError too
         text = str(exc)
         if lost_peer(exc):
-            print(f"dat-train: {prefix}lost contact with another rank ({text.strip().splitlines()[0][:200]}); "
-                  f"exit {exits.PEER_LOST} so that the job restarts and resumes from its last checkpoint",
-                  file=sys.stderr)
+            _say(f"dat-train: {prefix}lost contact with another rank ({text.strip().splitlines()[0][:200]}); "
+                 f"exit {exits.PEER_LOST} so that the job restarts and resumes from its last checkpoint")
             return exits.PEER_LOST
         if not isinstance(exc, MemoryError) and "out of memory" not in text and "can't allocate memory" not in text:
             raise
-        print(f"dat-train: {prefix}out of memory ({text.strip().splitlines()[0][:160] if text.strip() else 'MemoryError'}); "
-              "lower data.batch_size or model.width, or split the batch with train.micro_batches", file=sys.stderr)
+        _say(f"dat-train: {prefix}out of memory ({text.strip().splitlines()[0][:160] if text.strip() else 'MemoryError'}); "
+             "lower data.batch_size or model.width, or split the batch with train.micro_batches")
         return exits.USER_ERROR
     except KeyboardInterrupt:
         return 130

@@ -41,5 +41,5 @@ if crash_at:
 try:
     run(cfg, info)
 except TrainingStopped as exc:
-    print(f"rank {info.rank}: {exc}", file=sys.stderr)
+    sys.stderr.write(f"rank {info.rank}: {exc}\n")  # one write: the other rank cannot cut in before the newline
     sys.exit(128 + exc.signum)
