@@ -148,6 +148,11 @@ def test_bad_override_syntax():
 @pytest.mark.parametrize("args, fragment", [
     (["--set", "attack.eps=-1"], "attack.eps must be in [0, 1]"),
     (["--resume", "x.pt", "--no-resume"], "--resume and --no-resume contradict each other"),
+    (["--check", "--print-config"], "--check and --print-config are separate actions; give one"),
+    (["--evaluate", "x.pt", "--check"], "--evaluate and --check are separate actions; give one"),
+    # a bare --resume means "continue": where there is nothing to continue (a mistyped folder), say so
+    (["--set", "run.output_dir=/tmp/dat-no-such-run", "--resume"],
+     "--resume: no checkpoint in run.output_dir /tmp/dat-no-such-run to continue from"),
     (["--set", "run.output_dir=/proc/dat-nope", "--set", "data.batch_size=64"], "run.output_dir: cannot create"),
     (["--set", "dist.backend=nccl"], "dist.backend: nccl needs CUDA GPUs"),
     (["--check", "--set", "model.name=resnet18", "--set", "jointspar.enabled=true", "--set", "jointspar.budget=1000"],
@@ -273,3 +278,19 @@ def test_yaml_aliases_load_within_bounds(tmp_path):
         f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdef", "bcdefg")))
     with pytest.raises(ConfigError, match="its aliases expand to more than 100,000 values"):
         load_config(str(laughs))
+
+
+def test_ctrl_c_while_torch_imports_exits_130_without_a_traceback(monkeypatch):
+    """python -m trainer / dat-train: a KeyboardInterrupt before the run's handler exists (torch takes seconds to
+    import) ends the process as Ctrl-C does, not with a traceback from every rank."""
+    import sys
+    import types
+
+    import trainer.__main__ as entry
+
+    interrupted = types.ModuleType("trainer.cli")
+    interrupted.main = lambda: (_ for _ in ()).throw(KeyboardInterrupt)
+    monkeypatch.setitem(sys.modules, "trainer.cli", interrupted)
+    with pytest.raises(SystemExit) as info:
+        entry.run()
+    assert info.value.code == 130

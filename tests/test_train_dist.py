@@ -164,6 +164,15 @@ def test_a_rendezvous_nobody_joins_exits_with_a_status_the_operator_retries(tmp_
     assert last.startswith("dat-torchrun: rendezvous failed (") and words in last, last
     assert "Traceback" not in proc.stderr
 
+@pytest.mark.parametrize("nproc, line", [
+    ("0", "dat-torchrun: --nproc-per-node 0: must be >= 1 (or auto, cpu, gpu)"),
+    ("abc", "dat-torchrun: Unsupported nproc_per_node value: abc; see dat-torchrun --help")])
+def test_bad_launcher_settings_are_one_line(nproc, line):
+    proc = subprocess.run([PYTHON, "-m", "trainer.launch", "--standalone", f"--nproc_per_node={nproc}", "-m",
+                           "trainer", "--check"], cwd=ROOT, env=torch_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line], proc.stderr[-3000:]
+
 def test_a_users_mistake_exits_2_through_the_launcher(tmp_path, synthetic_args):
     proc = torchrun(["-m", "trainer", *synthetic_args, "--set", f"run.output_dir={tmp_path}", "--set", "optim.lr=-1"],
                     check=False)

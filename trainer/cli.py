@@ -7,11 +7,12 @@ import json
 import logging
 import os
 import sys
+import textwrap
 
 import yaml
 
 from trainer import exits
-from trainer.checkpoint import CheckpointError
+from trainer.checkpoint import CheckpointError, find_resume
 from trainer.config import ConfigError, ineffective_settings, load_config
 from trainer.data import DataError
 
@@ -19,6 +20,11 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError)
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR,
                 errno.EFBIG, errno.EIO)
 LOST_ERRNOS = (errno.ENOENT, errno.ESTALE)  # the run's folder went away: a volume unmounted, the folder moved
+
+
+def _first_line(text: str, width: int = 300) -> str:
+    """An error's first line, cut at a word if long (gloo's run to 300 characters)."""
+    return textwrap.shorten(text.strip().splitlines()[0] if text.strip() else "", width, placeholder=" ...")
 
 
 def _say(line: str) -> None:
@@ -37,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override one config value; repeatable")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                         help="continue from CHECKPOINT, or from OUTPUT_DIR's latest checkpoint (the default "
-                             "whenever one exists)")
+                             "whenever one exists; a bare --resume where there is none is an error)")
     parser.add_argument("--no-resume", action="store_true", help="start fresh even if OUTPUT_DIR has a checkpoint")
     parser.add_argument("--evaluate", metavar="CHECKPOINT",
                         help="print (as JSON) the clean and PGD accuracy of CHECKPOINT's model on the test set under "
@@ -57,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         return exits.USER_ERROR
     if args.resume and args.no_resume:
         _say("dat-train: --resume and --no-resume contradict each other; give one")
+        return exits.USER_ERROR
+    actions = [flag for flag, given in (("--evaluate", args.evaluate), ("--check", args.check),
+                                        ("--print-config", args.print_config)) if given]
+    if len(actions) > 1:
+        _say(f"dat-train: {' and '.join(actions)} are separate actions; give one")
         return exits.USER_ERROR
     overrides = list(args.overrides)
     if args.resume:
@@ -92,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print("config OK")
         return 0
+    if args.resume == "auto" and find_resume(cfg.run.output_dir, "auto") is None:  # a bare --resume
+        _say(f"dat-train: --resume: no checkpoint in run.output_dir {cfg.run.output_dir} to continue from; "
+             "leave --resume out to start a new run there")
+        return exits.USER_ERROR
 
     try:
         info = setup(cfg.dist.backend, cfg.dist.timeout_seconds)
@@ -128,12 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError too
         text = str(exc)
         if lost_peer(exc):
-            _say(f"dat-train: {prefix}lost contact with another rank ({text.strip().splitlines()[0][:200]}); "
+            _say(f"dat-train: {prefix}lost contact with another rank ({_first_line(text)}); "
                  f"exit {exits.PEER_LOST} so that the job restarts and resumes from its last checkpoint")
             return exits.PEER_LOST
         if not isinstance(exc, MemoryError) and "out of memory" not in text and "can't allocate memory" not in text:
             raise
-        _say(f"dat-train: {prefix}out of memory ({text.strip().splitlines()[0][:160] if text.strip() else 'MemoryError'}); "
+        _say(f"dat-train: {prefix}out of memory ({_first_line(text, 160) or 'MemoryError'}); "
              "lower data.batch_size or model.width, or split the batch with train.micro_batches")
         return exits.USER_ERROR
     except KeyboardInterrupt:

@@ -33,8 +33,15 @@ def exit_status(exc: ChildFailedError | SignalException) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    nproc = str(torchrun.parse_args(argv).nproc_per_node)  # argparse alone: exits 2 with usage on bad syntax
+    if nproc.lstrip("-").isdigit() and int(nproc) < 1:  # torch asserts, with a traceback and no message
+        print(f"dat-torchrun: --nproc-per-node {nproc}: must be >= 1 (or auto, cpu, gpu)", file=sys.stderr)
+        return exits.USER_ERROR
     try:
         torchrun.main(argv)
+    except (ValueError, AssertionError) as exc:  # torchrun's own checks of its settings, before any worker
+        print(f"dat-torchrun: {exc or type(exc).__name__}; see dat-torchrun --help", file=sys.stderr)
+        return exits.USER_ERROR
     except ChildFailedError as exc:
         print(exc.format_msg(), file=sys.stderr)  # torchrun's own report of its workers, without its traceback
         return exit_status(exc)
