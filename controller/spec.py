@@ -289,6 +289,16 @@ def _where(error: jsonschema.ValidationError) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "(top level)"
 
 
+def _trainer_hint(path: str) -> str:
+    """For a spec key that is a trainer setting (a trainer config given where the spec was expected)."""
+    node: Any = trainer_config.Config().to_dict()
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return ""
+        node = node[part]
+    return f"; a trainer setting: trainer.{path} in the spec, or name a trainer config file in trainerConfigFile"
+
+
 def _describe(error: jsonschema.ValidationError) -> list[str]:
     where, value = _where(error), error.instance
     kind = error.validator
@@ -296,7 +306,8 @@ def _describe(error: jsonschema.ValidationError) -> list[str]:
         known = sorted(error.schema.get("properties", {}))
         extra = sorted(set(value) - set(known))
         prefix = f"{where}." if error.absolute_path else ""
-        return [f"{prefix}{key}: unknown key (known: {', '.join(known)})" for key in extra]
+        return [f"{prefix}{key}: unknown key (known: {', '.join(known)}){_trainer_hint(prefix + key)}"
+                for key in extra]
     if kind == "required":
         return [f"{where}: {error.message}"]
     if kind == "enum":

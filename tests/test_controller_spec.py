@@ -165,6 +165,20 @@ def test_the_limits_themselves_are_accepted(tmp_path: Path, capsys: pytest.Captu
     volumes = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["volumes"]
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1535Mi"}} in volumes
 
+def test_trainer_settings_where_the_spec_belongs_say_where_they_go(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """A trainer config passed as a values file (-f) or pasted at the top of the spec."""
+    code, out, err = render(capsys, str(write_spec(tmp_path, {"optim": {"lr": 0.1}, "data/batch_size": 64})))
+    assert code == 2 and out == ""
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    for line, path in zip(lines, ("optim", "data.batch_size")):
+        assert line.startswith(f"datctl: {path}: unknown key (known: ")
+        assert line.endswith(f"; a trainer setting: trainer.{path} in the spec, or name a trainer config file in "
+                             "trainerConfigFile")
+    code, _, err = render(capsys, str(write_spec(tmp_path, {"nodez": 3})))
+    assert code == 2 and "a trainer setting" not in err
+
 def test_a_number_as_a_key_is_checked_as_helm_sees_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """YAML reads `1:` as a number; helm (JSON) sees the key "1", which is no variable name: datctl says so in
     its own words instead of passing on helm's schema dump."""
