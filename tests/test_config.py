@@ -154,6 +154,7 @@ def test_bad_override_syntax():
     (["--set", "run.output_dir=/tmp/dat-no-such-run", "--resume"],
      "--resume: no checkpoint in run.output_dir /tmp/dat-no-such-run to continue from"),
     (["--set", "run.output_dir=/proc/dat-nope", "--set", "data.batch_size=64"], "run.output_dir: cannot create"),
+    (["--set", "run.output_dir=/dev/null"], "run.output_dir: cannot create /dev/null (exists and is not a folder)"),
     (["--set", "dist.backend=nccl"], "dist.backend: nccl needs CUDA GPUs"),
     (["--check", "--set", "model.name=resnet18", "--set", "jointspar.enabled=true", "--set", "jointspar.budget=1000"],
      "jointspar.budget 1000 exceeds the number of arms L = 62"),  # --check builds the model for this

@@ -51,6 +51,14 @@ def test_cifar10_folder_matches_what_was_written(tmp_path):
     assert ds.test.labels.tolist() == batches["test_batch"][b"labels"]
 
 
+def test_an_incomplete_cifar10_folder_says_it_is_read_instead_of_downloading(tmp_path):
+    folder, _ = _write_cifar(tmp_path)
+    (folder / "data_batch_3").unlink()  # an interrupted copy
+    with pytest.raises(DataError) as info:
+        load_dataset(DataConfig(name="cifar10", root=str(tmp_path), download=True))
+    assert str(info.value) == (f"CIFAR-10 file missing: {folder / 'data_batch_3'} (the folder {folder} is there, so "
+                               "it is read instead of downloading; remove it or complete it)")
+
 def test_cifar10_tar_gz_archive(tmp_path):
     _write_cifar(tmp_path / "src")
     archive = tmp_path / "data" / "cifar-10-python.tar.gz"

@@ -135,7 +135,8 @@ def load(path: str, map_location: str | torch.device = "cpu") -> dict:
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise CheckpointError(f"{path}: not a loadable checkpoint ({exc})") from None
     if damaged:
-        raise CheckpointError(f"{path}: damaged checkpoint ({damaged.rsplit('/', 1)[-1]} fails its CRC check); "
+        part = "a tensor's bytes fail" if "/data/" in damaged else f"{damaged.rsplit('/', 1)[-1]} fails"  # data/29
+        raise CheckpointError(f"{path}: damaged checkpoint ({part} its CRC check); "
                               "resume from another checkpoint with --resume, or --no-resume to start fresh")
     if compressed:
         raise CheckpointError(f"{path}: not a checkpoint this trainer wrote (compressed members, which torch.save "

@@ -219,7 +219,8 @@ def _read_cifar_batches(root: str, download: bool) -> tuple[ImageSet, ImageSet]:
     def read(name: str) -> tuple[np.ndarray, np.ndarray]:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
-            raise DataError(f"CIFAR-10 file missing: {path}")
+            raise DataError(f"CIFAR-10 file missing: {path} (the folder {folder} is there, so it is read instead of "
+                            "downloading; remove it or complete it)")
         with open(path, "rb") as fh:
             return _cifar_arrays(safe_unpickle(fh, path), path)
 
@@ -509,9 +510,12 @@ def eval_batches(data: ImageSet, batch: int, rank: int, world_size: int, device:
 if __name__ == "__main__":
     import sys
 
+    usage = "usage: python -m trainer.data TI500K.pickle OUT.npz  (converts the TI-500K pickle once)"
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(usage)
+        sys.exit(0)
     if len(sys.argv) != 3:
-        print("usage: python -m trainer.data TI500K.pickle OUT.npz  (converts the TI-500K pickle once)",
-              file=sys.stderr)
+        print(usage, file=sys.stderr)
         sys.exit(2)
     try:
         convert_ti500k(sys.argv[1], sys.argv[2])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import glob
 import logging
@@ -710,7 +711,8 @@ def run(cfg: Config, dist_info: DistInfo) -> dict | None:
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"run.output_dir: cannot create {out} ({exc.strerror or exc})") from None
+        why = "exists and is not a folder" if exc.errno == errno.EEXIST else exc.strerror or exc
+        raise ConfigError(f"run.output_dir: cannot create {out} ({why})") from None
     try:
         tempfile.TemporaryFile(dir=out).close()  # writable, before any work is done
     except OSError as exc:
