@@ -295,3 +295,13 @@ def test_ctrl_c_while_torch_imports_exits_130_without_a_traceback(monkeypatch):
     with pytest.raises(SystemExit) as info:
         entry.run()
     assert info.value.code == 130
+
+
+def test_ctrl_c_while_the_launcher_imports_torch_exits_130(monkeypatch):
+    import trainer.launch as launch
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "_launch", interrupted)
+    assert launch.main([]) == 130

@@ -15,17 +15,18 @@ a job on a mistake at once and restart it after a preemption. This wraps torch.d
 from __future__ import annotations
 
 import sys
-
-from torch.distributed import DistError
-from torch.distributed import run as torchrun
-from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.elastic.rendezvous.api import RendezvousError
+from typing import TYPE_CHECKING
 
 from trainer import exits
 
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
 
 def exit_status(exc: ChildFailedError | SignalException) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     if isinstance(exc, SignalException):
         return 128 + int(exc.sigval)
     _, failure = exc.get_first_failure()
@@ -33,6 +34,19 @@ def exit_status(exc: ChildFailedError | SignalException) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _launch(argv)
+    except KeyboardInterrupt:  # Ctrl-C while torch imports, before torchrun handles signals: no traceback
+        return 130
+
+
+def _launch(argv: list[str] | None) -> int:
+    from torch.distributed import DistError
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+
     nproc = str(torchrun.parse_args(argv).nproc_per_node)  # argparse alone: exits 2 with usage on bad syntax
     if nproc.lstrip("-").isdigit() and int(nproc) < 1:  # torch asserts, with a traceback and no message
         print(f"dat-torchrun: --nproc-per-node {nproc}: must be >= 1 (or auto, cpu, gpu)", file=sys.stderr)
@@ -54,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
               "and tries again", file=sys.stderr)
         return exits.NO_RENDEZVOUS
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
